@@ -1,0 +1,189 @@
+"""Public flow: ``inspect`` -> ``calibrate`` -> ``apply_`` -> (bench) -> ``revert_``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .adapters import ROLE_ORDER, get_adapter, is_linear, linear_dims
+from .calibration import Calibration, new_meta
+from .config import MethodConfig, method_for
+from .errors import CalibrationError, ConfigError, NoMatchError
+from .surgery import LazyModule, get_module, replace_modules, revert_ as _revert_all, set_module
+
+log = logging.getLogger(__name__)
+
+MIN_CALIBRATION_TOKENS = 64
+
+
+def inspect(model: nn.Module) -> dict[str, Any]:
+    """Dry run: the adapter's family and, per role, the module paths it matches (with shapes)."""
+    ad = get_adapter(model)
+    roles: dict[str, list[dict[str, Any]]] = {}
+    for role in ROLE_ORDER:
+        entries = []
+        for p in ad.paths(role):
+            m = get_module(model, p)
+            e: dict[str, Any] = {"path": p, "type": type(m).__name__}
+            if is_linear(m):
+                e["in"], e["out"] = linear_dims(m)
+            entries.append(e)
+        if entries:
+            roles[role] = entries
+    return {"family": ad.family, "model_type": ad.model_type, "layers_path": ad.layers_path, "num_layers": ad.num_layers,
+            "discovered": ad.discovered, "roles": roles}
+
+
+def _as_list(configs: MethodConfig | Sequence[MethodConfig]) -> list[MethodConfig]:
+    cfgs = [configs] if isinstance(configs, MethodConfig) else list(configs)
+    if not cfgs:
+        raise ConfigError("no method config given; pass one config or a list, e.g. ActivationSparsityConfig(sparsity=0.5)")
+    for c in cfgs:
+        if not isinstance(c, MethodConfig):
+            raise ConfigError(f"expected a MethodConfig, got {type(c).__name__}; build one with MethodConfig.parse('method:key=value')")
+    return cfgs
+
+
+def _batches(data: Iterable[Any], tokenizer: Any, max_length: int) -> Iterator[torch.Tensor]:
+    for item in data:
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise CalibrationError("calibration data are strings but no tokenizer was given; pass tokenizer=... or token-id tensors")
+            ids = tokenizer(item, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+        elif isinstance(item, torch.Tensor):
+            ids = item if item.dim() == 2 else item.unsqueeze(0)
+        else:
+            raise CalibrationError(f"calibration items must be strings or token-id tensors, got {type(item).__name__}")
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise CalibrationError(f"token ids must be int32/int64, got {ids.dtype}; pass the tokenizer's input_ids")
+        yield ids
+
+
+@torch.inference_mode()
+def calibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    configs: MethodConfig | Sequence[MethodConfig],
+    tokenizer: Any = None,
+    *,
+    max_length: int = 512,
+    min_tokens: int = MIN_CALIBRATION_TOKENS,
+    progress: bool = False,
+) -> Calibration:
+    """Run ``data`` (strings or token-id tensors) through ``model`` and record what each method observes.
+
+    Hooks are removed on exit, even on error. Raises :class:`CalibrationError` on empty or too
+    short data and on non-finite activations.
+    """
+    cfgs = _as_list(configs)
+    ad = get_adapter(model)
+    observers: dict[tuple[str, str], Any] = {}
+    for cfg in cfgs:
+        meth = method_for(cfg)
+        for p in meth.resolve(model, ad, cfg):
+            ob = meth.observer(p, get_module(model, p), cfg)
+            if ob is not None:
+                observers[(cfg.name, p)] = ob
+    items = list(data)
+    if not items:
+        raise CalibrationError("the calibration set is empty; pass a list of texts or token-id tensors (e.g. lazyneuron.data.calibration_texts('news'))")
+    handles = []
+    for (name, p), ob in observers.items():
+        handles.append(get_module(model, p).register_forward_pre_hook(lambda mod, args, ob=ob: ob.update(args[0])))
+    tokens = seqs = 0
+    was_training = model.training
+    model.eval()
+    try:
+        it: Iterable[Any] = items
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(items, desc="calibrating", unit="seq")
+        for ids in _batches(it, tokenizer, max_length):
+            model(input_ids=ids)
+            tokens += ids.numel()
+            seqs += ids.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if tokens < min_tokens:
+        raise CalibrationError(f"the calibration set holds {tokens} tokens, fewer than the {min_tokens} needed for stable statistics; pass more text (a few thousand tokens is typical)")
+    stats: dict[str, dict[str, dict[str, torch.Tensor]]] = {c.name: {} for c in cfgs}
+    for (name, p), ob in observers.items():
+        stats[name][p] = ob.state()
+    return Calibration(stats, new_meta(model, cfgs, tokens, seqs))
+
+
+@dataclasses.dataclass
+class ApplyReport:
+    method: str
+    config: dict[str, Any]
+    paths: list[str]
+    summary: dict[str, Any]
+
+
+def apply_(
+    model: nn.Module,
+    configs: MethodConfig | Sequence[MethodConfig],
+    calibration: Calibration | None = None,
+) -> list[ApplyReport]:
+    """Convert ``model`` in place, one config after another. All or nothing: on any error the
+    modules replaced by this call are put back and the error is re-raised."""
+    cfgs = _as_list(configs)
+    ad = get_adapter(model)
+    plans = []
+    for cfg in cfgs:  # validate everything before touching the model
+        meth = method_for(cfg)
+        paths = meth.resolve(model, ad, cfg)
+        if not paths:
+            raise NoMatchError(f"{cfg.name}: targets {list(cfg.targets)} with include={list(cfg.include)} exclude={list(cfg.exclude)} matched no module of this {ad.model_type} model; run `lazyneuron inspect` to see the paths of each role")
+        stats = None
+        if meth.needs_calibration:
+            if calibration is None:
+                raise CalibrationError(f"{cfg.name} needs a calibration; run lazyneuron.calibrate(model, texts, config) first and pass calibration=...")
+            stats = calibration.for_method(cfg.name)
+            missing = [p for p in paths if p not in stats]
+            if missing:
+                raise CalibrationError(f"the calibration has no statistics for {len(missing)} target module(s), e.g. {missing[0]!r}; it was made for another model or other targets: recalibrate with this config")
+        plans.append((cfg, meth, paths, stats))
+    reports: list[ApplyReport] = []
+    done: list[list[str]] = []
+    try:
+        for cfg, meth, paths, stats in plans:
+            replaced = replace_modules(
+                model, paths, lambda p, m, meth=meth, cfg=cfg, stats=stats: meth.convert(p, m, cfg, None if stats is None else stats[p]), cfg.name
+            )
+            done.append(replaced)
+            reports.append(ApplyReport(cfg.name, cfg.to_dict(), replaced, meth.summarize(model, cfg, replaced)))
+    except BaseException:
+        for replaced in reversed(done):
+            for p in replaced:
+                m = get_module(model, p)
+                if isinstance(m, LazyModule):
+                    set_module(model, p, m.restore_base())
+        raise
+    return reports
+
+
+def revert_(model: nn.Module) -> nn.Module:
+    """Undo every conversion; the state dict and outputs are exactly the dense model's again."""
+    n = _revert_all(model)
+    log.info("reverted %d modules", n)
+    return model
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, configs: MethodConfig | Sequence[MethodConfig] | None, calibration: Calibration | None = None) -> Iterator[list[ApplyReport]]:
+    """``with applied(model, cfg, cal):`` converts on entry and reverts on exit (``None``: dense)."""
+    reports = [] if configs is None else apply_(model, configs, calibration)
+    try:
+        yield reports
+    finally:
+        if configs is not None:
+            revert_(model)

@@ -1,0 +1,125 @@
+"""Calibration: forward hooks that feed observers, and `Calibration` files (safetensors + JSON).
+
+A calibration file holds statistics, not a policy: one file serves every sparsity level.
+Files are read with :func:`safetensors.torch.load_file` only (no pickle anywhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import torch
+
+from .errors import CalibrationError
+
+FORMAT = "lazyneuron.calibration/1"
+_SEP = "::"
+
+
+class StreamingHistogram:
+    """Per-channel histograms over a fixed symmetric range, grown by doubling when exceeded.
+
+    ``counts`` is (channels, bins) float64; bin edges are ``linspace(-limit, limit, bins + 1)``.
+    Doubling the range merges pairs of bins, so no sample is ever dropped or re-binned.
+    """
+
+    def __init__(self, channels: int, bins: int = 256) -> None:
+        if bins % 4:
+            raise ValueError("bins must be a multiple of 4")
+        self.channels, self.bins = channels, bins
+        self.limit = 0.0
+        self.counts = torch.zeros(channels, bins, dtype=torch.float64)
+        self.total = 0
+
+    def _grow(self, need: float) -> None:
+        if self.limit == 0.0:
+            self.limit = 2.0 ** math.ceil(math.log2(max(need, 1e-6)))
+            return
+        while self.limit < need:
+            b = self.bins
+            c = self.counts.view(self.channels, b // 2, 2).sum(-1)  # pairs merged: (C, b/2)
+            new = torch.zeros_like(self.counts)
+            new[:, b // 4 : b // 4 + b // 2] = c
+            self.counts, self.limit = new, self.limit * 2
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.channels).float()  # (tokens, C)
+        if not torch.isfinite(x).all():
+            raise CalibrationError("non-finite activations (NaN or inf) seen during calibration; check the model's dtype and the input ids")
+        self._grow(float(x.abs().max()) * 1.0001 + 1e-12)
+        idx = ((x + self.limit) / (2 * self.limit) * self.bins).long().clamp_(0, self.bins - 1)  # (tokens, C)
+        flat = idx + torch.arange(self.channels) * self.bins  # (tokens, C)
+        self.counts += torch.bincount(flat.reshape(-1), minlength=self.channels * self.bins).view(self.channels, self.bins).double()
+        self.total += x.shape[0]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"hist": self.counts.clone(), "limit": torch.tensor([self.limit], dtype=torch.float64)}
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Statistics per method and module path, with metadata describing how they were made."""
+
+    stats: dict[str, dict[str, dict[str, torch.Tensor]]]  # method -> module path -> name -> tensor
+    meta: dict[str, Any]
+
+    def for_method(self, method: str) -> dict[str, dict[str, torch.Tensor]]:
+        if method not in self.stats:
+            raise CalibrationError(f"this calibration holds statistics for {sorted(self.stats)}, not for {method!r}; run calibrate() with a {method} config")
+        return self.stats[method]
+
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        flat = {f"{m}{_SEP}{p}{_SEP}{n}": t.contiguous() for m, d in self.stats.items() for p, s in d.items() for n, t in s.items()}
+        meta = {"format": FORMAT, "meta": json.dumps(self.meta, sort_keys=True)}
+        save_file(flat, os.fspath(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Calibration":
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise CalibrationError(f"calibration file {path!r} does not exist; create one with `lazyneuron calibrate --out {path}`")
+        try:
+            with safe_open(path, framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for bad headers / truncation
+            raise CalibrationError(f"{path!r} is not a readable safetensors calibration file ({type(e).__name__}: {e}); recreate it with `lazyneuron calibrate`") from None
+        if header.get("format") != FORMAT:
+            raise CalibrationError(f"{path!r} is a safetensors file but not a lazyneuron calibration (format={header.get('format')!r}, expected {FORMAT!r})")
+        try:
+            meta = json.loads(header["meta"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise CalibrationError(f"{path!r} has damaged metadata ({e}); recreate it with `lazyneuron calibrate`") from None
+        stats: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        for k, t in tensors.items():
+            parts = k.split(_SEP)
+            if len(parts) != 3:
+                raise CalibrationError(f"{path!r} holds an unexpected tensor name {k!r}; recreate it with `lazyneuron calibrate`")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise CalibrationError(f"{path!r}: tensor {k!r} holds NaN or inf; recreate the file")
+            m, p, n = parts
+            stats.setdefault(m, {}).setdefault(p, {})[n] = t
+        return cls(stats, meta)
+
+
+def new_meta(model: torch.nn.Module, configs: list[Any], num_tokens: int, num_sequences: int) -> dict[str, Any]:
+    from . import __version__
+    from .adapters import model_type_of
+
+    return {
+        "model_type": model_type_of(model),
+        "num_tokens": num_tokens,
+        "num_sequences": num_sequences,
+        "configs": [c.to_dict() for c in configs],
+        "lazyneuron": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

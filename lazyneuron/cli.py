@@ -1,0 +1,249 @@
+"""`lazyneuron` command line: subcommands map 1:1 onto the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import LazyNeuronError
+
+EPILOG = """examples:
+  lazyneuron models
+  lazyneuron inspect --model smollm2-135m
+  lazyneuron calibrate --model smollm2-135m --method activation_sparsity --out cal.safetensors
+  lazyneuron bench --model smollm2-135m --json
+  lazyneuron bench --model smollm2-135m --method activation_sparsity:sparsity=0.5,rule=teal --calibration cal.safetensors
+  lazyneuron demo                       # every method at its default setting vs dense, table + plot
+  lazyneuron plot pareto lazyneuron-results/demo.jsonl --out pareto.png
+  lazyneuron data fetch                 # corpora that are not pip dependencies (run once)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lazyneuron", description="Make transformers compute only what each input needs, and measure it.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    sub.add_parser("models", help="list the built-in models and whether they are installed")
+
+    s = sub.add_parser("inspect", help="which modules each role matches (dry run)", epilog="example: lazyneuron inspect --model smollm2-135m --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--model", default="smollm2-135m", help="built-in name, local HF directory or .gguf file")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("calibrate", help="record activation statistics to a safetensors file",
+                       epilog="example: lazyneuron calibrate --model smollm2-135m --method activation_sparsity --out cal.safetensors")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--method", action="append", required=True, help="method[:key=value,...]; repeat for several")
+    s.add_argument("--corpus", default="news")
+    s.add_argument("--texts", type=int, default=48, help="number of calibration documents")
+    s.add_argument("--out", required=True)
+
+    s = sub.add_parser("bench", help="time and score dense vs methods in one process (JSON-lines records)",
+                       epilog="example: lazyneuron bench --model smollm2-135m --method activation_sparsity:sparsity=0.5 --json")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--method", action="append", default=[], help="method[:key=value,...]; repeat for several; none: dense only")
+    s.add_argument("--calibration", help="calibration file (otherwise calibrated on the corpus's calibration split)")
+    s.add_argument("--corpus", default="news")
+    s.add_argument("--repeats", type=int)
+    s.add_argument("--new-tokens", type=int)
+    s.add_argument("--quick", action="store_true", help="fewer repeats and windows (for smoke runs)")
+    s.add_argument("--json", action="store_true", help="print the records as a JSON list instead of a table")
+    s.add_argument("--out", help="append the records to this JSON-lines file")
+
+    s = sub.add_parser("demo", help="every registered method at its default setting against dense: one table, records, plot")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--quick", action="store_true")
+    s.add_argument("--out", default="lazyneuron-results", help="folder for demo.jsonl and pareto.png")
+
+    s = sub.add_parser("plot", help="plots from records", epilog="example: lazyneuron plot pareto results.jsonl --out pareto.png")
+    s.add_argument("kind", choices=["pareto", "layers"])
+    s.add_argument("records", help="JSON-lines records file")
+    s.add_argument("--out", required=True, help="PNG path")
+    s.add_argument("--speed-metric", default="decode_speedup_b1")
+    s.add_argument("--quality-metric", default="ppl_delta_pct")
+
+    s = sub.add_parser("data", help="fetch corpora that are not pip dependencies (MR sentences, Jane Austen, Wikipedia)")
+    s.add_argument("action", choices=["fetch", "list"])
+
+    _add_kernel_parser(sub)
+    return p
+
+
+def _add_kernel_parser(sub: Any) -> None:
+    s = sub.add_parser("bench-kernels", help="time the fast kernels against torch (JSON list with --json)",
+                       epilog="example: lazyneuron bench-kernels --quick --json")
+    s.add_argument("--kernel", default="sparse_gemv", choices=["sparse_gemv"])
+    s.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--out", help="append records to this JSON-lines file")
+
+
+def _inspect_text(rep: dict[str, Any]) -> str:
+    """Roles with their module type and shape, then one line per layer listing its modules by role."""
+    lp = rep["layers_path"] + "."
+    out = ["", "roles (per layer):"]
+    per_layer: dict[int, dict[str, list[str]]] = {}
+    for role, entries in rep["roles"].items():
+        if role == "layer":
+            continue
+        shapes = sorted({f"{e['type']} {e['in']}->{e['out']}" if "in" in e else e["type"] for e in entries})
+        out.append(f"  {role:<10} {len(entries):>3} module(s): {', '.join(shapes)}")
+        for e in entries:
+            if e["path"].startswith(lp):
+                idx, _, rel = e["path"][len(lp):].partition(".")
+                per_layer.setdefault(int(idx), {}).setdefault(role, []).append(rel)
+            else:
+                out.append(f"             {e['path']}")
+    out.append("")
+    for i in sorted(per_layer):
+        roles = per_layer[i]
+        out.append(f"layer {i:>2}: " + "  ".join(f"{r}={','.join(v)}" for r, v in roles.items() if r not in ("attn", "mlp")))
+    return "\n".join(out) + "\n"
+
+
+def _configs(specs: Sequence[str]) -> list[Any]:
+    from .config import MethodConfig
+
+    return [MethodConfig.parse(x) for x in specs]
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:  # the CLI shows its own progress bars; the 0.3 s weight-loading bar is noise here
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except LazyNeuronError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import models
+
+    if args.cmd == "models":
+        for m in models.available():
+            state = "installed" if m["installed"] else f"not installed: {m['install']}"
+            sys.stdout.write(f"{m['name']:<14} {m['what']}  [{state}]\n")
+        sys.stdout.write("Any local Hugging Face model directory or .gguf file also works as --model.\n")
+        return 0
+    if args.cmd == "data":
+        from . import data
+
+        if args.action == "fetch":
+            for k, v in data.fetch().items():
+                sys.stdout.write(f"{k}: {v}\n")
+        for c in data.CORPORA:
+            try:
+                n = [len(data.texts(c, s)) for s in data.SPLITS]
+                sys.stdout.write(f"{c:<10} documents train/calibration/test: {n[0]}/{n[1]}/{n[2]}\n")
+            except LazyNeuronError as e:
+                sys.stdout.write(f"{c:<10} unavailable: {e}\n")
+        return 0
+    if args.cmd == "plot":
+        from .bench import plots, read
+
+        recs = read(args.records)
+        if args.kind == "pareto":
+            out = plots.pareto(recs, args.out, args.speed_metric, args.quality_metric)
+        else:
+            out = plots.per_layer(recs, args.out)
+        sys.stdout.write(f"wrote {out}\n")
+        return 0
+    if args.cmd == "bench-kernels":
+        from .kernels import bench as kbench
+
+        recs = kbench.run(args.kernel, quick=args.quick, progress=not args.json)
+        if args.out:
+            from .bench import write
+
+            write(recs, args.out)
+        if args.json:
+            _print_json(recs)
+        else:
+            sys.stdout.write(kbench.table(recs) + "\n")
+        return 0
+
+    from .api import calibrate, inspect
+
+    if args.cmd == "inspect":
+        model, _ = models.load(args.model)
+        rep = inspect(model)
+        if args.json:
+            _print_json(rep)
+            return 0
+        sys.stdout.write(f"{args.model}: family {rep['family']} (model_type {rep['model_type']}), {rep['num_layers']} layers at {rep['layers_path']}"
+                         f"{' (discovered)' if rep['discovered'] else ''}\n")
+        sys.stdout.write(_inspect_text(rep))
+        return 0
+    if args.cmd == "calibrate":
+        from . import data
+
+        model, tok = models.load(args.model)
+        cal = calibrate(model, data.texts(args.corpus, "calibration")[: args.texts], _configs(args.method), tok, progress=True)
+        cal.meta["corpus"] = args.corpus
+        cal.save(args.out)
+        sys.stdout.write(f"wrote {args.out} ({cal.meta['num_tokens']} tokens, {sum(len(v) for v in cal.stats.values())} modules)\n")
+        return 0
+    if args.cmd in ("bench", "demo"):
+        from .bench import BenchSettings, runner, write
+
+        s = runner.quick() if args.quick else BenchSettings()
+        if args.cmd == "bench":
+            s.corpus = args.corpus
+            if args.repeats:
+                s.repeats = args.repeats
+            if args.new_tokens:
+                s.new_tokens = args.new_tokens
+            cfgs = _configs(args.method)
+        else:
+            from .config import registry
+
+            cfgs = [c for meth in registry().values() for c in meth.demo_configs()]
+        model, tok = models.load(args.model)
+        cal = None
+        if args.cmd == "bench" and args.calibration:
+            from .calibration import Calibration
+
+            cal = Calibration.load(args.calibration)
+        recs = runner.run(args.model, model, tok, cfgs, s, progress=not getattr(args, "json", False), calibration=cal)
+        if args.cmd == "demo":
+            from .bench import plots
+
+            out = Path(args.out)
+            path = write(recs, out / "demo.jsonl", append=False)
+            png = plots.pareto([r.to_dict() for r in recs], out / "pareto.png")
+            sys.stdout.write(f"\n{args.model}, batch 1 decode ({s.new_tokens} new tokens, lean loop), perplexity on {s.corpus} test windows\n")
+            sys.stdout.write(runner.table(recs, corpus=s.corpus) + "\n")
+            notes = [n for meth in registry().values() for n in meth.demo_notes()]
+            for n in notes:
+                sys.stdout.write(f"note: {n}\n")
+            sys.stdout.write(f"\nrecords: {path}\nplot:    {png}\n")
+            return 0
+        if args.out:
+            write(recs, args.out)
+        if args.json:
+            _print_json([r.to_dict() for r in recs])
+        else:
+            sys.stdout.write(runner.table(recs, corpus=s.corpus) + "\n")
+        return 0
+    raise AssertionError(args.cmd)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

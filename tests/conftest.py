@@ -1,0 +1,87 @@
+"""Tiny models built from configs (no network), one per adapter family."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from torch import nn
+
+LLAMA_LIKE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
+
+
+def tiny_causal_lm(model_type: str = "llama", seed: int = 0, layers: int = 2) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, head_dim=16)
+    if model_type == "gpt2":
+        kw = dict(vocab_size=128, n_embd=64, n_layer=layers, n_head=4, n_positions=128)
+    if model_type == "phi3":
+        kw["pad_token_id"] = 0
+    cfg = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # non-trivial norms so that centring / thresholds matter
+        for n, p in m.named_parameters():
+            if "norm" in n and p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def tiny_bert(seed: int = 0, classifier: bool = False) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    cfg = BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return (BertForSequenceClassification(cfg) if classifier else BertModel(cfg)).eval()
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.mixer_in = nn.Linear(d, 3 * d)
+        self.mixer_out = nn.Linear(d, d)
+        self.ff1 = nn.Linear(d, 4 * d)
+        self.ff2 = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.mixer_in(x).chunk(3, -1)
+        x = x + self.mixer_out(torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
+        return x + self.ff2(torch.relu(self.ff1(x)))
+
+
+class UnknownNet(nn.Module):
+    """A model no family table knows: generic discovery must find its blocks."""
+
+    def __init__(self, d: int = 32, n: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, d)
+        self.blocks = nn.ModuleList(_Block(d) for _ in range(n))
+        self.head = nn.Linear(d, 50)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(input_ids)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+@pytest.fixture
+def llama() -> nn.Module:
+    return tiny_causal_lm("llama")
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (2, 24), generator=g)
+
+
+def calib_batches(n: int = 6, seq: int = 32, vocab: int = 128, seed: int = 2) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, seq), generator=g) for _ in range(n)]
