@@ -82,19 +82,26 @@ def calibrate(
     """
     cfgs = _as_list(configs)
     ad = get_adapter(model)
-    observers: dict[tuple[str, str], Any] = {}
+    observers: dict[tuple[str, str], Any] = {}  # (method, group) -> observer
+    hook_paths: dict[tuple[str, str], str] = {}  # (method, group) -> the module whose input it reads
+    groups: dict[str, dict[str, str]] = {c.name: {} for c in cfgs}  # method -> path -> group
     for cfg in cfgs:
         meth = method_for(cfg)
         for p in meth.resolve(model, ad, cfg):
-            ob = meth.observer(p, get_module(model, p), cfg)
-            if ob is not None:
-                observers[(cfg.name, p)] = ob
+            key = meth.group_key(p, ad)  # modules that read the same input share one observer
+            if (cfg.name, key) not in observers:
+                ob = meth.observer(p, get_module(model, p), cfg)
+                if ob is None:
+                    continue
+                observers[(cfg.name, key)] = ob
+                hook_paths[(cfg.name, key)] = p
+            groups[cfg.name][p] = key
     items = list(data)
     if not items:
         raise CalibrationError("the calibration set is empty; pass a list of texts or token-id tensors (e.g. lazyneuron.data.calibration_texts('news'))")
     handles = []
-    for (name, p), ob in observers.items():
-        handles.append(get_module(model, p).register_forward_pre_hook(lambda mod, args, ob=ob: ob.update(args[0])))
+    for k, ob in observers.items():
+        handles.append(get_module(model, hook_paths[k]).register_forward_pre_hook(lambda mod, args, ob=ob: ob.update(args[0])))
     tokens = seqs = 0
     was_training = model.training
     model.eval()
@@ -115,9 +122,11 @@ def calibrate(
     if tokens < min_tokens:
         raise CalibrationError(f"the calibration set holds {tokens} tokens, fewer than the {min_tokens} needed for stable statistics; pass more text (a few thousand tokens is typical)")
     stats: dict[str, dict[str, dict[str, torch.Tensor]]] = {c.name: {} for c in cfgs}
-    for (name, p), ob in observers.items():
-        stats[name][p] = ob.state()
-    return Calibration(stats, new_meta(model, cfgs, tokens, seqs))
+    for (name, key), ob in observers.items():
+        stats[name][key] = ob.state()
+    meta = new_meta(model, cfgs, tokens, seqs)
+    meta["groups"] = groups
+    return Calibration(stats, meta)
 
 
 @dataclasses.dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Any
@@ -21,44 +20,41 @@ FORMAT = "lazyneuron.calibration/1"
 _SEP = "::"
 
 
-class StreamingHistogram:
-    """Per-channel histograms over a fixed symmetric range, grown by doubling when exceeded.
+class ChannelHistogram:
+    """Per-channel histograms of a layer's input on fixed ``asinh`` bins.
 
-    ``counts`` is (channels, bins) float64; bin edges are ``linspace(-limit, limit, bins + 1)``.
-    Doubling the range merges pairs of bins, so no sample is ever dropped or re-binned.
+    Bin edges are ``scale * sinh(linspace(-umax, umax, bins + 1))``: fine near zero, relative
+    width ~``2 * umax / bins`` far from it, so one set of bins fits every layer (values beyond
+    the outermost edges land in the outermost bins). Counts are exact integers; streaming adds.
     """
 
-    def __init__(self, channels: int, bins: int = 256) -> None:
-        if bins % 4:
-            raise ValueError("bins must be a multiple of 4")
-        self.channels, self.bins = channels, bins
-        self.limit = 0.0
-        self.counts = torch.zeros(channels, bins, dtype=torch.float64)
+    def __init__(self, channels: int, bins: int = 192, scale: float = 1e-3, umax: float = 15.0) -> None:
+        if bins % 2:
+            raise ValueError("bins must be even (zero is a bin edge)")
+        self.channels, self.bins, self.scale, self.umax = channels, bins, scale, umax
+        self.counts = torch.zeros(channels * bins, dtype=torch.int64)
         self.total = 0
-
-    def _grow(self, need: float) -> None:
-        if self.limit == 0.0:
-            self.limit = 2.0 ** math.ceil(math.log2(max(need, 1e-6)))
-            return
-        while self.limit < need:
-            b = self.bins
-            c = self.counts.view(self.channels, b // 2, 2).sum(-1)  # pairs merged: (C, b/2)
-            new = torch.zeros_like(self.counts)
-            new[:, b // 4 : b // 4 + b // 2] = c
-            self.counts, self.limit = new, self.limit * 2
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, self.channels).float()  # (tokens, C)
         if not torch.isfinite(x).all():
-            raise CalibrationError("non-finite activations (NaN or inf) seen during calibration; check the model's dtype and the input ids")
-        self._grow(float(x.abs().max()) * 1.0001 + 1e-12)
-        idx = ((x + self.limit) / (2 * self.limit) * self.bins).long().clamp_(0, self.bins - 1)  # (tokens, C)
-        flat = idx + torch.arange(self.channels) * self.bins  # (tokens, C)
-        self.counts += torch.bincount(flat.reshape(-1), minlength=self.channels * self.bins).view(self.channels, self.bins).double()
+            raise CalibrationError("non-finite activations (NaN or inf) seen during calibration; check the model's dtype and weights")
+        u = torch.asinh(x / self.scale)
+        idx = ((u + self.umax) * (self.bins / (2 * self.umax))).floor_().clamp_(0, self.bins - 1).long()  # (tokens, C)
+        idx += torch.arange(self.channels) * self.bins
+        self.counts += torch.bincount(idx.reshape(-1), minlength=self.channels * self.bins)
         self.total += x.shape[0]
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"hist": self.counts.clone(), "limit": torch.tensor([self.limit], dtype=torch.float64)}
+        return {
+            "hist": self.counts.view(self.channels, self.bins).to(torch.int32),
+            "edges": edges(self.bins, self.scale, self.umax),
+        }
+
+
+def edges(bins: int, scale: float, umax: float) -> torch.Tensor:
+    """Bin edges in x-space, float64, (bins + 1,)."""
+    return scale * torch.sinh(torch.linspace(-umax, umax, bins + 1, dtype=torch.float64))
 
 
 @dataclasses.dataclass
@@ -69,9 +65,14 @@ class Calibration:
     meta: dict[str, Any]
 
     def for_method(self, method: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Module path -> its statistics (modules that read one input share one entry)."""
         if method not in self.stats:
             raise CalibrationError(f"this calibration holds statistics for {sorted(self.stats)}, not for {method!r}; run calibrate() with a {method} config")
-        return self.stats[method]
+        groups = self.meta.get("groups", {}).get(method, {})
+        st = self.stats[method]
+        out = {p: st[k] for p, k in groups.items() if k in st}
+        out.update({k: v for k, v in st.items() if k not in out})
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file

@@ -35,6 +35,11 @@ class LazyModule(nn.Module):
         """Return ``base`` exactly as it was before conversion."""
         return self.base
 
+    def weight_elements(self) -> int:
+        """Weight elements this module reads per token when nothing is skipped (for accounting)."""
+        w = getattr(self.base, "weight", None)
+        return int(w.numel()) if w is not None else 0
+
     def extra_repr(self) -> str:
         return f"method={self.method_name}"
 

@@ -56,9 +56,9 @@ def per_module(model: nn.Module) -> dict[str, float]:
     out = {}
     for name, m in lazy_modules(model):
         n = getattr(m, "tokens_seen", 0)
-        w = getattr(getattr(m, "base", None), "weight", None)
-        if n and w is not None:
-            out[name] = m.weights_skipped / n / w.numel()
+        total = m.weight_elements()
+        if n and total:
+            out[name] = m.weights_skipped / n / total
     return out
 
 

@@ -1,5 +1,6 @@
 """Built-in methods; importing this package registers them."""
 
+from .activation_sparsity import ActivationSparsity, ActivationSparsityConfig
 from .base import Method, Observer
 
-__all__ = ["Method", "Observer"]
+__all__ = ["ActivationSparsity", "ActivationSparsityConfig", "Method", "Observer"]

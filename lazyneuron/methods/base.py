@@ -42,6 +42,10 @@ class Method:
                 raise ConfigError(f"{cfg.name} works on linear layers, but {bad[0]!r} is a {type(model.get_submodule(bad[0])).__name__}; drop its role from targets")
         return paths
 
+    def group_key(self, path: str, adapter: ModelAdapter) -> str:
+        """Calibration key: modules that read the same input tensor may share one observer."""
+        return path
+
     def observer(self, path: str, module: nn.Module, cfg: MethodConfig) -> Observer | None:
         return None
 

@@ -1,0 +1,99 @@
+"""Kernel benchmarks: sparse-input GEMV against torch ``F.linear`` and the project's own dense kernel.
+
+Weights are cycled through enough copies to exceed the last-level cache, so every call reads from
+memory as a decode step does. Times are medians over repeats, all variants interleaved in one run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import sparse_gemv as sg
+
+SHAPES = [(576, 1536), (1536, 576), (2048, 5632), (5632, 2048), (4096, 11008), (11008, 4096)]
+SPARSITIES = [0.0, 0.5, 0.7, 0.9]
+QUICK = dict(shapes=[(2048, 5632), (4096, 11008)], batches=[1, 8], sparsities=[0.0, 0.5, 0.9], dtypes=["float32"], repeats=15)
+FULL = dict(shapes=SHAPES, batches=[1, 8], sparsities=SPARSITIES, dtypes=["float32", "bfloat16"], repeats=41)
+COLD_BYTES = 96 << 20  # > 32 MB L3 on the reference machine
+
+
+def _median_time(fn: Callable[[int], Any], calls: int) -> float:
+    ts = []
+    for k in range(calls):
+        t0 = time.perf_counter()
+        fn(k)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _threshold_for(x: torch.Tensor, s: float) -> torch.Tensor:
+    """Per-token-calibrated scalar threshold giving sparsity ``s`` on ``x`` (-inf for s = 0)."""
+    if s <= 0:
+        return torch.tensor([float("-inf")])
+    return torch.quantile(x.abs().flatten().float(), s).reshape(1)
+
+
+@torch.inference_mode()
+def measure(in_f: int, out_f: int, batch: int, sparsity: float, dtype: str, repeats: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    wdt = getattr(torch, dtype)
+    n_copies = max(1, -(-COLD_BYTES // (in_f * out_f * (2 if dtype == "bfloat16" else 4))))
+    ws = [torch.randn(out_f, in_f).to(wdt) for _ in range(n_copies)]  # (out, in): torch's layout
+    wts = [w.t().contiguous() for w in ws]  # (in, out): input-channel-major
+    x = torch.randn(batch, in_f)
+    xt = x.to(wdt)
+    thr = _threshold_for(x, sparsity)
+    dense_thr = torch.tensor([float("-inf")])
+    fns = {
+        "torch": lambda k: F.linear(xt, ws[k % n_copies]),
+        "own_dense": lambda k: sg.sparse_gemv(x, wts[k % n_copies], None, None, dense_thr),
+        "sparse": lambda k: sg.sparse_gemv(x, wts[k % n_copies], None, None, thr),
+    }
+    for f in fns.values():  # warm-up
+        for k in range(n_copies):
+            f(k)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(5):  # interleave blocks so drift hits every variant alike
+        for name, f in fns.items():
+            samples[name].append(_median_time(f, max(3, repeats // 5)))
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    _, rows = sg.sparse_gemv(x, wts[0], None, None, thr)
+    achieved = 1 - rows / in_f  # rows skipped (union over the batch)
+    ideal = t["own_dense"] * (1 - achieved)
+    return {
+        "kernel": "sparse_gemv", "shape": f"{in_f}x{out_f}", "batch": batch, "sparsity": sparsity, "dtype": dtype,
+        "rows_skipped": round(achieved, 4), "time_torch_us": t["torch"] * 1e6, "time_own_dense_us": t["own_dense"] * 1e6,
+        "time_sparse_us": t["sparse"] * 1e6, "speedup_vs_torch": t["torch"] / t["sparse"], "speedup_vs_own_dense": t["own_dense"] / t["sparse"],
+        "pct_of_ideal": 100 * ideal / t["sparse"] if achieved > 0 else 100 * t["own_dense"] / t["sparse"],
+        "own_dense_vs_torch": t["torch"] / t["own_dense"], "threads": torch.get_num_threads(), "fast_path": sg.available(),
+    }
+
+
+def run(kernel: str = "sparse_gemv", quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    if kernel != "sparse_gemv":
+        raise ValueError(f"unknown kernel {kernel!r}; available: ['sparse_gemv']")
+    p = QUICK if quick else FULL
+    grid = [(i, o, b, s, d) for d in p["dtypes"] for (i, o) in p["shapes"] for b in p["batches"] for s in p["sparsities"]]
+    it: Any = grid
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(grid, desc="kernels", unit="case")
+    from ..bench.records import environment
+
+    env = environment()
+    return [{**measure(i, o, b, s, d, p["repeats"]), "device": env["device"], "git_sha": env["git_sha"]} for i, o, b, s, d in it]
+
+
+def table(recs: list[dict[str, Any]]) -> str:
+    head = f"{'shape':>12} {'batch':>5} {'dtype':>8} {'s':>4} {'skipped':>7} {'torch us':>9} {'own us':>8} {'sparse us':>9} {'x torch':>8} {'x own':>6} {'% ideal':>7}"
+    lines = [head, "-" * len(head)]
+    for r in recs:
+        lines.append(f"{r['shape']:>12} {r['batch']:>5} {r['dtype']:>8} {r['sparsity']:>4} {r['rows_skipped']:>7.2f} {r['time_torch_us']:>9.0f} "
+                     f"{r['time_own_dense_us']:>8.0f} {r['time_sparse_us']:>9.0f} {r['speedup_vs_torch']:>8.2f} {r['speedup_vs_own_dense']:>6.2f} {r['pct_of_ideal']:>7.0f}")
+    return "\n".join(lines)

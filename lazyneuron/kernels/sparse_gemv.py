@@ -1,0 +1,62 @@
+"""Sparse-input GEMV: read only the weight rows of active input channels.
+
+``wt`` is the weight stored input-channel-major, (in, out) contiguous (prepared once at convert
+time). Input channel ``i`` of token ``b`` is active when ``|x[b, i] - centre[i]| > threshold``
+(``threshold`` a scalar tensor or one value per channel). The output is
+``(x - centre) * mask @ wt + bias``; SCAP's mode-centering folds ``W @ centre`` into ``bias``
+beforehand, so that a threshold of -inf reproduces the dense layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._build import extension
+
+MAX_BATCH = 16  # batches up to this size run the sparse kernel; larger ones the masked reference
+
+
+def reference(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, centre: torch.Tensor | None, threshold: torch.Tensor) -> torch.Tensor:
+    """Pure-torch ground truth. x: (B, in) -> (B, out), float32 accumulation."""
+    d = x.float() - (centre if centre is not None else 0.0)  # (B, in)
+    d = torch.where(d.abs() > threshold, d, torch.zeros((), dtype=d.dtype))
+    y = d @ wt.float()  # (B, out)
+    return y + bias if bias is not None else y
+
+
+def available() -> bool:
+    return extension("sparse_gemv") is not None
+
+
+_EMPTY = torch.empty(0)
+
+
+def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, centre: torch.Tensor | None, threshold: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fast path for (B <= MAX_BATCH, in) float32 inputs; returns (y float32, rows read).
+
+    Falls back to :func:`reference` (rows read = all) when the extension is unavailable.
+    """
+    ext = extension("sparse_gemv")
+    if ext is None or x.shape[0] > MAX_BATCH:
+        return reference(x, wt, bias, centre, threshold), wt.shape[0]
+    return ext.sparse_gemv(
+        x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(),
+        wt,
+        _EMPTY if bias is None else bias,
+        _EMPTY if centre is None else centre,
+        threshold,
+    )
+
+
+def cats_reference(x: torch.Tensor, g: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Pure-torch CATS MLP: h = g * (x @ up_w.T) where |g| > threshold; y = h @ down_wt."""
+    h = torch.where(g.abs() > threshold, g * (x @ up_w.t()), torch.zeros((), dtype=g.dtype))  # (B, F)
+    return h @ down_wt
+
+
+def cats_mlp(x: torch.Tensor, g: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """Fast CATS MLP for (B <= MAX_BATCH) float32; returns (y, active neurons read)."""
+    ext = extension("sparse_gemv")
+    if ext is None or x.shape[0] > MAX_BATCH:
+        return cats_reference(x, g, up_w, down_wt, threshold), up_w.shape[0]
+    return ext.cats_mlp(x.float().contiguous(), g.float().contiguous(), up_w, down_wt, float(threshold))
