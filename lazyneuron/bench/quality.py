@@ -22,19 +22,24 @@ def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def reference_logprobs(model: nn.Module, windows: torch.Tensor) -> list[torch.Tensor]:
-    """Dense log-probabilities per window (bf16 to halve memory), the reference for agreement."""
-    return [F.log_softmax(model(input_ids=w.unsqueeze(0)).logits[0].float(), -1).to(torch.bfloat16) for w in windows]
+def reference_logprobs(model: nn.Module, windows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Dense (top-1 ids, log-probabilities) per window, the reference for agreement; the
+    log-probabilities are kept in bf16 to halve memory, the top-1 ids exactly."""
+    out = []
+    for w in windows:
+        lp = F.log_softmax(model(input_ids=w.unsqueeze(0)).logits[0].float(), -1)  # (length, vocab)
+        out.append((lp.argmax(-1), lp.to(torch.bfloat16)))
+    return out
 
 
 @torch.inference_mode()
-def agreement(model: nn.Module, windows: torch.Tensor, reference: list[torch.Tensor]) -> dict[str, float]:
+def agreement(model: nn.Module, windows: torch.Tensor, reference: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """Top-1 match rate and mean KL(dense || converted) per token against ``reference``."""
     match, kl, n = 0.0, 0.0, 0
-    for w, ref in zip(windows, reference):
+    for w, (top1, ref) in zip(windows, reference):
         lp = F.log_softmax(model(input_ids=w.unsqueeze(0)).logits[0].float(), -1)  # (length, vocab)
         ref = ref.float()
-        match += (lp.argmax(-1) == ref.argmax(-1)).sum().item()
+        match += (lp.argmax(-1) == top1).sum().item()
         kl += (ref.exp() * (ref - lp)).sum().item()
         n += w.numel()
     return {"top1_agreement": match / n, "kl": kl / n}

@@ -170,6 +170,7 @@ def scap_centre(hist: torch.Tensor, edges: torch.Tensor, col_norm2: torch.Tensor
         key = ("t", kind, sparsity)
         if key not in cache:
             cache[key] = threshold_for(hist, edges, m, sparsity)
+        if ("e", kind, sparsity) not in cache:
             cache[("e", kind, sparsity)] = _dropped_energy(h, a, b, m, cache[key])
         errs[kind] = float((col_norm2.double() * cache[("e", kind, sparsity)]).sum())
     kind = min(errs, key=errs.__getitem__)

@@ -1,0 +1,60 @@
+"""CLI tests, in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_causal_lm
+
+from lazyneuron.cli import main
+
+
+def test_help_has_examples(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_models_lists_builtins(capsys) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "minilm-l6" in out
+
+
+def test_inspect_local_directory(tmp_path, capsys) -> None:
+    m = tiny_causal_lm("qwen2", layers=3)
+    m.save_pretrained(tmp_path / "tiny")
+    assert main(["inspect", "--model", str(tmp_path / "tiny"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["family"] == "llama" and rep["num_layers"] == 3 and len(rep["roles"]["mlp_out"]) == 3
+    assert main(["inspect", "--model", str(tmp_path / "tiny")]) == 0
+    assert "layer  2: attn_in=self_attn.q_proj" in capsys.readouterr().out
+
+
+def test_bad_input_gives_one_line_error(capsys) -> None:
+    assert main(["inspect", "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model 'no-such-model'")
+    assert main(["bench", "--model", "no-such-model", "--method", "activation_sparsity:sparsity=2"]) == 2
+    assert "sparsity=2.0 is out of range" in capsys.readouterr().err
+
+
+def test_plot_from_records(tmp_path, capsys) -> None:
+    rec = {"model": "t", "method": "m", "params": {"s": 1}, "metric": "decode_speedup_b1", "value": 1.5, "unit": "x"}
+    rec2 = dict(rec, metric="ppl_delta_pct", value=3.0)
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps(rec) + "\n" + json.dumps(rec2) + "\n")
+    assert main(["plot", "pareto", str(f), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_bench_kernels_quick_json(capsys, monkeypatch) -> None:
+    from lazyneuron.kernels import bench as kb
+
+    monkeypatch.setitem(kb.QUICK, "shapes", [(256, 512)])
+    monkeypatch.setitem(kb.QUICK, "repeats", 5)
+    assert main(["bench-kernels", "--quick", "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert {"shape", "batch", "sparsity", "dtype", "speedup_vs_torch", "pct_of_ideal"} <= set(recs[0])
+    assert recs[0]["shape"] == "256x512"
