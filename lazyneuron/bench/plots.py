@@ -19,6 +19,18 @@ def _plt() -> Any:
     return plt
 
 
+def _save(fig: Any, ax: Any, out: str | os.PathLike, legend: bool) -> Path:
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = Path(out)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110)
+    _plt().close(fig)
+    return p
+
+
 def _label(r: dict[str, Any]) -> str:
     p = {k: v for k, v in r.get("params", {}).items() if k not in ("targets", "include", "exclude", "overrides")}
     return r["method"] + (" " + ",".join(f"{k}={v}" for k, v in sorted(p.items())) if p else "")
@@ -45,15 +57,7 @@ def pareto(records: list[dict[str, Any]], out: str | os.PathLike, speed_metric: 
     ax.set_xlabel(f"{speed_metric} (x dense, same run)")
     ax.set_ylabel(quality_metric)
     ax.set_title("speed against quality")
-    ax.grid(alpha=0.3)
-    if by_method:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = Path(out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(fig, ax, out, bool(by_method))
 
 
 def per_layer(records: list[dict[str, Any]], out: str | os.PathLike, metric: str = "layer_skipped") -> Path:
@@ -73,15 +77,7 @@ def per_layer(records: list[dict[str, Any]], out: str | os.PathLike, metric: str
         ax.bar([x + i * width for x in xs], [d[x] for x in xs], width=width, label=label)
     ax.set_xlabel("layer")
     ax.set_ylabel(metric)
-    ax.grid(alpha=0.3, axis="y")
-    if series:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = Path(out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(fig, ax, out, bool(series))
 
 
 def xy(records: list[dict[str, Any]], out: str | os.PathLike, x_param: str, y_metric: str, group_param: str, title: str = "") -> Path:
@@ -99,12 +95,4 @@ def xy(records: list[dict[str, Any]], out: str | os.PathLike, x_param: str, y_me
     ax.set_xlabel(x_param)
     ax.set_ylabel(y_metric)
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = Path(out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(fig, ax, out, bool(series))

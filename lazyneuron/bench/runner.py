@@ -31,7 +31,7 @@ class BenchSettings:
     repeats: int = 5
     ppl_windows: int = 8
     ppl_length: int = 256
-    calib_texts: int = 48
+    calib_texts: int = 24
     hf_generate: bool = True
 
 
