@@ -165,8 +165,9 @@ def apply_(
     done: list[list[str]] = []
     try:
         for cfg, meth, paths, stats in plans:
+            run_cfg = meth.plan(model, cfg, paths, stats)
             replaced = replace_modules(
-                model, paths, lambda p, m, meth=meth, cfg=cfg, stats=stats: meth.convert(p, m, cfg, None if stats is None else stats[p]), cfg.name
+                model, paths, lambda p, m, meth=meth, cfg=run_cfg, stats=stats: meth.convert(p, m, cfg, None if stats is None else stats[p]), cfg.name
             )
             done.append(replaced)
             reports.append(ApplyReport(cfg.name, cfg.to_dict(), replaced, meth.summarize(model, cfg, replaced)))

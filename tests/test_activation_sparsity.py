@@ -29,7 +29,7 @@ def test_achieved_sparsity_tracks_target_on_held_out_data() -> None:
     cal = ln.calibrate(m, calib_batches(n=12, seed=3), C())
     held_out = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(99))
     for rule in ("teal", "scap"):
-        ln.apply_(m, C(rule=rule, sparsity=0.5), cal)
+        ln.apply_(m, C(rule=rule, sparsity=0.5, allocation="uniform"), cal)
         with tracking(m):
             m(held_out)
         got = per_module(m)
@@ -41,13 +41,57 @@ def test_achieved_sparsity_tracks_target_on_held_out_data() -> None:
 def test_overrides_and_include_exclude() -> None:
     m = tiny_causal_lm("llama")
     cal = ln.calibrate(m, calib_batches(), C())
-    cfg = C(sparsity=0.5, overrides=(("*.layers.0.*", 0.1),), exclude=("*.k_proj",))
+    cfg = C(sparsity=0.5, overrides=(("*.layers.0.*", 0.1),), exclude=("*.k_proj",), allocation="uniform")
     rep = ln.apply_(m, cfg, cal)[0]
     assert not any(p.endswith("k_proj") for p in rep.paths)
     mods = dict(ln.surgery.lazy_modules(m))
     assert mods["model.layers.0.mlp.down_proj"].sparsity == 0.1
     assert mods["model.layers.1.mlp.down_proj"].sparsity == 0.5
     assert isinstance(mods["model.layers.1.mlp.down_proj"], SparseLinear)
+
+
+@pytest.mark.parametrize("rule", ["teal", "scap"])
+def test_greedy_allocation_meets_each_block_target(rule: str) -> None:
+    m = tiny_causal_lm("llama")
+    cal = ln.calibrate(m, calib_batches(n=12, seed=3), C())
+    cfg = C(rule=rule, sparsity=0.5, overrides=(("*.layers.0.*", 0.2),), allocation="greedy")
+    ln.apply_(m, cfg, cal)
+    mods = dict(ln.surgery.lazy_modules(m))
+    for layer, target in (("layers.0.", 0.2), ("layers.1.", 0.5)):
+        block = [mod for p, mod in mods.items() if layer in p]
+        w = [mod.weight_elements() for mod in block]
+        got = sum(mod.sparsity * n for mod, n in zip(block, w)) / sum(w)
+        assert abs(got - target) < 1e-4, (layer, got)
+        assert len({round(mod.sparsity, 4) for mod in block}) > 1  # not uniform
+    q, k, v = (mods[f"model.layers.1.self_attn.{x}_proj"].sparsity for x in "qkv")
+    assert q == k == v  # one input, one sparsity
+    held_out = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(99))
+    with tracking(m):
+        m(held_out)
+    assert abs(skipped_fraction(m) - sum(m_.sparsity * m_.weight_elements() for m_ in mods.values()) / sum(m_.weight_elements() for m_ in mods.values())) < 0.08
+    ln.revert_(m)
+
+
+def test_greedy_error_curve_is_monotone_and_normalised() -> None:
+    from lazyneuron.methods.activation_sparsity import error_curve, greedy_allocation
+
+    x = torch.randn(3000, 8) * torch.linspace(0.1, 3, 8)
+    h = ChannelHistogram(8)
+    h.update(x)
+    st = h.state()
+    fr, er = error_curve(st["hist"], st["edges"], torch.ones(8))
+    assert fr[0] == 0 and er[0] == 0 and abs(float(fr[-1]) - 1) < 1e-9 and abs(float(er[-1]) - 1) < 1e-9
+    assert bool((fr.diff() >= 0).all()) and bool((er.diff() >= 0).all())
+    # a unit whose error rises slowly takes the sparsity first
+    cheap = (torch.linspace(0, 1, 11, dtype=torch.float64), torch.linspace(0, 1, 11, dtype=torch.float64) ** 4)
+    dear = (torch.linspace(0, 1, 11, dtype=torch.float64), torch.linspace(0, 1, 11, dtype=torch.float64) ** 0.5)
+    s = greedy_allocation({"a": (100, [cheap]), "b": (100, [dear])}, 0.3)
+    assert s["a"] > s["b"] and abs((s["a"] + s["b"]) / 2 - 0.3) < 1e-9
+
+
+def test_greedy_is_refused_for_cats() -> None:
+    with pytest.raises(ln.ConfigError, match="allocation"):
+        C(rule="cats", allocation="greedy")
 
 
 def test_scap_centring_is_exact_before_thresholding() -> None:

@@ -62,4 +62,12 @@ def per_module(model: nn.Module) -> dict[str, float]:
     return out
 
 
-__all__ = ["LazyModule", "linear_weight_elements", "per_module", "skipped_fraction", "tracking"]
+def achieved_sparsity(model: nn.Module) -> float:
+    """Skipped fraction of the converted modules' own weight reads (weighted by their sizes),
+    from the last tracked run: comparable with a method's target sparsity."""
+    mods = [m for _, m in lazy_modules(model) if getattr(m, "tokens_seen", 0) and m.weight_elements()]
+    total = sum(m.weight_elements() for m in mods)
+    return sum(m.weights_skipped / m.tokens_seen for m in mods) / total if total else 0.0
+
+
+__all__ = ["LazyModule", "achieved_sparsity", "linear_weight_elements", "per_module", "skipped_fraction", "tracking"]

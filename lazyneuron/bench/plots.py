@@ -81,13 +81,15 @@ def per_layer(records: list[dict[str, Any]], out: str | os.PathLike, metric: str
 
 
 def xy(records: list[dict[str, Any]], out: str | os.PathLike, x_param: str, y_metric: str, group_param: str, title: str = "") -> Path:
-    """One line per ``group_param`` value: ``y_metric`` against ``params[x_param]``."""
+    """One line per ``group_param`` value (comma-separated names: per combination): ``y_metric``
+    against ``params[x_param]``."""
     plt = _plt()
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in records:
         p = r.get("params", {})
         if r["metric"] == y_metric and x_param in p:
-            series[f"{r['method']} {p.get(group_param, '')}".strip()].append((float(p[x_param]), r["value"]))
+            group = " ".join(str(p.get(g, "")) for g in group_param.split(","))
+            series[f"{r['method']} {group}".strip()].append((float(p[x_param]), r["value"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (label, pts) in enumerate(sorted(series.items())):
         pts.sort()

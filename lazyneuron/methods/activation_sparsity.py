@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 import weakref
 from typing import Any, ClassVar
 
@@ -41,6 +42,10 @@ class ActivationSparsityConfig(MethodConfig):
     """``sparsity``: target fraction of input channels skipped per layer; ``rule``: scap | teal |
     cats; ``overrides``: ``(pattern, sparsity)`` pairs on module paths, the last match wins;
     ``decode_only``: keep prefill (sequence length > 1) dense, as TEAL evaluates;
+    ``allocation``: ``uniform`` (every layer at its target), ``greedy`` (TEAL's allocation: per
+    transformer block, reach the block's target by raising, step by step, the sparsity of the
+    input group whose estimated output error grows least per skipped weight; scap / teal) or
+    ``auto`` (greedy for scap / teal, uniform for cats);
     ``backend``: ``auto`` (C++ kernel when it built) or ``reference`` (pure torch)."""
 
     name: ClassVar[str] = "activation_sparsity"
@@ -49,6 +54,7 @@ class ActivationSparsityConfig(MethodConfig):
     rule: str = "scap"
     overrides: tuple[tuple[str, float], ...] = ()
     decode_only: bool = False
+    allocation: str = "auto"
     backend: str = "auto"
 
     def validate(self) -> None:
@@ -56,6 +62,9 @@ class ActivationSparsityConfig(MethodConfig):
         self._check_range("sparsity", 0.0, 1.0, hi_open=True)
         self._check_choice("rule", RULES)
         self._check_choice("backend", ("auto", "reference"))
+        self._check_choice("allocation", ("auto", "uniform", "greedy"))
+        if self.allocation == "greedy" and self.rule == "cats":
+            raise ConfigError("allocation='greedy' distributes sparsity across the linear layers of a block; rule='cats' has one gate per block. Use allocation='uniform' with cats")
         for item in self.overrides:
             if len(item) != 2 or not isinstance(item[0], str) or not 0.0 <= float(item[1]) < 1.0:
                 raise ConfigError(f"ActivationSparsityConfig.overrides entry {item!r} is invalid; use (pattern, sparsity) with sparsity in [0, 1), e.g. ('*.layers.0.*', 0.2)")
@@ -177,6 +186,73 @@ def scap_centre(hist: torch.Tensor, edges: torch.Tensor, col_norm2: torch.Tensor
     if kind != "zero" and errs[kind] > CENTRE_MIN_GAIN * errs["zero"]:
         kind = "zero"
     return cache["cands"][kind].float(), kind, cache[("t", kind, sparsity)]
+
+
+# -- greedy per-block allocation (TEAL) --------------------------------------------------------
+GREEDY_STEP = 0.025
+GREEDY_MAX = 0.95
+
+
+def error_curve(hist: torch.Tensor, edges: torch.Tensor, col_norm2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sparsity, relative output error) of thresholding |x| at each bin edge of the histogram.
+
+    Relative error: sum_c ||W[:, c]||^2 E[x_c^2 ; |x_c| <= t] / sum_c ||W[:, c]||^2 E[x_c^2], the
+    expected squared output error of dropping the small inputs over the output's energy (inputs
+    treated as uncorrelated). Both curves are non-decreasing; index 0 is (0, 0)."""
+    h = hist.double()
+    half = h.shape[1] // 2
+    e = edges.double()
+    ah = h[:, half:] + h[:, :half].flip(1)  # (C, half): counts of |x| bins (the bins are symmetric about 0)
+    mid2 = ((e[half:-1] + e[half + 1:]) / 2) ** 2  # (half,)
+    n = h.sum(1).clamp(min=1)  # (C,)
+    frac = ah.sum(0).cumsum(0) / n.sum()
+    err = (col_norm2.double()[:, None] * ah * mid2 / n[:, None]).sum(0).cumsum(0)
+    zero = torch.zeros(1, dtype=torch.float64)
+    return torch.cat([zero, frac]), torch.cat([zero, err / err[-1].clamp(min=1e-30)])
+
+
+def _interp(x: float, xs: torch.Tensor, ys: torch.Tensor) -> float:
+    k = int(torch.searchsorted(xs, torch.tensor([x], dtype=xs.dtype), right=True).clamp(1, len(xs) - 1))
+    x0, x1, y0, y1 = float(xs[k - 1]), float(xs[k]), float(ys[k - 1]), float(ys[k])
+    return y1 if x1 <= x0 else y0 + (y1 - y0) * min(max((x - x0) / (x1 - x0), 0.0), 1.0)
+
+
+def greedy_allocation(units: dict[Any, tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]], target: float,
+                      step: float = GREEDY_STEP, cap: float = GREEDY_MAX) -> dict[Any, float]:
+    """TEAL's greedy allocation inside one block.
+
+    ``units``: key -> (weight elements, error curves of its modules); modules that read one input
+    form one unit and share its sparsity. Raises the sparsity of the unit with the least error
+    increase per skipped weight element until the weight-averaged sparsity reaches ``target``
+    (the last step is cut to land on it exactly)."""
+    s = {k: 0.0 for k in units}
+    total = sum(w for w, _ in units.values())
+    if target <= 0 or total == 0:
+        return s
+
+    def err(k: Any, x: float) -> float:
+        return sum(_interp(x, fr, er) for fr, er in units[k][1])
+
+    done = 0.0
+    while done < target * total - 1e-9:
+        best, best_cost = None, float("inf")
+        for k, (w, _) in units.items():
+            if s[k] + 1e-9 >= cap:
+                continue
+            nxt = min(s[k] + step, cap)
+            cost = (err(k, nxt) - err(k, s[k])) / (w * (nxt - s[k]))
+            if cost < best_cost:
+                best, best_cost = k, cost
+        if best is None:  # every unit at the cap: the target is out of reach
+            break
+        w = units[best][0]
+        inc = min(step, cap - s[best], (target * total - done) / w)
+        s[best] += inc
+        done += w * inc
+    return s
+
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
 
 # -- modules ---------------------------------------------------------------------------------
@@ -342,6 +418,36 @@ class ActivationSparsity(Method):
             return _GateObserver(module)
         in_f = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
         return ChannelHistogram(in_f)
+
+    def plan(self, model: nn.Module, cfg: MethodConfig, paths: list[str], stats: dict[str, dict[str, torch.Tensor]] | None) -> MethodConfig:
+        assert isinstance(cfg, ActivationSparsityConfig)
+        if cfg.allocation == "uniform" or cfg.rule == "cats" or stats is None:
+            return cfg
+        blocks: dict[str, list[str]] = {}
+        for p in paths:
+            m = _BLOCK.match(p)
+            blocks.setdefault(m.group(1) if m else "", []).append(p)
+        alloc: list[tuple[str, float]] = []
+        for members in blocks.values():
+            units: dict[int, tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+            unit_of: dict[str, int] = {}
+            tgt = wsum = 0.0
+            for p in members:
+                mod = model.get_submodule(p)
+                w = mod.weight.detach().float()
+                cn2 = (w**2).sum(0) if isinstance(mod, nn.Linear) else (w**2).sum(1)
+                st = stats[p]
+                if st["hist"].shape[0] != cn2.shape[0]:
+                    raise ConfigError(f"calibration for {p!r} has {st['hist'].shape[0]} channels, the module reads {cn2.shape[0]}; recalibrate for this model")
+                key = id(st["hist"])  # modules reading one input share its histogram, and its sparsity
+                n, curves = units.get(key, (0, []))
+                units[key] = (n + w.numel(), curves + [error_curve(st["hist"], st["edges"], cn2)])
+                unit_of[p] = key
+                tgt += cfg.sparsity_for(p) * w.numel()
+                wsum += w.numel()
+            s = greedy_allocation(units, tgt / wsum if wsum else 0.0)
+            alloc += [(p, round(s[unit_of[p]], 6)) for p in members]
+        return dataclasses.replace(cfg, overrides=cfg.overrides + tuple(alloc))
 
     def convert(self, path: str, module: nn.Module, cfg: MethodConfig, stats: dict[str, torch.Tensor] | None) -> nn.Module:
         assert isinstance(cfg, ActivationSparsityConfig) and stats is not None

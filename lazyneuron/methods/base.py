@@ -49,6 +49,11 @@ class Method:
     def observer(self, path: str, module: nn.Module, cfg: MethodConfig) -> Observer | None:
         return None
 
+    def plan(self, model: nn.Module, cfg: MethodConfig, paths: list[str], stats: dict[str, dict[str, torch.Tensor]] | None) -> MethodConfig:
+        """Called once per ``apply_`` before any ``convert``: a method that decides settings across
+        modules (for example per-layer sparsity allocation) returns the config to convert with."""
+        return cfg
+
     def convert(self, path: str, module: nn.Module, cfg: MethodConfig, stats: dict[str, torch.Tensor] | None) -> nn.Module:
         raise NotImplementedError
 
