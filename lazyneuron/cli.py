@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 def _add_kernel_parser(sub: Any) -> None:
     s = sub.add_parser("bench-kernels", help="time the fast kernels against torch (JSON list with --json)",
                        epilog="example: lazyneuron bench-kernels --quick --json")
-    s.add_argument("--kernel", default="sparse_gemv", choices=["sparse_gemv"])
+    s.add_argument("--kernel", default="sparse_gemv", choices=["sparse_gemv", "cmm"])
     s.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
     s.add_argument("--json", action="store_true")
     s.add_argument("--out", help="append records to this JSON-lines file")

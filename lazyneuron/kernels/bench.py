@@ -1,4 +1,5 @@
-"""Kernel benchmarks: sparse-input GEMV against torch ``F.linear`` and the project's own dense kernel.
+"""Kernel benchmarks: sparse-input GEMV against torch ``F.linear`` and the project's own dense
+kernel; the CMM tree walk (fast feedforward) against a dense ``F.linear`` feed-forward block.
 
 Weights are cycled through enough copies to exceed the last-level cache, so every call reads from
 memory as a decode step does. Times are medians over repeats, all variants interleaved in one run.
@@ -13,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from . import cmm as cm
 from . import sparse_gemv as sg
 
 SHAPES = [(576, 1536), (1536, 576), (2048, 5632), (5632, 2048), (4096, 11008), (11008, 4096)]
@@ -74,23 +76,83 @@ def measure(in_f: int, out_f: int, batch: int, sparsity: float, dtype: str, repe
     }
 
 
+# -- CMM (fast feedforward) ------------------------------------------------------------------
+CMM_DIMS = [(768, 3072, 11), (384, 1536, 10)]  # (d_model, dense FFN width, FFF depth): BERT-base, MiniLM
+CMM_QUICK = dict(dims=CMM_DIMS, batches=[1, 128], dtypes=["float32"], repeats=15)
+CMM_FULL = dict(dims=CMM_DIMS, batches=[1, 8, 128, 1024], dtypes=["float32", "bfloat16"], repeats=31)
+
+
+@torch.inference_mode()
+def measure_cmm(d: int, hidden: int, depth: int, batch: int, dtype: str, repeats: int) -> dict[str, Any]:
+    """Dense FFN (``F.linear`` -> GELU -> ``F.linear``) vs the CMM walk, both with cold weights,
+    a distinct random input per token."""
+    torch.manual_seed(0)
+    wdt = getattr(torch, dtype)
+    esz = 2 if dtype == "bfloat16" else 4
+    n = (2 << depth) - 1
+    nd = max(1, -(-COLD_BYTES // (2 * d * hidden * esz)))
+    nf = max(1, -(-COLD_BYTES // (2 * d * n * esz)))
+    dense = [(torch.randn(hidden, d).to(wdt), torch.randn(hidden).to(wdt), torch.randn(d, hidden).to(wdt), torch.randn(d).to(wdt)) for _ in range(nd)]
+    trees = [(torch.randn(n, d).to(wdt), torch.randn(n), torch.randn(n, d).to(wdt), torch.randn(d)) for _ in range(nf)]
+    x = torch.randn(batch, d)
+    xt = x.to(wdt)
+
+    def run_dense(k: int) -> torch.Tensor:
+        w1, b1, w2, b2 = dense[k % nd]
+        return F.linear(F.gelu(F.linear(xt, w1, b1)), w2, b2)
+
+    def run_cmm(k: int) -> torch.Tensor:
+        wi, bi, wo, bo = trees[k % nf]
+        return cm.cmm(x, wi, bi, wo, bo, "gelu")[0]
+
+    fns = {"torch": run_dense, "cmm": run_cmm}
+    for f in fns.values():
+        for k in range(max(nd, nf)):
+            f(k)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(5):
+        for name, f in fns.items():
+            samples[name].append(_median_time(f, max(3, repeats // 5)))
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    return {
+        "kernel": "cmm", "d_model": d, "dense_width": hidden, "depth": depth, "nodes": n, "nodes_evaluated": depth + 1, "batch": batch, "dtype": dtype,
+        "time_torch_us": t["torch"] * 1e6, "time_cmm_us": t["cmm"] * 1e6, "speedup_vs_torch": t["torch"] / t["cmm"],
+        "us_per_token_cmm": t["cmm"] * 1e6 / batch, "flop_ratio": hidden / (depth + 1), "threads": torch.get_num_threads(), "fast_path": cm.available(),
+    }
+
+
+KERNELS = ("sparse_gemv", "cmm")
+
+
 def run(kernel: str = "sparse_gemv", quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    if kernel != "sparse_gemv":
-        raise ValueError(f"unknown kernel {kernel!r}; available: ['sparse_gemv']")
-    p = QUICK if quick else FULL
-    grid = [(i, o, b, s, d) for d in p["dtypes"] for (i, o) in p["shapes"] for b in p["batches"] for s in p["sparsities"]]
-    it: Any = grid
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; available: {list(KERNELS)}")
+    from ..bench.records import environment
+
+    if kernel == "cmm":
+        c = CMM_QUICK if quick else CMM_FULL
+        cases: list[tuple[Callable[..., dict[str, Any]], tuple[Any, ...]]] = [
+            (measure_cmm, (d, h, dep, b, dt, c["repeats"])) for dt in c["dtypes"] for (d, h, dep) in c["dims"] for b in c["batches"]]
+    else:
+        p = QUICK if quick else FULL
+        cases = [(measure, (i, o, b, s, d, p["repeats"])) for d in p["dtypes"] for (i, o) in p["shapes"] for b in p["batches"] for s in p["sparsities"]]
+    it: Any = cases
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(grid, desc="kernels", unit="case")
-    from ..bench.records import environment
-
+        it = tqdm(cases, desc=kernel, unit="case")
     env = environment()
-    return [{**measure(i, o, b, s, d, p["repeats"]), "device": env["device"], "git_sha": env["git_sha"]} for i, o, b, s, d in it]
+    return [{**fn(*args), "device": env["device"], "git_sha": env["git_sha"]} for fn, args in it]
 
 
 def table(recs: list[dict[str, Any]]) -> str:
+    if recs and recs[0].get("kernel") == "cmm":
+        head = f"{'d_model':>7} {'width':>6} {'depth':>5} {'batch':>5} {'dtype':>8} {'dense us':>9} {'cmm us':>8} {'us/token':>8} {'x torch':>8}"
+        lines = [head, "-" * len(head)]
+        for r in recs:
+            lines.append(f"{r['d_model']:>7} {r['dense_width']:>6} {r['depth']:>5} {r['batch']:>5} {r['dtype']:>8} {r['time_torch_us']:>9.0f} "
+                         f"{r['time_cmm_us']:>8.1f} {r['us_per_token_cmm']:>8.2f} {r['speedup_vs_torch']:>8.1f}")
+        return "\n".join(lines)
     head = f"{'shape':>12} {'batch':>5} {'dtype':>8} {'s':>4} {'skipped':>7} {'torch us':>9} {'own us':>8} {'sparse us':>9} {'x torch':>8} {'x own':>6} {'% ideal':>7}"
     lines = [head, "-" * len(head)]
     for r in recs:

@@ -2,5 +2,6 @@
 
 from .activation_sparsity import ActivationSparsity, ActivationSparsityConfig
 from .base import Method, Observer
+from .fff import FastFeedForward, FastFeedForwardConfig, FFFLayer
 
-__all__ = ["ActivationSparsity", "ActivationSparsityConfig", "Method", "Observer"]
+__all__ = ["ActivationSparsity", "ActivationSparsityConfig", "FFFLayer", "FastFeedForward", "FastFeedForwardConfig", "Method", "Observer"]

@@ -1,0 +1,172 @@
+"""Fast feedforward on MiniLM-L6 / MR sentiment, and the CMM kernel against dense FFNs.
+
+    .venv/bin/python benchmarks/fff.py                 # full run (~40 min on 2 cores; resumes)
+    .venv/bin/python benchmarks/fff.py --quick         # smoke run (tiny training, kernel quick grid)
+
+Steps (checkpoints cached under $LAZYNEURON_CACHE/checkpoints, so a rerun skips finished work):
+1. dense baseline: MiniLM-L6 + mean-pool head fine-tuned on the MR train split;
+2. per FFF depth: every FFN replaced by an FFF initialised from its neurons, layer-wise distilled
+   to the dense FFN outputs (MR train sentences), then fine-tuned end to end with cross-entropy +
+   distillation from the dense fine-tuned model, on the inference (hard) path;
+3. MR test accuracy of each; encoder throughput (sentences/s) dense vs FFF at batch 1 and 32,
+   interleaved in one process, medians of repeats;
+4. layer-level CMM vs dense FFN (``lazyneuron bench-kernels --kernel cmm``, full grid).
+
+Writes benchmarks/results/fff.jsonl, benchmarks/results/kernels_cmm.jsonl and the plots
+fff_accuracy_vs_depth.png, fff_kernel_speedup.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+import lazyneuron as ln
+from lazyneuron import data, tasks
+from lazyneuron.bench import Record, plots, write
+from lazyneuron.bench.timing import summary
+from lazyneuron.kernels import bench as kbench
+from lazyneuron.methods.fff import FastFeedForwardConfig, distill_layers, fff_layers, save_fff
+from lazyneuron.paths import cache_dir
+from lazyneuron.train import fit
+
+OUT = Path(__file__).parent / "results"
+MODEL = "minilm-l6"
+
+
+def dense_classifier(tok, train, quick: bool) -> tasks.TextClassifier:  # type: ignore[no-untyped-def]
+    path = cache_dir("checkpoints") / ("minilm-l6-mr-quick.safetensors" if quick else "minilm-l6-mr.safetensors")
+    enc, _ = ln.models.load(MODEL)
+    if path.exists():
+        return tasks.TextClassifier.load(path, enc)
+    clf = tasks.TextClassifier(enc, 2)
+    fit(clf, tasks.classification_loss(), train, epochs=1 if quick else 3, lr=5e-5, desc="dense fine-tune", checkpoint=str(path) + ".run")
+    clf.save(path, {"task": "mr", "epochs": 1 if quick else 3})
+    return clf
+
+
+def fff_classifier(dense: tasks.TextClassifier, tok, train, depth: int, quick: bool, args) -> tuple[tasks.TextClassifier, dict[str, float]]:  # type: ignore[no-untyped-def]
+    tag = f"minilm-l6-mr-fff-d{depth}{'-quick' if quick else ''}"
+    ck_fff, ck_clf = cache_dir("checkpoints") / f"{tag}.fff.safetensors", cache_dir("checkpoints") / f"{tag}.clf.safetensors"
+    clf = copy.deepcopy(dense)
+    if ck_fff.exists() and ck_clf.exists():
+        ln.apply_(clf, FastFeedForwardConfig(depth=depth, checkpoint=str(ck_fff)))
+        rest = tasks.TextClassifier.load(ck_clf, copy.deepcopy(dense.bert))
+        _copy_non_fff(rest, clf)
+        return clf.eval(), {}
+    inputs = [b.input_ids[i : i + 1, : int(b.attention_mask[i].sum())] for b in train[: (40 if quick else 400)] for i in range(len(b.labels))]
+    errs = distill_layers(clf, FastFeedForwardConfig(depth=depth), inputs, steps=60 if quick else args.distill_steps, batch_tokens=512,
+                          max_tokens=40_000)
+    for f in fff_layers(clf).values():
+        f.routing = "hard"  # fine-tune on the inference path
+    teacher = {id(b): l for b, l in zip(train, torch.split(tasks.predict(dense, train), [len(b.labels) for b in train]))}
+    fit(clf, tasks.classification_loss(teacher, alpha=0.5), train, epochs=1 if quick else args.fff_epochs, lr=args.fff_lr,
+        desc=f"FFF d={depth} fine-tune", checkpoint=str(ck_clf) + ".run")
+    save_fff(clf, ck_fff)
+    plain = copy.deepcopy(dense)
+    _copy_non_fff(clf, plain)
+    plain.save(ck_clf, {"task": "mr", "fff_depth": depth})
+    return clf.eval(), errs
+
+
+def _copy_non_fff(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Copy every parameter that is not part of an FFF (attention, norms, embeddings, head)."""
+    s = {k.replace(".base.", "."): v for k, v in src.state_dict().items() if ".fff." not in k}
+    d = dst.state_dict()
+    with torch.no_grad():
+        for k, v in d.items():
+            k2 = k.replace(".base.", ".")
+            if ".fff." not in k and k2 in s and s[k2].shape == v.shape:
+                v.copy_(s[k2])
+
+
+@torch.inference_mode()
+def throughput(models: dict[str, torch.nn.Module], batches_by_size: dict[int, list[tasks.Batch]], repeats: int) -> dict[tuple[str, int], list[float]]:
+    import time
+
+    out: dict[tuple[str, int], list[float]] = {}
+    for m in models.values():
+        m.eval()
+    for bs, bl in batches_by_size.items():
+        for m in models.values():  # warm-up
+            for b in bl[:2]:
+                m(b.input_ids, b.attention_mask)
+        for _ in range(repeats):
+            for name, m in models.items():  # interleaved: drift hits both alike
+                t0 = time.perf_counter()
+                n = 0
+                for b in bl:
+                    m(b.input_ids, b.attention_mask)
+                    n += len(b.labels)
+                out.setdefault((name, bs), []).append(n / (time.perf_counter() - t0))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--depths", default="6,8,10", help="FFF depths (MiniLM's FFN has 1536 neurons; depth 10 = 2047 nodes, 11 per token)")
+    ap.add_argument("--distill-steps", type=int, default=300)
+    ap.add_argument("--fff-epochs", type=int, default=3)
+    ap.add_argument("--fff-lr", type=float, default=1e-4)
+    ap.add_argument("--skip-kernels", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    depths = [4] if args.quick else [int(x) for x in args.depths.split(",")]
+    _, tok = ln.models.load(MODEL)
+    rows = data.labeled("mr", "train")
+    test_rows = data.labeled("mr", "test")
+    if args.quick:
+        rows, test_rows = rows[:640], test_rows[:256]
+    train = tasks.make_batches(tok, rows, 32, max_length=64)
+    test = tasks.make_batches(tok, test_rows, 64, max_length=64, sort=True)
+    recs: list[Record] = []
+    dense = dense_classifier(tok, train, args.quick).eval()
+    dense_acc = tasks.accuracy(dense, test)
+    recs.append(Record(MODEL, "dense", {"task": "mr"}, "accuracy_mr", dense_acc, "fraction"))
+    print(f"dense fine-tuned MiniLM-L6 on MR: test accuracy {dense_acc:.4f}", flush=True)
+    converted = {}
+    for depth in depths:
+        clf, errs = fff_classifier(dense, tok, train, depth, args.quick, args)
+        acc = tasks.accuracy(clf, test)
+        converted[depth] = clf
+        p = {"task": "mr", "depth": depth, "nodes": (2 << depth) - 1, "evaluated_per_token": depth + 1}
+        recs.append(Record(MODEL, "fast_feedforward", p, "accuracy_mr", acc, "fraction"))
+        recs.append(Record(MODEL, "fast_feedforward", p, "accuracy_retention", acc / dense_acc, "fraction of dense"))
+        for path, e in errs.items():
+            recs.append(Record(MODEL, "fast_feedforward", {**p, "layer": path}, "distill_rel_error", e, "relative MSE"))
+        print(f"FFF depth {depth}: test accuracy {acc:.4f} ({100 * acc / dense_acc:.1f}% of dense)", flush=True)
+        write(recs, OUT / "fff.jsonl", append=False)
+    # encoder throughput, dense vs each FFF, interleaved
+    sizes = {1: tasks.make_batches(tok, test_rows[: (32 if args.quick else 128)], 1), 32: tasks.make_batches(tok, test_rows[: (128 if args.quick else 512)], 32)}
+    models = {"dense": dense, **{f"fff_d{d}": m for d, m in converted.items()}}
+    tp = throughput(models, sizes, 3 if args.quick else 5)
+    for (name, bs), xs in tp.items():
+        med, iqr = summary(xs)
+        meth, p = ("dense", {"task": "mr"}) if name == "dense" else ("fast_feedforward", {"task": "mr", "depth": int(name[5:])})
+        recs.append(Record(MODEL, meth, {**p, "batch": bs}, "encoder_sentences_per_s", med, "sentences/s", spread=iqr, repeats=len(xs)))
+        if name != "dense":
+            ratios = [a / b for a, b in zip(xs, tp[("dense", bs)])]
+            rmed, riqr = summary(ratios)
+            recs.append(Record(MODEL, meth, {**p, "batch": bs}, "encoder_speedup", rmed, "x dense", spread=riqr, repeats=len(ratios)))
+            print(f"{name} batch {bs}: {med:.1f} sentences/s, {rmed:.2f}x dense", flush=True)
+    write(recs, OUT / "fff.jsonl", append=False)
+    rd = [r.to_dict() for r in recs]
+    plots.xy(rd, OUT / "fff_accuracy_vs_depth.png", "depth", "accuracy_mr", "task", "MiniLM-L6 on MR: test accuracy of the FFF model vs tree depth")
+    if not args.skip_kernels:
+        krecs = kbench.run("cmm", quick=args.quick, progress=True)
+        write(krecs, OUT / "kernels_cmm.jsonl", append=False)
+        kr = [{"model": "cmm-layer", "method": f"d_model={r['d_model']} depth={r['depth']} {r['dtype']}", "params": {"batch": r["batch"], "dtype": r["dtype"]},
+               "metric": "speedup_vs_torch", "value": r["speedup_vs_torch"]} for r in krecs]
+        plots.xy(kr, OUT / "fff_kernel_speedup.png", "batch", "speedup_vs_torch", "", "CMM tree walk vs dense F.linear FFN (same run)")
+        sys.stdout.write(kbench.table(krecs) + "\n")
+
+
+if __name__ == "__main__":
+    main()

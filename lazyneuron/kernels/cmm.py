@@ -1,0 +1,101 @@
+"""Conditional matrix multiplication (CMM): the inference walk of a fast feedforward layer.
+
+A depth-``D`` tree holds ``N = 2**(D+1) - 1`` neurons; node ``n`` has children ``2n+1`` (taken
+when its pre-activation is <= 0) and ``2n+2`` (> 0). Token ``t`` visits one node per level::
+
+    a = w_in[n] @ x[t] + b_in[n];  y[t] += act(a) * w_out[n];  n = 2n + 1 + (a > 0)
+
+``w_in`` is (N, d_in) and ``w_out`` (N, d_out), both row-major: a visited node costs two
+contiguous rows. :func:`reference` is the pure-torch ground truth, :func:`masked_dense` the same
+result from the dense product over all nodes (for tests), :func:`cmm` the compiled walk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._build import extension
+
+ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3, "identity": 4}
+
+
+def act_fn(name: str):  # type: ignore[no-untyped-def]
+    return {
+        "gelu": F.gelu,
+        "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"),
+        "relu": F.relu,
+        "silu": F.silu,
+        "identity": lambda a: a,
+    }[name]
+
+
+def depth_of(n_nodes: int) -> int:
+    d = (n_nodes + 1).bit_length() - 2
+    if n_nodes < 1 or (2 << d) - 1 != n_nodes:
+        raise ValueError(f"{n_nodes} nodes is not a full binary tree (1, 3, 7, 15, ... nodes)")
+    return d
+
+
+def reference(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
+              activation: str = "gelu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch walk, level by level. x (T, d_in) -> (y (T, d_out) float32, nodes (T, D+1))."""
+    depth = depth_of(w_in.shape[0])
+    xf = x.float()
+    node = torch.zeros(x.shape[0], dtype=torch.long)
+    y = torch.zeros(x.shape[0], w_out.shape[1]) if b_out is None else b_out.float().expand(x.shape[0], -1).clone()
+    visited = []
+    f = act_fn(activation)
+    for _ in range(depth + 1):
+        visited.append(node)
+        a = (xf * w_in[node].float()).sum(-1) + (b_in[node].float() if b_in is not None else 0.0)  # (T,)
+        y += f(a)[:, None] * w_out[node].float()
+        node = 2 * node + 1 + (a > 0).long()
+    return y, torch.stack(visited, 1)
+
+
+def path_mask(a: torch.Tensor) -> torch.Tensor:
+    """(T, N) pre-activations of all nodes -> (T, N) 0/1 mask of the nodes on each token's path."""
+    depth = depth_of(a.shape[1])
+    mask = torch.zeros_like(a)
+    node = torch.zeros(a.shape[0], dtype=torch.long)
+    rows = torch.arange(a.shape[0])
+    for _ in range(depth + 1):
+        mask[rows, node] = 1.0
+        node = 2 * node + 1 + (a[rows, node] > 0).long()
+    return mask
+
+
+def masked_dense(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
+                 activation: str = "gelu") -> torch.Tensor:
+    """The same output through the dense product over all nodes, masked to each path (tests only)."""
+    a = x.float() @ w_in.float().t() + (b_in.float() if b_in is not None else 0.0)  # (T, N)
+    y = (act_fn(activation)(a) * path_mask(a)) @ w_out.float()
+    return y + b_out.float() if b_out is not None else y
+
+
+def available() -> bool:
+    return extension("cmm") is not None
+
+
+_EMPTY = torch.empty(0)
+
+
+def cmm(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
+        activation: str = "gelu", return_nodes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fast walk for any number of tokens; fp32 or bf16 weights, float32 output.
+
+    Returns (y, nodes visited (T, D+1) when ``return_nodes`` else None). Falls back to
+    :func:`reference` when the extension is unavailable."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    ext = extension("cmm")
+    if ext is None:
+        y, nodes = reference(x, w_in, b_in, w_out, b_out, activation)
+        return y, nodes if return_nodes else None
+    depth = depth_of(w_in.shape[0])
+    xc = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+    bi = _EMPTY if b_in is None else b_in if b_in.dtype == torch.float32 else b_in.float()
+    bo = _EMPTY if b_out is None else b_out if b_out.dtype == torch.float32 else b_out.float()
+    y, nodes = ext.cmm(xc, w_in, bi, w_out, bo, depth, ACTIVATIONS[activation], return_nodes)
+    return y, nodes if return_nodes else None

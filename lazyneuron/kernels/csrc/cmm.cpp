@@ -1,0 +1,142 @@
+// Conditional matrix multiplication (CMM): the inference walk of a fast feedforward (FFF) layer.
+//
+// The layer's N = 2^(D+1) - 1 neurons form a balanced binary tree (node n has children 2n+1 and
+// 2n+2). For token t the walk visits D+1 nodes, one per level:
+//   a_l = Win[n_l] . x[t] + b_in[n_l];   y[t] += act(a_l) * Wout[n_l];   n_{l+1} = 2 n_l + 1 + (a_l > 0)
+// so a token reads 2 (D+1) weight rows and nothing else: no weight copies, no masks.
+//
+// The walk is a chain of dependent loads (latency bound), so each thread walks a small group of
+// tokens in lock-step (independent chains overlap their memory latency) and prefetches the input
+// rows of both children while it accumulates the current node's output row. Groups of tokens are
+// split across threads with at::parallel_for (torch's own OpenMP runtime).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kGroup = 4;  // tokens walked in lock-step by one thread
+
+inline float load(const float* p, int64_t j) { return p[j]; }
+inline float load(const uint16_t* p, int64_t j) {
+  uint32_t u = static_cast<uint32_t>(p[j]) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename W>
+inline float dot(const float* __restrict__ x, const W* __restrict__ w, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += x[j] * load(w, j);
+  return s;
+}
+
+template <typename W>
+inline void axpy(float* __restrict__ y, const W* __restrict__ w, float v, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += v * load(w, j);
+}
+
+template <typename W>
+inline void prefetch_row(const W* p, int64_t n, int64_t lines) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(W));
+  for (int64_t o = 0; o < bytes && o < lines * 64; o += 64) __builtin_prefetch(c + o, 0, 1);
+}
+
+// act: 0 gelu (erf), 1 gelu (tanh), 2 relu, 3 silu, 4 identity
+inline float activate(float a, int64_t act) {
+  switch (act) {
+    case 0: return 0.5f * a * (1.f + std::erf(a * 0.70710678118654752f));
+    case 1: return 0.5f * a * (1.f + std::tanh(0.7978845608028654f * (a + 0.044715f * a * a * a)));
+    case 2: return a > 0.f ? a : 0.f;
+    case 3: return a / (1.f + std::exp(-a));
+    default: return a;
+  }
+}
+
+template <typename W>
+void walk(const float* x, const W* win, const float* bin, const W* wout, const float* bout, float* y, int64_t* nodes,
+          int64_t T, int64_t d, int64_t o, int64_t depth, int64_t act) {
+  const int64_t groups = (T + kGroup - 1) / kGroup;
+  // small batches stay on one thread: a parallel region costs more than a few walks
+  const int64_t grain = T <= 16 ? groups : 1;
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t t0 = g * kGroup, nt = std::min(kGroup, T - t0);
+      int64_t node[kGroup] = {0, 0, 0, 0};
+      for (int64_t k = 0; k < nt; ++k) {
+        float* yk = y + (t0 + k) * o;
+        if (bout) std::memcpy(yk, bout, o * sizeof(float));
+        else std::memset(yk, 0, o * sizeof(float));
+      }
+      for (int64_t l = 0; l <= depth; ++l) {
+        float a[kGroup];
+        for (int64_t k = 0; k < nt; ++k) {
+          const int64_t n = node[k];
+          a[k] = dot(x + (t0 + k) * d, win + n * d, d) + (bin ? bin[n] : 0.f);
+          if (nodes) nodes[(t0 + k) * (depth + 1) + l] = n;
+          if (l < depth) {  // both children's input rows: one of them is next
+            prefetch_row(win + (2 * n + 1) * d, d, 16);
+            prefetch_row(win + (2 * n + 2) * d, d, 16);
+          }
+          prefetch_row(wout + n * o, o, 16);
+        }
+        for (int64_t k = 0; k < nt; ++k) {
+          const int64_t n = node[k];
+          axpy(y + (t0 + k) * o, wout + n * o, activate(a[k], act), o);
+          node[k] = 2 * n + 1 + (a[k] > 0.f ? 1 : 0);
+        }
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> cmm(torch::Tensor x, torch::Tensor w_in, torch::Tensor b_in, torch::Tensor w_out, torch::Tensor b_out,
+                               int64_t depth, int64_t act, bool return_nodes) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "cmm: x must be contiguous float32 (tokens, d)");
+  TORCH_CHECK(w_in.dim() == 2 && w_out.dim() == 2 && w_in.is_contiguous() && w_out.is_contiguous(), "cmm: weights must be contiguous 2-d");
+  TORCH_CHECK(w_in.scalar_type() == w_out.scalar_type(), "cmm: w_in and w_out must share a dtype");
+  const int64_t T = x.size(0), d = x.size(1), N = w_in.size(0), o = w_out.size(1);
+  TORCH_CHECK(w_in.size(1) == d, "cmm: w_in is (N, ", w_in.size(1), ") but x has ", d, " features");
+  TORCH_CHECK(w_out.size(0) == N, "cmm: w_out has ", w_out.size(0), " rows, w_in ", N);
+  TORCH_CHECK(depth >= 0 && N == (int64_t(2) << depth) - 1, "cmm: depth ", depth, " needs ", (int64_t(2) << depth) - 1, " nodes, got ", N);
+  const float* bi = nullptr;
+  const float* bo = nullptr;
+  if (b_in.numel()) {
+    TORCH_CHECK(b_in.numel() == N && b_in.scalar_type() == torch::kFloat32 && b_in.is_contiguous(), "cmm: b_in must be float32 (N,)");
+    bi = b_in.data_ptr<float>();
+  }
+  if (b_out.numel()) {
+    TORCH_CHECK(b_out.numel() == o && b_out.scalar_type() == torch::kFloat32 && b_out.is_contiguous(), "cmm: b_out must be float32 (out,)");
+    bo = b_out.data_ptr<float>();
+  }
+  auto y = torch::empty({T, o}, x.options());
+  torch::Tensor nodes;
+  int64_t* np = nullptr;
+  if (return_nodes) {
+    nodes = torch::empty({T, depth + 1}, x.options().dtype(torch::kInt64));
+    np = nodes.data_ptr<int64_t>();
+  } else {
+    nodes = torch::empty({0}, x.options().dtype(torch::kInt64));
+  }
+  if (w_in.scalar_type() == torch::kFloat32) {
+    walk<float>(x.data_ptr<float>(), w_in.data_ptr<float>(), bi, w_out.data_ptr<float>(), bo, y.data_ptr<float>(), np, T, d, o, depth, act);
+  } else {
+    TORCH_CHECK(w_in.scalar_type() == torch::kBFloat16, "cmm: weights must be float32 or bfloat16");
+    walk<uint16_t>(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w_in.data_ptr<at::BFloat16>()), bi,
+                   reinterpret_cast<const uint16_t*>(w_out.data_ptr<at::BFloat16>()), bo, y.data_ptr<float>(), np, T, d, o, depth, act);
+  }
+  return {y, nodes};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cmm", &cmm, "fast feedforward tree walk (conditional matrix multiplication)");
+}

@@ -1,0 +1,126 @@
+"""Sequence classification on top of an encoder: the model users fine-tune, and its evaluation.
+
+:class:`TextClassifier` = an encoder (e.g. ``BertModel``) + masked mean pooling + a linear head.
+It keeps the encoder under ``.bert`` and its config as ``.config``, so adapters and methods see
+an ordinary BERT. Checkpoints are safetensors with metadata; loading checks the encoder type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+FORMAT = "lazyneuron.classifier/1"
+
+
+class TextClassifier(nn.Module):
+    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.bert = encoder
+        self.config = encoder.config
+        self.num_labels = num_labels
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            return hidden.mean(1)
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.classifier(self.dropout(self.pool(hidden, attention_mask)))
+
+    def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
+        from safetensors.torch import save_file
+
+        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        info = {"model_type": str(self.config.model_type), "num_labels": self.num_labels, "hidden": int(self.config.hidden_size), **(meta or {})}
+        save_file(sd, os.fspath(path), metadata={"format": FORMAT, "meta": json.dumps(info)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, encoder: nn.Module) -> "TextClassifier":
+        """Weights from :meth:`save` onto ``encoder`` (an encoder of the same architecture)."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"classifier checkpoint {path!r} does not exist; fine-tune one first (see benchmarks/fff.py)")
+        try:
+            with safe_open(path, framework="pt") as f:
+                header = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise ConfigError(f"{path!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        if header.get("format") != FORMAT:
+            raise ConfigError(f"{path!r} is not a lazyneuron classifier checkpoint (format={header.get('format')!r})")
+        info = json.loads(header["meta"])
+        if info["model_type"] != encoder.config.model_type or info["hidden"] != encoder.config.hidden_size:
+            raise ConfigError(f"{path!r} holds a {info['model_type']} classifier of width {info['hidden']}, the encoder is {encoder.config.model_type} of width {encoder.config.hidden_size}")
+        model = cls(encoder, int(info["num_labels"]))
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"{path!r} does not fit this encoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return model
+
+
+@dataclasses.dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def make_batches(tokenizer: Any, rows: Sequence[tuple[str, int]], batch_size: int, max_length: int = 64, sort: bool = False) -> list[Batch]:
+    """Tokenised, padded batches of (text, label) rows. ``sort``: group similar lengths (less padding)."""
+    if not rows:
+        raise ConfigError("no labelled rows to batch; check the corpus and split")
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0])) if sort else list(range(len(rows)))
+    out = []
+    for k in range(0, len(order), batch_size):
+        chunk = [rows[i] for i in order[k : k + batch_size]]
+        enc = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out.append(Batch(enc["input_ids"], enc["attention_mask"], torch.tensor([y for _, y in chunk])))
+    return out
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, batches: Sequence[Batch]) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat([model(b.input_ids, b.attention_mask) for b in batches])
+    finally:
+        model.train(was)
+
+
+def accuracy(model: nn.Module, batches: Sequence[Batch]) -> float:
+    logits = predict(model, batches)
+    labels = torch.cat([b.labels for b in batches])
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def classification_loss(teacher_logits: dict[int, torch.Tensor] | None = None, alpha: float = 0.5, temperature: float = 2.0):  # type: ignore[no-untyped-def]
+    """Loss for :func:`lazyneuron.train.fit` on :class:`Batch` items: cross-entropy, plus (when
+    ``teacher_logits`` maps ``id(batch)`` to a teacher's logits) ``alpha`` x the temperature-scaled
+    KL divergence to the teacher."""
+
+    def loss(model: nn.Module, b: Batch) -> torch.Tensor:
+        logits = model(b.input_ids, b.attention_mask)
+        ce = F.cross_entropy(logits, b.labels)
+        if teacher_logits is None:
+            return ce
+        t = teacher_logits[id(b)]
+        kd = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="batchmean")
+        return (1 - alpha) * ce + alpha * kd * temperature**2
+
+    return loss

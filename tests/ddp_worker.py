@@ -1,0 +1,27 @@
+"""Launched by test_train.py under `torch.distributed.run --nproc_per_node 2`."""
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lazyneuron.train import fit, world
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    rank, n = world()
+    assert n == 2, n
+    torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 3, generator=g)
+    data = [(x, x @ w) for x in (torch.randn(8, 8, generator=g) for _ in range(10))]
+    fit(m, lambda mod, b: ((mod(b[0]) - b[1]) ** 2).mean(), data, epochs=2, lr=1e-2, checkpoint=out / "ckpt.safetensors", progress=False)
+    torch.save(torch.cat([p.detach().flatten() for p in m.parameters()]), out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
