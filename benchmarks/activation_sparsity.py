@@ -22,7 +22,7 @@ import torch
 
 import lazyneuron as ln
 from lazyneuron import data
-from lazyneuron.bench import BenchSettings, Record, plots, runner, write
+from lazyneuron.bench import BenchSettings, Record, plots, read, runner, write
 from lazyneuron.bench.accounting import achieved_sparsity, tracking
 from lazyneuron.bench.quality import perplexity
 from lazyneuron.methods import ActivationSparsityConfig as C
@@ -34,9 +34,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(OUT / "activation_sparsity.jsonl"))
+    ap.add_argument("--plots-only", action="store_true", help="redraw the plots from the records in --out")
     ap.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7", help="comma-separated target sparsities")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
+    if args.plots_only:
+        draw([r for r in read(args.out)])
+        return
     ap_s = args.sparsities
     sparsities = [0.25, 0.5] if args.quick else [float(x) for x in ap_s.split(",")]
     rules = [dict(rule="scap"), dict(rule="teal"), dict(rule="teal", allocation="uniform"), dict(rule="cats")]
@@ -69,11 +73,14 @@ def main() -> None:
         recs.append(Record("smollm2-135m", c.name, params, "ppl_austen_delta_pct", 100 * (p / dense_ppl - 1), "%"))
         recs.append(Record("smollm2-135m", c.name, params, "achieved_sparsity_austen", achieved, "fraction of the converted layers' weight reads"))
     write(recs, args.out, append=False)
-    rd = [r.to_dict() for r in recs]
-    plots.xy(rd, OUT / "as_ppl_vs_sparsity.png", "sparsity", "ppl_news", "rule,allocation", "SmolLM2-135M: perplexity (news test) vs sparsity")
+    draw([r.to_dict() for r in recs])
+    sys.stdout.write(runner.table(recs) + "\n")
+
+
+def draw(rd: list[dict]) -> None:
+    plots.xy(rd, OUT / "as_ppl_vs_sparsity.png", "sparsity", "ppl_news", "rule,allocation", "SmolLM2-135M: perplexity (news test) vs sparsity", logy=True)
     plots.xy(rd, OUT / "as_speedup_vs_sparsity.png", "sparsity", "decode_speedup_b1", "rule,allocation", "SmolLM2-135M: batch-1 decode speedup vs dense (same run)")
     plots.pareto(rd, OUT / "as_pareto.png")
-    sys.stdout.write(runner.table(recs) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,28 +36,41 @@ def _label(r: dict[str, Any]) -> str:
     return r["method"] + (" " + ",".join(f"{k}={v}" for k, v in sorted(p.items())) if p else "")
 
 
-def pareto(records: list[dict[str, Any]], out: str | os.PathLike, speed_metric: str = "decode_speedup_b1", quality_metric: str = "ppl_delta_pct") -> Path:
-    """Speed (x) against quality loss (y), one marker per method, a line per method through its settings."""
+def pareto(records: list[dict[str, Any]], out: str | os.PathLike, speed_metric: str = "decode_speedup_b1", quality_metric: str = "ppl_delta_pct",
+           series_params: tuple[str, ...] = ("rule", "allocation", "depth", "criterion"), logy: bool | None = None) -> Path:
+    """Speed (x) against quality loss (y): one line per method and series (the values of
+    ``series_params`` a record has, e.g. the rule), through its settings. ``logy``: log scale
+    (default: when the quality values span more than two decades)."""
     plt = _plt()
     pts: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    series_of: dict[tuple[str, str], str] = {}
     for r in records:
         if r["metric"] in (speed_metric, quality_metric):
-            pts[(r["model"], _label(r))][r["metric"]] = r["value"]
-            pts[(r["model"], _label(r))]["_method"] = r["method"]  # type: ignore[assignment]
-    by_method: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
-    for (model, label), d in pts.items():
+            key = (r["model"], _label(r))
+            pts[key][r["metric"]] = r["value"]
+            p = r.get("params", {})
+            series_of[key] = " ".join([r["method"]] + [str(p[k]) for k in series_params if k in p])
+    by_series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for key, d in pts.items():
         if speed_metric in d and quality_metric in d:
-            by_method[str(d["_method"])].append((d[speed_metric], d[quality_metric], label))
+            by_series[series_of[key]].append((d[speed_metric], d[quality_metric]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (meth, xs) in enumerate(sorted(by_method.items())):
+    ys = [y for xs in by_series.values() for _, y in xs]
+    for i, (name, xs) in enumerate(sorted(by_series.items())):
         xs.sort()
-        ax.plot([x for x, _, _ in xs], [y for _, y, _ in xs], marker=_MARKERS[i % len(_MARKERS)], label=meth)
+        ax.plot([x for x, _ in xs], [y for _, y in xs], marker=_MARKERS[i % len(_MARKERS)], label=name)
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-    ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+    if logy is None:
+        pos = [y for y in ys if y > 0]
+        logy = bool(pos) and min(ys) > 0 and max(pos) / min(pos) > 100
+    if logy:
+        ax.set_yscale("log")
+    else:
+        ax.axhline(0.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel(f"{speed_metric} (x dense, same run)")
     ax.set_ylabel(quality_metric)
     ax.set_title("speed against quality")
-    return _save(fig, ax, out, bool(by_method))
+    return _save(fig, ax, out, bool(by_series))
 
 
 def per_layer(records: list[dict[str, Any]], out: str | os.PathLike, metric: str = "layer_skipped") -> Path:
@@ -80,7 +93,7 @@ def per_layer(records: list[dict[str, Any]], out: str | os.PathLike, metric: str
     return _save(fig, ax, out, bool(series))
 
 
-def xy(records: list[dict[str, Any]], out: str | os.PathLike, x_param: str, y_metric: str, group_param: str, title: str = "") -> Path:
+def xy(records: list[dict[str, Any]], out: str | os.PathLike, x_param: str, y_metric: str, group_param: str, title: str = "", logy: bool = False) -> Path:
     """One line per ``group_param`` value (comma-separated names: per combination): ``y_metric``
     against ``params[x_param]``."""
     plt = _plt()
@@ -96,5 +109,7 @@ def xy(records: list[dict[str, Any]], out: str | os.PathLike, x_param: str, y_me
         ax.plot([a for a, _ in pts], [b for _, b in pts], marker=_MARKERS[i % len(_MARKERS)], label=label)
     ax.set_xlabel(x_param)
     ax.set_ylabel(y_metric)
+    if logy:
+        ax.set_yscale("log")
     ax.set_title(title)
     return _save(fig, ax, out, bool(series))
