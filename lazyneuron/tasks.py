@@ -38,7 +38,25 @@ class TextClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.classifier(self.dropout(self.pool(hidden, attention_mask)))
+        logits = self.classifier(self.dropout(self.pool(hidden, attention_mask)))
+        ex = getattr(self.bert.encoder, "last_exit", None)  # set by an early-exit encoder
+        if ex is not None:
+            self.bert.encoder.last_exit = None
+            logits = torch.where(ex.exited[:, None], ex.logits.to(logits.dtype), logits)
+        return logits
+
+    def pooled_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean-pooled hidden state after every layer, (layers, B, d), and the final logits."""
+        states: list[torch.Tensor] = []
+        hooks = [layer.register_forward_hook(lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out))
+                 for layer in self.bert.encoder.layer]
+        try:
+            self.bert(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            for h in hooks:
+                h.remove()
+        pooled = torch.stack([self.pool(h, attention_mask) for h in states])
+        return pooled, self.classifier(self.dropout(pooled[-1]))
 
     def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
         from safetensors.torch import save_file
@@ -80,11 +98,20 @@ class Batch:
     labels: torch.Tensor
 
 
-def make_batches(tokenizer: Any, rows: Sequence[tuple[str, int]], batch_size: int, max_length: int = 64, sort: bool = False) -> list[Batch]:
-    """Tokenised, padded batches of (text, label) rows. ``sort``: group similar lengths (less padding)."""
+def make_batches(tokenizer: Any, rows: Sequence[tuple[str, int]], batch_size: int, max_length: int = 64, sort: bool = False,
+                 seed: int | None = None) -> list[Batch]:
+    """Tokenised, padded batches of (text, label) rows. ``seed``: shuffle the rows first (training
+    batches must mix labels: corpora are often stored sorted); ``sort``: group similar lengths
+    (less padding, for evaluation)."""
     if not rows:
         raise ConfigError("no labelled rows to batch; check the corpus and split")
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0])) if sort else list(range(len(rows)))
+    order = list(range(len(rows)))
+    if seed is not None:
+        import random
+
+        random.Random(seed).shuffle(order)
+    if sort:
+        order.sort(key=lambda i: len(rows[i][0]))
     out = []
     for k in range(0, len(order), batch_size):
         chunk = [rows[i] for i in order[k : k + batch_size]]

@@ -10,12 +10,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _stepwise(model: nn.Module) -> bool:
+    return any(getattr(m, "stepwise_eval", False) for m in model.modules())
+
+
+def window_logits(model: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """Logits (length, vocab) of one window. A model converted by a method that acts only in
+    step-by-step decoding (per-token early exit) is fed one token at a time through its KV cache,
+    so its quality is measured as it decodes, not by a dense full-window forward."""
+    if not _stepwise(model):
+        return model(input_ids=w.unsqueeze(0)).logits[0]
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    outs = []
+    for i in range(w.numel()):
+        out = model(input_ids=w[i : i + 1].view(1, 1), past_key_values=cache, use_cache=True, position_ids=torch.tensor([[i]]), logits_to_keep=1)
+        outs.append(out.logits[0, -1])
+    return torch.stack(outs)
+
+
 @torch.inference_mode()
 def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
     """exp(mean next-token NLL) over ``windows`` (count, length); every window scored alone."""
     nll, n = 0.0, 0
     for w in windows:
-        logits = model(input_ids=w.unsqueeze(0)).logits[0, :-1].float()  # (length-1, vocab)
+        logits = window_logits(model, w)[:-1].float()  # (length-1, vocab)
         nll += F.cross_entropy(logits, w[1:], reduction="sum").item()
         n += w.numel() - 1
     return math.exp(nll / n)
@@ -27,7 +47,7 @@ def reference_logprobs(model: nn.Module, windows: torch.Tensor) -> list[tuple[to
     log-probabilities are kept in bf16 to halve memory, the top-1 ids exactly."""
     out = []
     for w in windows:
-        lp = F.log_softmax(model(input_ids=w.unsqueeze(0)).logits[0].float(), -1)  # (length, vocab)
+        lp = F.log_softmax(window_logits(model, w).float(), -1)  # (length, vocab)
         out.append((lp.argmax(-1), lp.to(torch.bfloat16)))
     return out
 
@@ -37,7 +57,7 @@ def agreement(model: nn.Module, windows: torch.Tensor, reference: list[tuple[tor
     """Top-1 match rate and mean KL(dense || converted) per token against ``reference``."""
     match, kl, n = 0.0, 0.0, 0
     for w, (top1, ref) in zip(windows, reference):
-        lp = F.log_softmax(model(input_ids=w.unsqueeze(0)).logits[0].float(), -1)  # (length, vocab)
+        lp = F.log_softmax(window_logits(model, w).float(), -1)  # (length, vocab)
         ref = ref.float()
         match += (lp.argmax(-1) == top1).sum().item()
         kl += (ref.exp() * (ref - lp)).sum().item()
