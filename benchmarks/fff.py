@@ -39,17 +39,6 @@ OUT = Path(__file__).parent / "results"
 MODEL = "minilm-l6"
 
 
-def dense_classifier(tok, train, quick: bool) -> tasks.TextClassifier:  # type: ignore[no-untyped-def]
-    path = cache_dir("checkpoints") / ("minilm-l6-mr-quick.safetensors" if quick else "minilm-l6-mr.safetensors")
-    enc, _ = ln.models.load(MODEL)
-    if path.exists():
-        return tasks.TextClassifier.load(path, enc)
-    clf = tasks.TextClassifier(enc, 2)
-    fit(clf, tasks.classification_loss(), train, epochs=1 if quick else 2, lr=5e-5, desc="dense fine-tune", checkpoint=str(path) + ".run")
-    clf.save(path, {"task": "mr", "epochs": 1 if quick else 2})
-    return clf
-
-
 def fff_classifier(dense: tasks.TextClassifier, tok, train, depth: int, quick: bool, args) -> tuple[tasks.TextClassifier, dict[str, float]]:  # type: ignore[no-untyped-def]
     tag = f"minilm-l6-mr-fff-d{depth}{'-quick' if quick else ''}"
     ck_fff, ck_clf = cache_dir("checkpoints") / f"{tag}.fff.safetensors", cache_dir("checkpoints") / f"{tag}.clf.safetensors"
@@ -127,7 +116,7 @@ def main() -> None:
     train = tasks.make_batches(tok, rows, 32, max_length=64, seed=0)
     test = tasks.make_batches(tok, test_rows, 64, max_length=64, sort=True)
     recs: list[Record] = []
-    dense = dense_classifier(tok, train, args.quick).eval()
+    dense, _ = tasks.finetuned_classifier(MODEL, "mr", quick=args.quick)
     dense_acc = tasks.accuracy(dense, test)
     recs.append(Record(MODEL, "dense", {"task": "mr"}, "accuracy_mr", dense_acc, "fraction"))
     print(f"dense fine-tuned MiniLM-L6 on MR: test accuracy {dense_acc:.4f}", flush=True)

@@ -151,3 +151,28 @@ def classification_loss(teacher_logits: dict[int, torch.Tensor] | None = None, a
         return (1 - alpha) * ce + alpha * kd * temperature**2
 
     return loss
+
+
+def finetuned_classifier(model_name: str = "minilm-l6", corpus: str = "mr", *, epochs: int = 2, lr: float = 5e-5, batch_size: int = 32,
+                         max_length: int = 64, quick: bool = False, progress: bool = True) -> tuple[TextClassifier, Any]:
+    """The dense fine-tuned classifier every encoder benchmark compares against, cached as
+    safetensors under ``$LAZYNEURON_CACHE/checkpoints`` (training resumes if interrupted).
+    ``quick``: a small subset and one epoch (smoke runs)."""
+    from . import data, models
+    from .paths import cache_dir
+    from .train import fit
+
+    enc, tok = models.load(model_name)
+    path = cache_dir("checkpoints") / f"{model_name}-{corpus}{'-quick' if quick else ''}.safetensors"
+    if path.exists():
+        return TextClassifier.load(path, enc).eval(), tok
+    rows = data.labeled(corpus, "train")
+    if quick:
+        rows = rows[::13]
+    labels = sorted({y for _, y in rows})
+    clf = TextClassifier(enc, len(labels))
+    train = make_batches(tok, rows, batch_size, max_length, seed=0)
+    fit(clf, classification_loss(), train, epochs=1 if quick else epochs, lr=lr, desc=f"fine-tune {model_name} on {corpus}", checkpoint=str(path) + ".run",
+        progress=progress)
+    clf.save(path, {"task": corpus, "epochs": 1 if quick else epochs})
+    return clf.eval(), tok

@@ -58,3 +58,14 @@ def test_bench_kernels_quick_json(capsys, monkeypatch) -> None:
     recs = json.loads(capsys.readouterr().out)
     assert {"shape", "batch", "sparsity", "dtype", "speedup_vs_torch", "pct_of_ideal"} <= set(recs[0])
     assert recs[0]["shape"] == "256x512"
+
+
+def test_bench_kernels_cmm_quick_json(capsys, monkeypatch) -> None:
+    from lazyneuron.kernels import bench as kb
+
+    monkeypatch.setitem(kb.CMM_QUICK, "dims", [(64, 256, 5)])
+    monkeypatch.setitem(kb.CMM_QUICK, "repeats", 5)
+    assert main(["bench-kernels", "--kernel", "cmm", "--quick", "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert {"d_model", "depth", "batch", "dtype", "speedup_vs_torch"} <= set(recs[0])
+    assert [r["batch"] for r in recs] == kb.CMM_QUICK["batches"] and recs[0]["depth"] == 5 and recs[0]["speedup_vs_torch"] > 0
