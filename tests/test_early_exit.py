@@ -193,3 +193,16 @@ def test_decoder_stats_and_thresholds(lm) -> None:
     pred, ran = simulate(stats, "learned", r["threshold"])
     assert (pred == final).float().mean().item() >= r["dense_quality"] - 0.1 - 1e-9
     assert r["mean_layers"] <= 4
+
+
+def test_demo_rows_need_trained_heads(tmp_path, monkeypatch) -> None:
+    from lazyneuron.methods.early_exit import EarlyExit
+    from lazyneuron.methods.fff import FastFeedForward
+
+    monkeypatch.setenv("LAZYNEURON_CACHE", str(tmp_path))
+    assert EarlyExit.demo_configs() == [] and "benchmarks/early_exit.py" in EarlyExit.demo_notes()[0]
+    assert FastFeedForward.demo_configs() == [] and "benchmarks/fff.py" in FastFeedForward.demo_notes()[0]
+    heads = ExitHeads("causal_lm", [0, 1], 8, 0, "llama")
+    heads.save(tmp_path / "checkpoints" / "smollm2-135m.exits.safetensors")
+    (cfg,) = EarlyExit.demo_configs()
+    assert cfg.checkpoint.endswith("smollm2-135m.exits.safetensors") and EarlyExit.demo_notes() == []
