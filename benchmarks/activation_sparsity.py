@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/activation_sparsity.py            # ~25 min on 2 cores
     .venv/bin/python benchmarks/activation_sparsity.py --quick    # smoke run
+    .venv/bin/python benchmarks/activation_sparsity.py --decode-50  # decode speed at 50%, 7 x 48 tokens (~6 min)
 
 Writes benchmarks/results/activation_sparsity.jsonl (records), and the plots
 benchmarks/results/as_ppl_vs_sparsity.png, as_speedup_vs_sparsity.png, as_pareto.png.
@@ -35,11 +36,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(OUT / "activation_sparsity.jsonl"))
     ap.add_argument("--plots-only", action="store_true", help="redraw the plots from the records in --out")
+    ap.add_argument("--decode-50", action="store_true",
+                    help="only the decode speed at 50%% (dense, s=0 kernel path, each rule), 7 repeats x 48 tokens -> activation_sparsity_decode50.jsonl")
     ap.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7", help="comma-separated target sparsities")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     if args.plots_only:
         draw([r for r in read(args.out)])
+        return
+    if args.decode_50:
+        decode_50()
         return
     ap_s = args.sparsities
     sparsities = [0.25, 0.5] if args.quick else [float(x) for x in ap_s.split(",")]
@@ -74,6 +80,18 @@ def main() -> None:
         recs.append(Record("smollm2-135m", c.name, params, "achieved_sparsity_austen", achieved, "fraction of the converted layers' weight reads"))
     write(recs, args.out, append=False)
     draw([r.to_dict() for r in recs])
+    sys.stdout.write(runner.table(recs) + "\n")
+
+
+def decode_50() -> None:
+    """A longer, focused decode measurement at 50% next to dense and the s=0 kernel path."""
+    model, tok = ln.models.load("smollm2-135m")
+    cal = ln.calibrate(model, data.texts("news", "calibration")[:32], [C(rule="scap"), C(rule="cats")], tok, progress=True)
+    cfgs = [C(rule="teal", sparsity=0.0), C(rule="scap", sparsity=0.5), C(rule="teal", sparsity=0.5),
+            C(rule="teal", sparsity=0.5, allocation="uniform"), C(rule="cats", sparsity=0.5)]
+    s = BenchSettings(new_tokens=48, repeats=7, ppl_windows=1, ppl_length=128, batches=(1,), hf_generate=False)
+    recs = runner.run("smollm2-135m", model, tok, cfgs, s, progress=True, calibration=cal)
+    write(recs, OUT / "activation_sparsity_decode50.jsonl", append=False)
     sys.stdout.write(runner.table(recs) + "\n")
 
 

@@ -10,8 +10,10 @@ self-distillation from the last layer (FastBERT). For each criterion a threshold
 the MR calibration split for at most ``--max-loss`` accuracy points lost (``thresholds_for``),
 then test accuracy and encoder throughput (sentences/s, batch 1 and 32 with compaction) are
 measured next to dense. Decoder: SmolLM2-135M score heads after layers 10, 13, ..., 28 trained on
-news calibration text; thresholds for several agreement budgets; lean-loop decode tok/s vs dense
-and token-by-token perplexity / top-1 agreement on news test windows.
+news calibration text; thresholds for several agreement budgets chosen in the real exit loop
+(CALM propagation included) on calibration text, with the teacher-forced choice recorded next to
+them; lean-loop decode tok/s vs dense and token-by-token perplexity / top-1 agreement on news
+test windows.
 
 Writes benchmarks/results/early_exit.jsonl and plots ee_accuracy_vs_speed.png,
 ee_decoder_agreement_vs_speed.png; saves the SmolLM2 exit heads where `lazyneuron demo` finds them.
@@ -29,10 +31,11 @@ import torch
 
 import lazyneuron as ln
 from lazyneuron import data, tasks
-from lazyneuron.bench import BenchSettings, Record, plots, runner, write
+from lazyneuron.bench import BenchSettings, Record, plots, read, runner, write
 from lazyneuron.bench.timing import summary
 from lazyneuron.methods.early_exit import (
     EarlyExitConfig,
+    calibrate_lm_threshold,
     classifier_stats,
     collect_classifier_states,
     collect_lm_states,
@@ -142,14 +145,16 @@ def decoder(args: argparse.Namespace, recs: list[Record]) -> None:
     heads.save(path, {"trained_on": f"news calibration, {n_win} x 256 tokens"})
     stats = lm_stats(heads, model, *states)
     budgets = [0.1, 0.3] if args.quick else [0.05, 0.1, 0.2, 0.3]
+    thr_w = data.windows(tok, "news", "calibration", 128, 1 if args.quick else 2)
     cfgs, picks = [], {}
     for b in budgets:
-        pick = thresholds_for(stats, "learned", b)
-        picks[b] = pick
+        tf = thresholds_for(stats, "learned", b)  # teacher-forced estimate, for comparison
+        pick = calibrate_lm_threshold(model, str(path), thr_w, b, steps=4 if args.quick else 7)
+        picks[b] = (pick, tf)
         cfgs.append(EarlyExitConfig(criterion="learned", threshold=pick["threshold"], checkpoint=str(path)))
-        print(f"agreement budget {b:.2f}: threshold {pick['threshold']:.4g}, calibration agreement {pick['quality']:.3f}, "
-              f"mean layers {pick['mean_layers']:.1f} of {pick['n_layers']:.0f}", flush=True)
-    path.with_suffix(".thresholds.json").write_text(json.dumps({"learned": picks[0.1 if 0.1 in picks else budgets[0]]["threshold"]}))
+        print(f"agreement budget {b:.2f}: loop-calibrated threshold {pick['threshold']:.4g} (agreement {pick['quality']:.3f}, "
+              f"{pick['mean_layers']:.1f} layers); teacher-forced would pick {tf['threshold']:.4g} ({tf['quality']:.3f}, {tf['mean_layers']:.1f} layers)", flush=True)
+    path.with_suffix(".thresholds.json").write_text(json.dumps({"learned": picks[0.1 if 0.1 in picks else budgets[0]][0]["threshold"]}))
     s = runner.quick() if args.quick else BenchSettings(new_tokens=24, repeats=3, ppl_windows=2, ppl_length=128, batches=(1,), hf_generate=False)
     s.batches = (1,)
     out = runner.run(name, model, tok, cfgs, s, progress=True)
@@ -158,10 +163,12 @@ def decoder(args: argparse.Namespace, recs: list[Record]) -> None:
             b = next(k for k, c in zip(budgets, cfgs) if c.threshold == r.params["threshold"])
             r.params["agreement_budget"] = b
     recs += out
-    for b, pick in picks.items():
+    for b, (pick, tf) in picks.items():
         p = {"criterion": "learned", "threshold": pick["threshold"], "agreement_budget": b}
         recs.append(Record(name, "early_exit", p, "calibration_agreement", pick["quality"], "fraction"))
         recs.append(Record(name, "early_exit", p, "calibration_mean_layers", pick["mean_layers"], f"of {pick['n_layers']:.0f}"))
+        recs.append(Record(name, "early_exit", {**p, "teacher_forced_threshold": tf["threshold"]}, "teacher_forced_agreement", tf["quality"], "fraction"))
+        recs.append(Record(name, "early_exit", {**p, "teacher_forced_threshold": tf["threshold"]}, "teacher_forced_mean_layers", tf["mean_layers"], f"of {tf['n_layers']:.0f}"))
     sys_table = runner.table(out)
     print(sys_table, flush=True)
 
@@ -181,8 +188,12 @@ def main() -> None:
         write(recs, args.out, append=False)
     if args.part in ("all", "decoder"):
         decoder(args, recs)
-        write(recs, args.out, append=args.part == "decoder")
-    rd = [r.to_dict() for r in recs]
+        if args.part == "decoder" and Path(args.out).exists():  # keep the encoder records, replace the decoder's
+            keep = [r for r in read(args.out) if r["model"] != "smollm2-135m"]
+            write(keep + [r.to_dict() for r in recs], args.out, append=False)
+        else:
+            write(recs, args.out, append=False)
+    rd = read(args.out)
     # one point per (criterion, heads, batch): its speedup and the accuracy points it lost
     drop = {(r["params"].get("criterion"), r["params"].get("heads")): r["value"] for r in rd if r["metric"] == "accuracy_drop_points"}
     pts = []

@@ -206,3 +206,16 @@ def test_demo_rows_need_trained_heads(tmp_path, monkeypatch) -> None:
     heads.save(tmp_path / "checkpoints" / "smollm2-135m.exits.safetensors")
     (cfg,) = EarlyExit.demo_configs()
     assert cfg.checkpoint.endswith("smollm2-135m.exits.safetensors") and EarlyExit.demo_notes() == []
+
+
+def test_loop_calibrated_threshold_meets_its_budget(lm) -> None:
+    from lazyneuron.bench.quality import agreement, reference_logprobs
+    from lazyneuron.methods.early_exit import calibrate_lm_threshold
+
+    m, windows, _, path = lm
+    w = windows[:2, :16]
+    r = calibrate_lm_threshold(m, path, w, 0.2, steps=4, progress=False)
+    ref = reference_logprobs(m, w)
+    with ln.applied(m, EarlyExitConfig(criterion="learned", threshold=r["threshold"], checkpoint=path)):
+        q = agreement(m, w, ref)["top1_agreement"]
+    assert q == pytest.approx(r["quality"]) and q >= 0.8 - 1e-9

@@ -631,3 +631,46 @@ def train_lm_exits(model: nn.Module, windows: torch.Tensor, layers: Sequence[int
 
     fit(heads.scores, loss, idx, epochs=epochs, lr=lr, weight_decay=1e-4, progress=progress, desc="exit scores")
     return heads.eval()
+
+
+def calibrate_lm_threshold(model: nn.Module, checkpoint: str, windows: torch.Tensor, max_quality_loss: float, *, steps: int = 7,
+                           progress: bool = True) -> dict[str, float]:
+    """Learned-score threshold for a causal LM, chosen in the real exit loop.
+
+    Bisection over the threshold, each candidate measured token by token with exits and CALM
+    key / value propagation on ``windows`` (calibration text): the top-1 agreement with the
+    dense model includes the effect of propagated keys / values on later tokens, which the
+    teacher-forced :func:`thresholds_for` cannot see. Returns the lowest threshold found whose
+    agreement loss is at most ``max_quality_loss`` (``threshold``, ``quality``, ``mean_layers``)."""
+    from ..api import applied
+    from ..bench.quality import agreement, reference_logprobs
+
+    if not 0 <= max_quality_loss <= 1:
+        raise ConfigError(f"max_quality_loss={max_quality_loss} must be a fraction in [0, 1] (0.05 = five points of top-1 agreement)")
+    ref = reference_logprobs(model, windows)
+    n_layers = float(len(model.get_submodule(_layers_path(model))))
+    best = {"threshold": NEVER["learned"], "quality": 1.0, "mean_layers": n_layers, "n_layers": n_layers}
+    lo, hi = 0.0, 1.0  # a higher threshold exits less
+    it: Any = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=f"threshold for agreement >= {1 - max_quality_loss:.2f}", unit="try")
+    for _ in it:
+        mid = (lo + hi) / 2
+        with applied(model, EarlyExitConfig(criterion="learned", threshold=mid, checkpoint=checkpoint)):
+            dec = next(m for m in model.modules() if isinstance(m, ExitingDecoder))
+            dec.track, dec.layers_run = True, []
+            q = agreement(model, windows, ref)["top1_agreement"]
+            layers = sum(dec.layers_run) / max(len(dec.layers_run), 1)
+        if 1 - q <= max_quality_loss:
+            best, hi = {"threshold": mid, "quality": q, "mean_layers": layers, "n_layers": n_layers}, mid
+        else:
+            lo = mid
+    return best
+
+
+def _layers_path(model: nn.Module) -> str:
+    from ..adapters import get_adapter
+
+    return get_adapter(model).layers_path
