@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -59,14 +58,7 @@ def throughput(clf, configs: dict, batches_by_size: dict, repeats: int) -> dict:
         for _ in range(repeats):
             for name, cfg in configs.items():
                 with ln.applied(clf, cfg):
-                    for b in bl[:2]:
-                        clf(b.input_ids, b.attention_mask)
-                    t0 = time.perf_counter()
-                    n = 0
-                    for b in bl:
-                        clf(b.input_ids, b.attention_mask)
-                        n += len(b.labels)
-                    out.setdefault((name, bs), []).append(n / (time.perf_counter() - t0))
+                    out.setdefault((name, bs), []).append(tasks.sentences_per_s(clf, bl, warmup=2))
     return out
 
 

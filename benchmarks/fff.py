@@ -76,23 +76,16 @@ def _copy_non_fff(src: torch.nn.Module, dst: torch.nn.Module) -> None:
 
 @torch.inference_mode()
 def throughput(models: dict[str, torch.nn.Module], batches_by_size: dict[int, list[tasks.Batch]], repeats: int) -> dict[tuple[str, int], list[float]]:
-    import time
-
+    """Sentences/s per (model, batch size), models interleaved so drift hits them alike."""
     out: dict[tuple[str, int], list[float]] = {}
     for m in models.values():
         m.eval()
     for bs, bl in batches_by_size.items():
         for m in models.values():  # warm-up
-            for b in bl[:2]:
-                m(b.input_ids, b.attention_mask)
+            tasks.sentences_per_s(m, bl[:2])
         for _ in range(repeats):
             for name, m in models.items():  # interleaved: drift hits both alike
-                t0 = time.perf_counter()
-                n = 0
-                for b in bl:
-                    m(b.input_ids, b.attention_mask)
-                    n += len(b.labels)
-                out.setdefault((name, bs), []).append(n / (time.perf_counter() - t0))
+                out.setdefault((name, bs), []).append(tasks.sentences_per_s(m, bl))
     return out
 
 

@@ -83,19 +83,10 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Calibration":
-        from safetensors import safe_open
+        from .checkpoints import read
 
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise CalibrationError(f"calibration file {path!r} does not exist; create one with `lazyneuron calibrate --out {path}`")
-        try:
-            with safe_open(path, framework="pt") as f:
-                header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for bad headers / truncation
-            raise CalibrationError(f"{path!r} is not a readable safetensors calibration file ({type(e).__name__}: {e}); recreate it with `lazyneuron calibrate`") from None
-        if header.get("format") != FORMAT:
-            raise CalibrationError(f"{path!r} is a safetensors file but not a lazyneuron calibration (format={header.get('format')!r}, expected {FORMAT!r})")
+        header, tensors = read(path, FORMAT, "calibration", f"create one with `lazyneuron calibrate --out {path}`", CalibrationError)
         try:
             meta = json.loads(header["meta"])
         except (KeyError, json.JSONDecodeError) as e:

@@ -68,19 +68,10 @@ class TextClassifier(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, encoder: nn.Module) -> "TextClassifier":
         """Weights from :meth:`save` onto ``encoder`` (an encoder of the same architecture)."""
-        from safetensors import safe_open
+        from .checkpoints import read
 
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"classifier checkpoint {path!r} does not exist; fine-tune one first (see benchmarks/fff.py)")
-        try:
-            with safe_open(path, framework="pt") as f:
-                header = f.metadata() or {}
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise ConfigError(f"{path!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-        if header.get("format") != FORMAT:
-            raise ConfigError(f"{path!r} is not a lazyneuron classifier checkpoint (format={header.get('format')!r})")
+        header, sd = read(path, FORMAT, "classifier checkpoint", "fine-tune one with lazyneuron.tasks.finetuned_classifier")
         info = json.loads(header["meta"])
         if info["model_type"] != encoder.config.model_type or info["hidden"] != encoder.config.hidden_size:
             raise ConfigError(f"{path!r} holds a {info['model_type']} classifier of width {info['hidden']}, the encoder is {encoder.config.model_type} of width {encoder.config.hidden_size}")
@@ -176,3 +167,16 @@ def finetuned_classifier(model_name: str = "minilm-l6", corpus: str = "mr", *, e
         progress=progress)
     clf.save(path, {"task": corpus, "epochs": 1 if quick else epochs})
     return clf.eval(), tok
+
+
+@torch.inference_mode()
+def sentences_per_s(model: nn.Module, batches: Sequence[Batch], warmup: int = 0) -> float:
+    """Classification throughput of one timed pass over ``batches`` (after ``warmup`` untimed batches)."""
+    import time
+
+    for b in batches[:warmup]:
+        model(b.input_ids, b.attention_mask)
+    t0 = time.perf_counter()
+    for b in batches:
+        model(b.input_ids, b.attention_mask)
+    return sum(len(b.labels) for b in batches) / (time.perf_counter() - t0)

@@ -75,16 +75,9 @@ def save_checkpoint(path: str | os.PathLike, named: list[tuple[str, nn.Parameter
 
 def load_checkpoint(path: str | os.PathLike, named: list[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer | None) -> int:
     """Load parameters (and AdamW moments) in place; returns the step to resume from."""
-    from safetensors import safe_open
+    from .checkpoints import read
 
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ConfigError(f"training checkpoint {os.fspath(path)!r} is unreadable ({type(e).__name__}: {e}); delete it to start over") from None
-    if header.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{os.fspath(path)!r} is not a lazyneuron training checkpoint (format={header.get('format')!r})")
+    header, tensors = read(path, CHECKPOINT_FORMAT, "training checkpoint", "delete it to start over")
     names = {n for n, _ in named}
     saved = {k.split("::", 1)[1] for k in tensors if k.startswith("param::")}
     if saved != names:

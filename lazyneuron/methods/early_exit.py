@@ -69,20 +69,11 @@ class ExitHeads(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "ExitHeads":
-        from safetensors import safe_open
+        from ..checkpoints import read
 
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"exit-head checkpoint {path!r} does not exist; train one with lazyneuron.methods.early_exit.train_classifier_exits "
-                              f"/ train_lm_exits (or `python benchmarks/early_exit.py`)")
-        try:
-            with safe_open(path, framework="pt") as f:
-                header = f.metadata() or {}
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise ConfigError(f"{path!r} is not a readable safetensors file ({type(e).__name__}: {e}); retrain the exit heads") from None
-        if header.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(f"{path!r} is not a lazyneuron exit-head checkpoint (format={header.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+        header, sd = read(path, CHECKPOINT_FORMAT, "exit-head checkpoint", "train one with lazyneuron.methods.early_exit.train_classifier_exits "
+                          "/ train_lm_exits (or `python benchmarks/early_exit.py`)")
         info = json.loads(header["meta"])
         heads = cls(info["kind"], info["layers"], info["hidden"], info["num_labels"], info.get("model_type", ""))
         if model is not None:

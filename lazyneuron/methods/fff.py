@@ -362,19 +362,10 @@ def load_fff(path: str | os.PathLike, model: nn.Module | None = None) -> dict[st
     """FFF layers from a :func:`save_fff` file, checked against ``model`` (type and widths)."""
     import json
 
-    from safetensors import safe_open
+    from ..checkpoints import read
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"FFF checkpoint {path!r} does not exist; train one with `python benchmarks/fff.py` or lazyneuron.train.distill_fff")
-    try:
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ConfigError(f"{path!r} is not a readable safetensors file ({type(e).__name__}: {e}); retrain or re-download it") from None
-    if header.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path!r} is not a lazyneuron FFF checkpoint (format={header.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+    header, tensors = read(path, CHECKPOINT_FORMAT, "FFF checkpoint", "train one with `python benchmarks/fff.py` or lazyneuron.methods.fff.distill_layers")
     if model is not None and header.get("model_type") != model_type_of(model):
         raise ConfigError(f"FFF checkpoint {path!r} was made for a {header.get('model_type')!r} model, not {model_type_of(model)!r}")
     meta = json.loads(header["layers"])
