@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,6 +20,7 @@ EPILOG = """examples:
   lazyneuron bench --model smollm2-135m --method activation_sparsity:sparsity=0.5,rule=teal --calibration cal.safetensors
   lazyneuron demo                       # every method at its default setting vs dense, table + plot
   lazyneuron plot pareto lazyneuron-results/demo.jsonl --out pareto.png
+  lazyneuron plot gates ~/.cache/lazyneuron/checkpoints/smollm2-135m.gates-frozen-25.safetensors --out gates.png
   lazyneuron data fetch                 # corpora that are not pip dependencies (run once)
 """
 
@@ -62,8 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="lazyneuron-results", help="folder for demo.jsonl and pareto.png")
 
     s = sub.add_parser("plot", help="plots from records", epilog="example: lazyneuron plot pareto results.jsonl --out pareto.png")
-    s.add_argument("kind", choices=["pareto", "layers"])
-    s.add_argument("records", help="JSON-lines records file")
+    s.add_argument("kind", choices=["pareto", "layers", "gates"])
+    s.add_argument("records", help="JSON-lines records file; for `gates`: a gate checkpoint (.safetensors) or a keep-probability JSON")
+    s.add_argument("--model", default="smollm2-135m", help="gates from a checkpoint: the model it belongs to")
     s.add_argument("--out", required=True, help="PNG path")
     s.add_argument("--speed-metric", default="decode_speedup_b1")
     s.add_argument("--quality-metric", default="ppl_delta_pct")
@@ -158,6 +161,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "plot":
         from .bench import plots, read
 
+        if args.kind == "gates":
+            from .methods.gating import keep_by_context
+
+            if args.records.endswith(".json"):
+                keep = json.loads(open(args.records, encoding="utf-8").read())
+            else:
+                from .models import load
+
+                model, tok = load(args.model)
+                keep = keep_by_context(model, tok, args.records)
+            sys.stdout.write(f"wrote {plots.gates(keep, args.out, title=os.path.basename(args.records))}\n")
+            return 0
         recs = read(args.records)
         if args.kind == "pareto":
             out = plots.pareto(recs, args.out, args.speed_metric, args.quality_metric)

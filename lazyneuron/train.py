@@ -115,12 +115,14 @@ def fit(
     desc: str = "training",
     seed: int = 0,
     clip: float = 1.0,
+    lr_scale: dict[int, float] | None = None,
 ) -> FitResult:
     """Train ``params`` (default: every parameter with ``requires_grad``) to minimise
     ``loss_fn(model, batch)`` over ``epochs`` passes of ``batches``.
 
     ``on_step(step, total)`` runs before each step (schedules such as temperature annealing).
     ``checkpoint``: resume from it when it exists, write it every ``save_every`` steps and at the end.
+    ``lr_scale``: ``{id(param): factor}``, a learning rate of ``factor * lr`` for those parameters.
     """
     if not batches:
         raise ConfigError("fit() got no batches; pass a non-empty list (check the dataset split and batch size)")
@@ -128,9 +130,11 @@ def fit(
     named = _named_trainable(model, params)
     if not named:
         raise ConfigError("nothing to train: no parameter has requires_grad=True (or none of `params` is in the model)")
-    decay = [p for n, p in named if p.dim() >= 2]
-    no_decay = [p for n, p in named if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    scale = lr_scale or {}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for n, p in named:
+        groups.setdefault((p.dim() >= 2, float(scale.get(id(p), 1.0))), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "weight_decay": weight_decay if dec else 0.0, "lr_scale": f} for (dec, f), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))], lr=lr)
     per_epoch = len(batches) // n_ranks
     if per_epoch == 0:
         raise ConfigError(f"{len(batches)} batches cannot be shared by {n_ranks} processes; use more data or fewer processes")
@@ -170,7 +174,7 @@ def fit(
                 if on_step is not None:
                     on_step(step, total)
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step)
+                    g["lr"] = lr_at(step) * g["lr_scale"]
                 loss = loss_fn(wrapped, batches[i])
                 if not torch.isfinite(loss):
                     raise ConfigError(f"{desc}: the loss became {float(loss.detach())} at step {step}; lower lr (now {lr}) or check the data")

@@ -9,10 +9,30 @@ from torch import nn
 from lazyneuron.train import fit, world
 
 
+def gates(out: Path, rank: int) -> None:
+    """Gate training under DDP: both ranks must end with the same predictor."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import tiny_causal_lm
+
+    from lazyneuron.methods.gating import GateTraining, train_gates
+
+    m = tiny_causal_lm("llama", layers=3)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 128, (4, 16), generator=g), {"domain": ["a", "b", "a", "b"]}) for _ in range(6)]
+    torch.manual_seed(rank)
+    pred = train_gates(m, batches, {"domain": ["a", "b"]}, GateTraining(target=0.3, epochs=2), gate_tokens=8, progress=False,
+                       seed=0, out=out / "gates.safetensors")
+    torch.save(torch.cat([p.detach().flatten() for p in pred.parameters()]), out / f"rank{rank}.pt")
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     rank, n = world()
     assert n == 2, n
+    if len(sys.argv) > 2 and sys.argv[2] == "gates":
+        gates(out, rank)
+        torch.distributed.destroy_process_group()
+        return
     torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
     m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     g = torch.Generator().manual_seed(0)

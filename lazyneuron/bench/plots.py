@@ -113,3 +113,28 @@ def xy(records: list[dict[str, Any]], out: str | os.PathLike, x_param: str, y_me
         ax.set_yscale("log")
     ax.set_title(title)
     return _save(fig, ax, out, bool(series))
+
+
+def gates(keep: dict[str, Any], out: str | os.PathLike, title: str = "", modules: tuple[str, ...] = ("attn", "mlp")) -> Path:
+    """Heatmap of keep probability per (layer, module), one panel per context.
+    ``keep``: context -> (layers x modules) nested lists or tensors in [0, 1]."""
+    plt = _plt()
+    names = list(keep)
+    if not names:
+        raise ValueError("no contexts to draw; pass {context: [[keep per module] per layer]}")
+    fig, axes = plt.subplots(1, len(names), figsize=(1.2 + 1.3 * len(names), 6), sharey=True, squeeze=False)
+    im = None
+    for ax, name in zip(axes[0], names):
+        grid = [[float(v) for v in row] for row in keep[name]]
+        im = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+        ax.set_xticks(range(len(modules)), modules)
+        ax.set_title(str(name), fontsize=9)
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="keep probability")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    p = Path(out)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p

@@ -4,5 +4,6 @@ from .activation_sparsity import ActivationSparsity, ActivationSparsityConfig
 from .base import Method, Observer
 from .early_exit import EarlyExit, EarlyExitConfig, ExitHeads
 from .fff import FastFeedForward, FastFeedForwardConfig, FFFLayer
+from .gating import GatedStack, GatePredictor, ModuleGating, ModuleGatingConfig
 
-__all__ = ["ActivationSparsity", "ActivationSparsityConfig", "EarlyExit", "EarlyExitConfig", "ExitHeads", "FFFLayer", "FastFeedForward", "FastFeedForwardConfig", "Method", "Observer"]
+__all__ = ["ActivationSparsity", "ActivationSparsityConfig", "EarlyExit", "EarlyExitConfig", "ExitHeads", "FFFLayer", "FastFeedForward", "FastFeedForwardConfig", "GatePredictor", "GatedStack", "Method", "ModuleGating", "ModuleGatingConfig", "Observer"]

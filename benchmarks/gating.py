@@ -1,0 +1,277 @@
+"""Context-aware module gating on SmolLM2-135M with text-domain contexts, against the dense model
+and a static greedy baseline measured in the same run.
+
+    .venv/bin/python benchmarks/gating.py                   # quality (trains, ~45 min) then timing (~6 min)
+    .venv/bin/python benchmarks/gating.py --part quality    # train (cached checkpoints reused) + perplexity
+    .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense (needs the checkpoints)
+    .venv/bin/python benchmarks/gating.py --plots-only      # redraw plots from the records
+
+Domains (contexts): news, austen, wikipedia, hamlet; gates are trained on the train split of each,
+calibrated on it, and measured on the test split. Every sequence's mask is decided from its first
+32 tokens (the prompt) and perplexity is scored on the 96 tokens after them, for every variant.
+
+- static: the first k of the greedy removal order (``static_greedy_order``: the module whose
+  removal raises the mean next-token loss on 4 x 96 calibration tokens least, one at a time).
+- gates (frozen): the gate predictor trained with the base frozen (KL to the dense model + the
+  sparsity loss, straight-through Gumbel-sigmoid, temperature 2 -> 0.3), initialised from the
+  static mask of its level, then its threshold calibrated to the target on the train windows.
+- gates (low-rank): the same, trained jointly with rank-8 adapters on every linear of the blocks.
+
+Writes benchmarks/results/gating.jsonl, gating_ppl_vs_skipped.png, gating_speed_vs_skipped.png and
+gating_gates_<level>.png (keep probability per layer / module for each domain); saves the gate
+checkpoints where ``lazyneuron demo`` finds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lazyneuron as ln
+from lazyneuron import data
+from lazyneuron.bench import Record, plots, read, write
+from lazyneuron.bench.decode import lean_generate
+from lazyneuron.bench.timing import summary
+from lazyneuron.methods.gating import (
+    MODULES,
+    GatePredictor,
+    GateTraining,
+    ModuleGatingConfig,
+    calibrate_threshold,
+    default_gates_path,
+    module_costs,
+    set_context,
+    static_greedy_order,
+    static_predictor,
+    total_token_cost,
+    train_gates,
+)
+from lazyneuron.paths import cache_dir
+
+OUT = Path(__file__).parent / "results"
+DOMAINS = ("news", "austen", "wikipedia", "hamlet")
+LEVELS = (0.1, 0.25, 0.5)
+MODEL = "smollm2-135m"
+PROMPT = 32
+
+
+def _load():  # type: ignore[no-untyped-def]
+    model, tok = ln.models.load(MODEL)
+    return model, tok
+
+
+def static_order(model, tok, count: int, quick: bool) -> list[tuple[int, str]]:  # type: ignore[no-untyped-def]
+    path = cache_dir("checkpoints") / f"{MODEL}.static-order{'-quick' if quick else ''}.json"
+    if path.exists():
+        order = [tuple(x) for x in json.loads(path.read_text())]
+        if len(order) >= count:
+            return order[:count]
+    cal = torch.cat([data.windows(tok, d, "calibration", 96, 1) for d in DOMAINS])
+    order = static_greedy_order(model, cal, count, score_from=PROMPT)
+    path.write_text(json.dumps(order))
+    return order
+
+
+def train_batches(tok, n_per_domain: int, length: int) -> list:  # type: ignore[no-untyped-def]
+    ws = {d: data.windows(tok, d, "train", length, n_per_domain) for d in DOMAINS}
+    out = []
+    for i in range(n_per_domain):  # one window of every domain per batch
+        out.append((torch.stack([ws[d][i] for d in DOMAINS]), {"domain": list(DOMAINS)}))
+    return out
+
+
+def gates_for(model, tok, level: int | float, tag: str, order, args) -> str:  # type: ignore[no-untyped-def]
+    path = default_gates_path(MODEL, level, tag + ("-quick" if args.quick else ""))
+    if path.exists() and not args.retrain:
+        return str(path)
+    n = len(model.model.layers)
+    k = round(level * n * len(MODULES))
+    init = GatePredictor(model.config.hidden_size, n, {"domain": list(DOMAINS)}, gate_tokens=PROMPT, model_type="llama")
+    with torch.no_grad():  # start from the static mask of this level
+        skip = set(order[:k])
+        bias = torch.tensor([[-2.0 if (j, m) in skip else 2.0 for m in MODULES] for j in range(n)])
+        init.mlp[2].bias.copy_(bias.flatten())
+    batches = train_batches(tok, 4 if args.quick else args.steps, 96)
+    cfg = GateTraining(target=level, lora_rank=8 if tag == "lowrank" else 0, lr=1e-2)
+    train_gates(model, batches, {"domain": list(DOMAINS)}, cfg, gate_tokens=PROMPT, init=init,
+                checkpoint=str(path) + ".train")
+    calibrate_threshold(model, [(b[0][:, :PROMPT], b[1]) for b in batches], level)
+    st = model.model
+    st.predictor.meta.update({"target_sparsity": level, "trained_on": f"{len(batches)} x 4 x 96 tokens, train split of {list(DOMAINS)}"})
+    st.predictor.save(path, st.lora_state() if st.lora_paths else None)
+    ln.revert_(model)
+    Path(str(path) + ".train").unlink(missing_ok=True)
+    return str(path)
+
+
+@torch.inference_mode()
+def evaluate(model, tests: dict, gated: bool) -> dict:  # type: ignore[no-untyped-def]
+    """Per domain: perplexity on tokens after the prompt, and the masks (B, layers, 2)."""
+    out = {}
+    for d, w in tests.items():
+        if gated:
+            set_context(model, domain=d)
+        logits = model(input_ids=w, use_cache=False).logits[:, PROMPT:-1].float()
+        nll = F.cross_entropy(logits.flatten(0, 1), w[:, PROMPT + 1:].flatten())
+        masks = model.model.last_gates.clone() if gated else None
+        out[d] = (math.exp(float(nll)), masks)
+    return out
+
+
+def quality(args: argparse.Namespace, recs: list[Record]) -> None:
+    model, tok = _load()
+    n = len(model.model.layers)
+    total = n * len(MODULES)
+    order = static_order(model, tok, round(max(LEVELS) * total), args.quick)
+    costs = module_costs(model)
+    token_cost = total_token_cost(model)
+    tests = {d: data.windows(tok, d, "test", 128, 4 if args.quick else 8) for d in DOMAINS}
+    dense = evaluate(model, tests, False)
+    for d in DOMAINS:
+        recs.append(Record(MODEL, "dense", {"domain": d}, "perplexity", dense[d][0], "ppl"))
+    variants: list[tuple[str, float, str]] = []
+    for level in LEVELS:
+        k = round(level * total)
+        sp = static_predictor(model, order[:k])
+        sp.meta["target_sparsity"] = level
+        path = cache_dir("checkpoints") / f"{MODEL}.static-{round(level * 100):02d}{'-quick' if args.quick else ''}.safetensors"
+        sp.save(path)
+        variants.append(("static", level, str(path)))
+        for tag in ("frozen", "lowrank"):
+            if tag in args.kinds:
+                variants.append((f"gates-{tag}", level, gates_for(model, tok, level, tag, order, args)))
+    heat: dict = {}
+    for kind, level, path in variants:
+        with ln.applied(model, ModuleGatingConfig(checkpoint=path)):
+            res = evaluate(model, tests, True)
+        for d in DOMAINS:
+            ppl, masks = res[d]
+            keep = masks.float()
+            p = {"domain": d, "target_sparsity": level, "variant": kind, "context": f"domain={d}"}
+            skipped = 1 - float(keep.mean())
+            flops = float(((1 - keep) * costs).sum((1, 2)).mean() / token_cost)
+            recs += [
+                Record(MODEL, "module_gating", p, "perplexity", ppl, "ppl"),
+                Record(MODEL, "module_gating", p, "ppl_delta_pct", 100 * (ppl / dense[d][0] - 1), "% vs dense"),
+                Record(MODEL, "module_gating", p, "modules_skipped", skipped, "fraction"),
+                Record(MODEL, "module_gating", p, "decode_flops_skipped", flops, "fraction"),
+            ]
+            heat.setdefault((kind, level), {})[d] = keep.mean(0)
+            print(f"{kind:14s} {level:.2f} {d:9s} ppl {ppl:8.2f} (dense {dense[d][0]:6.2f}, {100 * (ppl / dense[d][0] - 1):+6.1f}%)  "
+                  f"skipped {skipped:.3f}  flops {flops:.3f}", flush=True)
+        if kind != "static":  # how much the domains' masks differ
+            hm = heat[(kind, level)]
+            maj = {d: (hm[d] > 0.5) for d in DOMAINS}
+            diffs = [float((maj[a] != maj[b]).float().mean()) for i, a in enumerate(DOMAINS) for b in DOMAINS[i + 1:]]
+            recs.append(Record(MODEL, "module_gating", {"target_sparsity": level, "variant": kind}, "mask_difference_between_domains",
+                               statistics.mean(diffs), "fraction of decisions"))
+            (OUT / f"gating_keep_{kind}_{round(level * 100):02d}.json").write_text(json.dumps({d: hm[d].tolist() for d in DOMAINS}))
+
+
+@torch.inference_mode()
+def timing(args: argparse.Namespace, recs: list[Record]) -> None:
+    model, tok = _load()
+    n = len(model.model.layers)
+    total = n * len(MODULES)
+    costs, token_cost = module_costs(model), total_token_cost(model)
+    variants: dict[str, ModuleGatingConfig | None] = {"dense": None}
+    for level in LEVELS:
+        for kind in ("static",) + tuple(f"gates-{t}" for t in args.kinds):
+            path = (cache_dir("checkpoints") / f"{MODEL}.static-{round(level * 100):02d}{'-quick' if args.quick else ''}.safetensors" if kind == "static"
+                    else default_gates_path(MODEL, level, kind.split("-")[1] + ("-quick" if args.quick else "")))
+            if Path(path).exists():
+                variants[f"{kind}@{level}"] = ModuleGatingConfig(checkpoint=str(path))
+    prompts = {d: data.windows(tok, d, "test", 128, 1) for d in DOMAINS}
+    new = 8 if args.quick else 24
+    samples: dict = {}
+    for r in range(1 + args.repeats):
+        for d in DOMAINS:
+            for name, cfg in variants.items():
+                with ln.applied(model, cfg):
+                    if cfg is not None:
+                        set_context(model, domain=d)
+                        model.model.track = True
+                    _, (_, td) = lean_generate(model, prompts[d][:, :PROMPT], new, return_timing=True)
+                    t0 = time.perf_counter()
+                    model(input_ids=prompts[d], use_cache=False, logits_to_keep=1)
+                    tp = time.perf_counter() - t0
+                    skipped = flops = 0.0
+                    if cfg is not None:
+                        keep = model.model.history[0].float()
+                        skipped, flops = 1 - float(keep.mean()), float(((1 - keep) * costs).sum() / token_cost)
+                if r:
+                    samples.setdefault((name, d), []).append(((new - 1) / td, prompts[d].numel() / tp, skipped, flops))
+        print(f"timing repeat {r}/{args.repeats} done", flush=True)
+    for (name, d), xs in samples.items():
+        dec, pre = [x[0] for x in xs], [x[1] for x in xs]
+        base = samples[("dense", d)]
+        rd = [a / b[0] for a, b in zip(dec, base)]
+        rp = [a / b[1] for a, b in zip(pre, base)]
+        if name == "dense":
+            recs.append(Record(MODEL, "dense", {"domain": d, "batch": 1}, "decode_tok_per_s", summary(dec)[0], "tok/s", spread=summary(dec)[1], repeats=len(dec)))
+            recs.append(Record(MODEL, "dense", {"domain": d, "batch": 1}, "prefill_tok_per_s", summary(pre)[0], "tok/s", spread=summary(pre)[1], repeats=len(pre)))
+            continue
+        kind, level = name.split("@")
+        p = {"domain": d, "target_sparsity": float(level), "variant": kind, "context": f"domain={d}", "batch": 1}
+        time_saved = 1 - 1 / summary(rd)[0]
+        recs += [
+            Record(MODEL, "module_gating", p, "decode_tok_per_s", summary(dec)[0], "tok/s", spread=summary(dec)[1], repeats=len(dec)),
+            Record(MODEL, "module_gating", p, "decode_speedup", summary(rd)[0], "x dense", spread=summary(rd)[1], repeats=len(rd)),
+            Record(MODEL, "module_gating", p, "prefill_speedup", summary(rp)[0], "x dense", spread=summary(rp)[1], repeats=len(rp)),
+            Record(MODEL, "module_gating", p, "decode_time_saved", time_saved, "fraction"),
+            Record(MODEL, "module_gating", p, "timed_modules_skipped", xs[0][2], "fraction"),
+            Record(MODEL, "module_gating", p, "timed_decode_flops_skipped", xs[0][3], "fraction"),
+        ]
+        print(f"{name:20s} {d:9s} decode {summary(rd)[0]:.2f}x  prefill {summary(rp)[0]:.2f}x  time saved {time_saved:.3f} "
+              f"(flops skipped {xs[0][3]:.3f}, modules {xs[0][2]:.3f})", flush=True)
+
+
+def draw(path: Path) -> None:
+    recs = [r for r in read(path) if r["method"] == "module_gating"]
+    plots.xy([r for r in recs if r["metric"] == "ppl_delta_pct"], OUT / "gating_ppl_vs_skipped.png", "target_sparsity", "ppl_delta_pct",
+             "variant,domain", title="SmolLM2-135M: perplexity vs modules skipped (test split, per domain)", logy=False)
+    if any(r["metric"] == "decode_speedup" for r in recs):
+        plots.xy([r for r in recs if r["metric"] == "decode_speedup"], OUT / "gating_speed_vs_skipped.png", "target_sparsity", "decode_speedup",
+                 "variant,domain", title="SmolLM2-135M: decode speed-up vs modules skipped (batch 1, same run)")
+    for f in sorted(OUT.glob("gating_keep_*.json")):
+        plots.gates(json.loads(f.read_text()), OUT / (f.stem.replace("gating_keep_", "gating_gates_") + ".png"), title=f.stem.replace("gating_keep_", ""))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["all", "quality", "timing"], default="all")
+    ap.add_argument("--kinds", default="frozen,lowrank", help="gate kinds to train and measure: frozen, lowrank")
+    ap.add_argument("--steps", type=int, default=90, help="training batches (4 domains x 96 tokens each) per gate checkpoint")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--plots-only", action="store_true")
+    args = ap.parse_args()
+    args.kinds = tuple(k for k in args.kinds.split(",") if k)
+    logging.basicConfig(level=logging.WARNING)
+    path = OUT / ("gating_quick.jsonl" if args.quick else "gating.jsonl")
+    if args.plots_only:
+        draw(path)
+        return
+    torch.set_num_threads(2)
+    for part in (("quality", "timing") if args.part == "all" else (args.part,)):
+        recs: list[Record] = []
+        (quality if part == "quality" else timing)(args, recs)
+        old = [r for r in read(path) if r["params"].get("part") != part] if path.exists() else []
+        for r in recs:
+            r.params["part"] = part
+        write(old, path, append=False)
+        write(recs, path)
+    draw(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,773 @@
+"""Context-aware dynamic module gating: skip whole attention / feed-forward modules per input.
+
+A small :class:`GatePredictor` reads the context (named keys such as ``domain``, ``task`` or
+``language``, each a learned embedding) and the mean of the input embeddings over the first
+``gate_tokens`` tokens (the prompt), and emits one keep / skip decision per (layer, module).
+Training uses a straight-through Gumbel-sigmoid (the two-class Gumbel-Softmax) and a sparsity
+loss with an absolute and a squared term pulling the mean skip rate to a target
+(:func:`train_gates`); at inference the decision is ``logit > threshold``, made once per sequence
+and held for its whole decode.
+
+:class:`GatedStack` replaces the module that holds the layer list (``model.model`` of a
+Llama-family causal LM, ``bert.encoder`` of a :class:`lazyneuron.tasks.TextClassifier`) and runs
+the layers itself: a skipped module is **not called**; its residual branch adds nothing, and a
+skipped attention module of a decoder neither writes nor reads its KV cache for that sequence.
+Within a batch, samples with different masks are handled per module: the feed-forward (and the
+attention of encoders and of calls without a cache) runs on the samples that keep it only;
+attention with a KV cache at batch > 1 runs for the union of the batch and is zeroed for the
+samples that skip it (their cache rows are written but never read).
+
+Contexts: ``set_context(model, domain="news")`` or ``with context(model, domain=[...per sample])``.
+A key the predictor was not trained with is an error; a value it never saw falls back to the
+input-only path (the "no context" embedding, trained by context dropout) with a warning, or is an
+error with ``unknown="error"``. A **static** predictor (one fixed mask for every input, e.g. the
+greedy baseline of :func:`static_greedy_order`) uses the same checkpoint format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters import ModelAdapter, model_type_of
+from ..config import MethodConfig, register
+from ..errors import ConfigError
+from ..surgery import LazyModule
+from .base import Method
+
+log = logging.getLogger(__name__)
+MODULES = ("attn", "mlp")
+CHECKPOINT_FORMAT = "lazyneuron.gates/1"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "query", "key", "value", "dense")
+
+
+# -- the predictor --------------------------------------------------------------------------------
+class GatePredictor(nn.Module):
+    """(pooled input, contexts) -> logits (B, layers, 2); keep where logit > ``threshold``."""
+
+    def __init__(self, hidden: int, num_layers: int, contexts: dict[str, Sequence[str]] | None = None, *, ctx_dim: int = 16,
+                 units: int = 64, static: bool = False, gate_tokens: int = 32, model_type: str = "", init_keep: float = 0.9) -> None:
+        super().__init__()
+        self.hidden, self.num_layers, self.ctx_dim, self.units, self.static = hidden, num_layers, ctx_dim, units, static
+        self.gate_tokens, self.model_type = gate_tokens, model_type
+        self.contexts = {k: list(v) for k, v in (contexts or {}).items()}
+        for k, vals in self.contexts.items():
+            if not vals or len(set(vals)) != len(vals):
+                raise ConfigError(f"context {k!r} needs distinct values, got {vals}")
+        self.threshold = 0.0
+        self.unknown = "fallback"
+        self.meta: dict[str, Any] = {}
+        bias0 = math.log(init_keep / (1 - init_keep))
+        if static:
+            self.logits = nn.Parameter(torch.full((num_layers, len(MODULES)), bias0))
+        else:
+            self.embed = nn.ModuleDict({k: nn.Embedding(len(v) + 1, ctx_dim) for k, v in self.contexts.items()})  # row 0: no context
+            self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
+            self.mlp = nn.Sequential(nn.Linear(hidden + ctx_dim * len(self.contexts), units), nn.GELU(), nn.Linear(units, num_layers * len(MODULES)))
+            with torch.no_grad():
+                for e in self.embed.values():
+                    e.weight.normal_(0, 0.1)
+                self.mlp[2].weight.mul_(0.1)
+                self.mlp[2].bias.fill_(bias0)
+
+    # contexts -> indices
+    def context_ids(self, ctx: dict[str, Any] | None, batch: int) -> dict[str, torch.Tensor]:
+        ctx = ctx or {}
+        bad = [k for k in ctx if k not in self.contexts]
+        if bad:
+            raise ConfigError(f"context key {bad[0]!r} is not one this gate predictor was trained with ({sorted(self.contexts) or 'none'}); "
+                              "drop it or train gates with that key")
+        out = {}
+        for k, vals in self.contexts.items():
+            v = ctx.get(k)
+            seq = [v] * batch if v is None or isinstance(v, str) else list(v)
+            if len(seq) != batch:
+                raise ConfigError(f"context {k!r} has {len(seq)} values for a batch of {batch}; pass one string or one per sample")
+            ids = []
+            for s in seq:
+                if s is None:
+                    ids.append(0)
+                elif s in vals:
+                    ids.append(vals.index(s) + 1)
+                elif self.unknown == "error":
+                    raise ConfigError(f"context {k}={s!r} was never seen in training (known: {vals}); pass one of those, or "
+                                      "unknown='fallback' to use the input-only path")
+                else:
+                    log.warning("context %s=%r was never seen in training (known: %s); using the input-only gate path", k, s, vals)
+                    ids.append(0)
+            out[k] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def forward(self, pooled: torch.Tensor, ctx_ids: dict[str, torch.Tensor]) -> torch.Tensor:
+        b = pooled.shape[0]
+        if self.static:
+            return self.logits.unsqueeze(0).expand(b, -1, -1)
+        parts = [self.norm(pooled.float())] + [self.embed[k](ctx_ids[k]) for k in self.contexts]
+        return self.mlp(torch.cat(parts, -1)).view(b, self.num_layers, len(MODULES))
+
+    # checkpoints
+    def info(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "num_layers": self.num_layers, "contexts": self.contexts, "ctx_dim": self.ctx_dim, "units": self.units,
+                "static": self.static, "gate_tokens": self.gate_tokens, "model_type": self.model_type, "threshold": self.threshold, **self.meta}
+
+    def save(self, path: str | os.PathLike, lora: dict[str, torch.Tensor] | None = None) -> None:
+        from safetensors.torch import save_file
+
+        flat = {f"gate.{k}": v.detach().contiguous() for k, v in self.state_dict().items()}
+        flat.update({f"lora.{k}": v.detach().contiguous() for k, v in (lora or {}).items()})
+        save_file(flat, os.fspath(path), metadata={"format": CHECKPOINT_FORMAT, "meta": json.dumps(self.info())})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> tuple["GatePredictor", dict[str, torch.Tensor]]:
+        from ..checkpoints import read
+
+        path = os.fspath(path)
+        header, sd = read(path, CHECKPOINT_FORMAT, "gate checkpoint", "train one with lazyneuron.methods.gating.train_gates "
+                          "(or `python benchmarks/gating.py`), or make a static one with static_predictor")
+        info = json.loads(header["meta"])
+        pred = cls(info["hidden"], info["num_layers"], info["contexts"], ctx_dim=info["ctx_dim"], units=info["units"], static=info["static"],
+                   gate_tokens=info["gate_tokens"], model_type=info.get("model_type", ""))
+        pred.threshold = float(info.get("threshold", 0.0))
+        pred.meta = {k: v for k, v in info.items() if k not in pred.info()}
+        if model is not None:
+            from ..adapters import get_adapter
+
+            hidden = getattr(model.config, "hidden_size", None)
+            n = get_adapter(model).num_layers
+            if info.get("model_type") != model_type_of(model) or info["hidden"] != hidden or info["num_layers"] != n:
+                raise ConfigError(f"gate checkpoint {path!r} was trained for a {info.get('model_type')!r} model with {info['num_layers']} layers of "
+                                  f"width {info['hidden']}, not this {model_type_of(model)!r} with {n} layers of width {hidden}; train gates for this model")
+        try:
+            pred.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("gate.")})
+        except RuntimeError as e:
+            raise ConfigError(f"{path!r}: tensors do not match the checkpoint's own metadata ({str(e)[:200]})") from None
+        return pred.eval(), {k[5:]: v for k, v in sd.items() if k.startswith("lora.")}
+
+
+def static_predictor(model: nn.Module, skip: Sequence[tuple[int, str]]) -> GatePredictor:
+    """A predictor that skips the same ``(layer, module)`` pairs for every input."""
+    from ..adapters import get_adapter
+
+    n = get_adapter(model).num_layers
+    pred = GatePredictor(model.config.hidden_size, n, static=True, model_type=model_type_of(model))
+    with torch.no_grad():
+        pred.logits.fill_(4.0)
+        for layer, mod in skip:
+            if mod not in MODULES or not 0 <= layer < n:
+                raise ConfigError(f"cannot skip ({layer}, {mod!r}): layers are 0..{n - 1}, modules {MODULES}")
+            pred.logits[layer, MODULES.index(mod)] = -4.0
+    return pred
+
+
+# -- low-rank adapters (joint fine-tuning of the base) ----------------------------------------------
+class LowRankLinear(LazyModule):
+    """``base(x) + scale * B(A(x))``; ``enabled=False`` gives the base alone (the dense teacher)."""
+
+    method_name = "module_gating.lora"
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float = 16.0) -> None:
+        super().__init__(base)
+        self.rank, self.scale = rank, alpha / rank
+        self.a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.b = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.enabled:
+            y = y + F.linear(F.linear(x, self.a), self.b) * self.scale
+        return y
+
+
+def _lora_paths(layers: nn.ModuleList) -> list[str]:
+    out = []
+    for i, layer in enumerate(layers):
+        for n, m in layer.named_modules():
+            if isinstance(m, nn.Linear) and n.rpartition(".")[2] in LORA_TARGETS:
+                out.append(f"{i}.{n}")
+    return out
+
+
+# -- the gated layer stack --------------------------------------------------------------------------
+def _family(base: nn.Module) -> str:
+    if hasattr(base, "layers") and hasattr(base, "embed_tokens") and hasattr(base, "rotary_emb"):
+        layer = base.layers[0]
+        if not (hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm") and hasattr(layer, "self_attn") and hasattr(layer, "mlp")) \
+                or hasattr(layer, "pre_feedforward_layernorm") or hasattr(layer, "post_feedforward_layernorm"):
+            raise ConfigError(f"module_gating runs Llama-style blocks (input_layernorm -> self_attn, post_attention_layernorm -> mlp); "
+                              f"{type(layer).__name__} has another layout")
+        return "llama"
+    if hasattr(base, "layer") and hasattr(base.layer[0], "attention") and hasattr(base.layer[0], "intermediate"):
+        return "bert"
+    raise ConfigError(f"module_gating cannot run the layers of {type(base).__name__}")
+
+
+class GatedStack(LazyModule):
+    """Runs the layers with per-sequence keep / skip masks over (attention, feed-forward)."""
+
+    method_name = "module_gating"
+
+    def __init__(self, base: nn.Module, predictor: GatePredictor, lora: dict[str, torch.Tensor] | None = None,
+                 lora_rank: int = 0, embed: nn.Module | None = None) -> None:
+        super().__init__(base)
+        self.family = _family(base)
+        self.predictor = predictor
+        self.layers = base.layers if self.family == "llama" else base.layer
+        self.__dict__["embed"] = embed if embed is not None else getattr(base, "embed_tokens", None)  # not a submodule
+        self.context: dict[str, Any] = {}
+        self.mode = "hard"  # hard (inference) | gumbel (training) | dense (teacher: every module, no adapters)
+        self.tau = 1.0
+        self.force: torch.Tensor | None = None  # (layers, 2) or (B, layers, 2) keep mask overriding the predictor
+        self.last_gates: torch.Tensor | None = None  # (B, layers, 2) of the last call (straight-through in training)
+        self.track = False
+        self.history: list[torch.Tensor] = []  # masks of tracked sequences
+        self.lora_paths: list[str] = []
+        if lora:
+            lora_rank = next(iter(lora.values())).shape[0] if lora_rank == 0 else lora_rank
+        if lora_rank:
+            self._install_lora(lora_rank, lora)
+
+    # LoRA wrappers live inside the base's layers; revert_ unwraps them (they are LazyModules)
+    def _install_lora(self, rank: int, state: dict[str, torch.Tensor] | None) -> None:
+        from ..surgery import set_module
+
+        paths = _lora_paths(self.layers)
+        wrapped = {p: LowRankLinear(self.layers.get_submodule(p), rank) for p in paths}
+        if state:
+            want = {f"{p}.{w}" for p in paths for w in ("a", "b")}
+            if set(state) != want:
+                raise ConfigError(f"the gate checkpoint's low-rank adapters ({len(state)} tensors) do not fit this model's layers ({len(want)} expected)")
+            with torch.no_grad():
+                for p, m in wrapped.items():
+                    if state[f"{p}.a"].shape != m.a.shape or state[f"{p}.b"].shape != m.b.shape:
+                        raise ConfigError(f"low-rank adapter {p} has shape {tuple(state[p + '.a'].shape)}, expected {tuple(m.a.shape)}")
+                    m.a.copy_(state[f"{p}.a"])
+                    m.b.copy_(state[f"{p}.b"])
+        for p, m in wrapped.items():
+            set_module(self.layers, p, m)
+        self.lora_paths = paths
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for p in self.lora_paths:
+            m = self.layers.get_submodule(p)
+            out[f"{p}.a"], out[f"{p}.b"] = m.a, m.b
+        return out
+
+    def lora_modules(self) -> list[LowRankLinear]:
+        return [self.layers.get_submodule(p) for p in self.lora_paths]
+
+    def restore_base(self) -> nn.Module:
+        from ..surgery import set_module
+
+        for p in self.lora_paths:
+            set_module(self.layers, p, self.layers.get_submodule(p).restore_base())
+        self.lora_paths = []
+        return self.base
+
+    def weight_elements(self) -> int:
+        return 0
+
+    # gates
+    def _pooled(self, h0: torch.Tensor, keym: torch.Tensor | None) -> torch.Tensor:
+        k = self.predictor.gate_tokens
+        x = h0[:, :k]
+        m = torch.ones(x.shape[:2], dtype=x.dtype) if keym is None else keym[:, :k].to(x.dtype)
+        return (x * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+
+    def gates(self, h0: torch.Tensor, keym: torch.Tensor | None = None) -> torch.Tensor:
+        """Keep mask (B, layers, 2): float {0, 1} (straight-through in ``gumbel`` mode)."""
+        b = h0.shape[0]
+        n = len(self.layers)
+        if self.mode == "dense":
+            return torch.ones(b, n, len(MODULES))
+        if self.force is not None:
+            f = self.force.float()
+            return (f.unsqueeze(0) if f.dim() == 2 else f).expand(b, -1, -1)
+        logits = self.predictor(self._pooled(h0, keym), self.predictor.context_ids(self.context, b))
+        if self.mode == "gumbel":
+            u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+            soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.tau)
+            hard = (soft > 0.5).float()
+            return hard + soft - soft.detach()
+        return (logits > self.predictor.threshold).float()
+
+    def keep_probability(self, h0: torch.Tensor, keym: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.predictor(self._pooled(h0, keym), self.predictor.context_ids(self.context, h0.shape[0]))
+            return torch.sigmoid(logits - self.predictor.threshold)
+
+    def _set_lora(self, on: bool) -> None:
+        for m in self.lora_modules():
+            m.enabled = on
+
+    # forward
+    def forward(self, *args: Any, **kw: Any) -> Any:
+        self._set_lora(self.mode != "dense")
+        try:
+            return self._forward_llama(*args, **kw) if self.family == "llama" else self._forward_bert(*args, **kw)
+        finally:
+            self._set_lora(True)
+
+    def _record(self, g: torch.Tensor) -> None:
+        self.last_gates = g
+        if self.track:
+            self.history.append(g.detach().clone())
+
+    def _forward_llama(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                       past_key_values: Any = None, inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, **kw: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        base = self.base
+        h = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, q = h.shape[:2]
+        cache = past_key_values
+        if cache is None and use_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=base.config)
+        past = int(getattr(cache, "_ln_len", 0)) if cache is not None else 0
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ConfigError("module_gating takes a 2-D (batch, seq) attention mask")
+        keym = None if attention_mask is None else attention_mask.bool()
+        g = getattr(cache, "_ln_gates", None) if cache is not None and past > 0 else None
+        if g is None or g.shape[0] != b:
+            g = self.gates(h, None if keym is None else keym[:, past:past + q])
+            if cache is not None:
+                cache._ln_gates = g.detach()
+            self._record(g)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + q).unsqueeze(0).expand(b, -1)
+        pe = base.rotary_emb(h, position_ids=position_ids)
+        mask = None
+        if q > 1 or (keym is not None and not bool(keym.all())):
+            allowed = torch.ones(q, past + q, dtype=torch.bool).tril(past)
+            mask = allowed.unsqueeze(0).unsqueeze(0).expand(b, 1, -1, -1)
+            if keym is not None:
+                mask = mask & keym[:, None, None, : past + q].bool()
+        training_gates = self.mode == "gumbel" or g.requires_grad
+        for j, layer in enumerate(self.layers):
+            for mi, name in enumerate(MODULES):
+                gj = g[:, j, mi]
+                if training_gates:  # every module runs, its branch scaled by the straight-through gate
+                    h = h + gj.view(b, 1, 1).to(h.dtype) * self._llama_branch(layer, name, h, pe, mask, cache)
+                    continue
+                keep = gj > 0.5
+                nk = int(keep.sum())
+                if nk == 0:
+                    continue  # skipped: not called, no KV read or written
+                if nk == b:
+                    h = h + self._llama_branch(layer, name, h, pe, mask, cache)
+                elif name == "attn" and cache is not None:  # the cache holds every row: run the union, zero the skippers
+                    h = h + keep.view(b, 1, 1).to(h.dtype) * self._llama_branch(layer, name, h, pe, mask, cache)
+                else:
+                    idx = keep.nonzero().squeeze(1)
+                    sub_pe = (pe[0][idx] if pe[0].shape[0] == b else pe[0], pe[1][idx] if pe[1].shape[0] == b else pe[1])
+                    h = h.index_add(0, idx, self._llama_branch(layer, name, h[idx], sub_pe, None if mask is None else mask[idx], None))
+        if cache is not None:
+            cache._ln_len = past + q
+        return BaseModelOutputWithPast(last_hidden_state=base.norm(h), past_key_values=cache if use_cache or past_key_values is not None else None)
+
+    @staticmethod
+    def _llama_branch(layer: nn.Module, name: str, h: torch.Tensor, pe: Any, mask: Any, cache: Any) -> torch.Tensor:
+        if name == "attn":
+            return layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=pe, attention_mask=mask, past_key_values=cache)[0]
+        return layer.mlp(layer.post_attention_layernorm(h))
+
+    def _forward_bert(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+        h = hidden_states
+        b, n = h.shape[:2]
+        keym = None
+        if attention_mask is not None:
+            row = attention_mask[:, 0, 0, :] if attention_mask.dim() == 4 else attention_mask
+            keym = (row if row.dtype == torch.bool else row == 0).expand(b, n)
+        g = self.gates(h, keym)
+        self._record(g)
+        training_gates = self.mode == "gumbel" or g.requires_grad
+        for j, layer in enumerate(self.layers):
+            for mi, name in enumerate(MODULES):
+                gj = g[:, j, mi]
+                if training_gates:
+                    gv = gj.view(b, 1, 1).to(h.dtype)
+                    h = gv * self._bert_branch(layer, name, h, attention_mask) + (1 - gv) * h
+                    continue
+                keep = gj > 0.5
+                nk = int(keep.sum())
+                if nk == 0:
+                    continue
+                if nk == b:
+                    h = self._bert_branch(layer, name, h, attention_mask)
+                else:
+                    idx = keep.nonzero().squeeze(1)
+                    sub = None if attention_mask is None or attention_mask.shape[0] != b else attention_mask[idx]
+                    h = h.index_copy(0, idx, self._bert_branch(layer, name, h[idx], sub))
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
+
+    @staticmethod
+    def _bert_branch(layer: nn.Module, name: str, h: torch.Tensor, mask: Any) -> torch.Tensor:
+        # post-LN blocks: the residual and LayerNorm sit inside each module, so a skipped module leaves h unchanged
+        if name == "attn":
+            return layer.attention(h, mask)[0]
+        return layer.output(layer.intermediate(h), h)
+
+
+def gated_stacks(model: nn.Module) -> list[GatedStack]:
+    return [m for m in model.modules() if isinstance(m, GatedStack)]
+
+
+def _stack(model: nn.Module) -> GatedStack:
+    st = gated_stacks(model)
+    if not st:
+        raise ConfigError("this model has no module gating applied; run lazyneuron.apply_(model, ModuleGatingConfig(checkpoint=...)) first")
+    return st[0]
+
+
+def set_context(model: nn.Module, **ctx: Any) -> None:
+    """Context for the following calls: ``domain="news"`` (whole batch) or a list per sample; no
+    keyword = input-only gating. Keys are checked against the predictor now."""
+    st = _stack(model)
+    lists = [len(v) for v in ctx.values() if v is not None and not isinstance(v, str)]
+    st.predictor.context_ids(ctx, lists[0] if lists else 1)  # bad keys / unseen values fail (or warn) now
+    st.context = dict(ctx)
+
+
+@contextlib.contextmanager
+def context(model: nn.Module, **ctx: Any) -> Iterator[None]:
+    st = _stack(model)
+    old = st.context
+    set_context(model, **ctx)
+    try:
+        yield
+    finally:
+        st.context = old
+
+
+# -- config and method -------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModuleGatingConfig(MethodConfig):
+    """``checkpoint``: a gate checkpoint (trained with :func:`train_gates` or a static mask);
+    ``threshold``: keep where logit > threshold ("" / nan: the checkpoint's calibrated one);
+    ``unknown``: what a context value never seen in training does (fallback | error)."""
+
+    name: ClassVar[str] = "module_gating"
+    targets: tuple[str, ...] = ("layer",)
+    checkpoint: str = ""
+    threshold: float = float("nan")
+    unknown: str = "fallback"
+
+    def validate(self) -> None:
+        super().validate()
+        self._check_choice("unknown", ("fallback", "error"))
+        if self.targets != ("layer",):
+            raise ConfigError(f"module_gating works on the whole layer stack; targets must be ('layer',), got {self.targets}")
+        if not self.checkpoint:
+            raise ConfigError("module_gating needs a gate checkpoint: pass checkpoint=PATH (train_gates, or static_predictor(...).save(PATH))")
+        if not isinstance(self.threshold, (int, float)):
+            raise ConfigError(f"ModuleGatingConfig.threshold={self.threshold!r} is invalid; pass a number or leave it unset")
+
+    def at_zero_strength(self) -> "ModuleGatingConfig":
+        return dataclasses.replace(self, threshold=-math.inf)  # every logit is above: every module kept
+
+
+@register
+class ModuleGating(Method):
+    config_cls = ModuleGatingConfig
+
+    def resolve(self, model: nn.Module, adapter: ModelAdapter, cfg: MethodConfig) -> list[str]:
+        parent = adapter.layers_path.rpartition(".")[0]
+        if adapter.family == "bert":
+            from ..tasks import TextClassifier
+
+            if not isinstance(model, TextClassifier):
+                raise ConfigError(f"module_gating on encoders works on lazyneuron.tasks.TextClassifier; got {type(model).__name__}")
+            return [parent]
+        if adapter.family == "llama" and adapter.causal_lm:
+            _family(model.get_submodule(parent))
+            return [parent]
+        raise ConfigError(f"module_gating supports TextClassifier encoders (bert family) and Llama-family causal LMs; this is a {adapter.model_type} ({adapter.family}) model")
+
+    def plan(self, model: nn.Module, cfg: MethodConfig, paths: list[str], stats: Any) -> MethodConfig:
+        assert isinstance(cfg, ModuleGatingConfig)
+        self._pred, self._lora = GatePredictor.load(cfg.checkpoint, model)
+        if not math.isnan(float(cfg.threshold)):
+            self._pred.threshold = float(cfg.threshold)
+        self._pred.unknown = cfg.unknown
+        return cfg
+
+    def convert(self, path: str, module: nn.Module, cfg: MethodConfig, stats: Any) -> nn.Module:
+        return GatedStack(module, self._pred, self._lora or None)
+
+    def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
+        p = self._pred
+        return {"contexts": {k: list(v) for k, v in p.contexts.items()}, "static": p.static, "threshold": p.threshold,
+                "target_sparsity": p.meta.get("target_sparsity"), "lora": bool(self._lora)}
+
+    @classmethod
+    def demo_configs(cls) -> list[MethodConfig]:
+        out = []
+        for level in (0.25, 0.5):
+            path = default_gates_path("smollm2-135m", level)
+            if path.exists():
+                out.append(ModuleGatingConfig(checkpoint=str(path)))
+        return out
+
+    @classmethod
+    def demo_notes(cls) -> list[str]:
+        if default_gates_path("smollm2-135m", 0.5).exists():
+            return ["module_gating rows run without a context (the input-only gate path); set_context(model, domain=...) picks per-domain masks."]
+        return ["module_gating: needs trained gates for the demo model; `python benchmarks/gating.py --part decoder` trains them into "
+                f"{default_gates_path('smollm2-135m', 0.5).parent}, after which the demo adds the module-gating rows."]
+
+
+def default_gates_path(model_name: str, target: float, tag: str = "frozen") -> Any:
+    from ..paths import cache_dir
+
+    return cache_dir("checkpoints") / f"{model_name}.gates-{tag}-{round(target * 100):02d}.safetensors"
+
+
+@torch.no_grad()
+def keep_by_context(model: nn.Module, tokenizer: Any, checkpoint: str | os.PathLike, windows: int = 8) -> dict[str, list[list[float]]]:
+    """Mean keep probability per (layer, module) for every context value of a gate checkpoint
+    (plus ``input only``): the prompts are test windows of the built-in corpus of the same name
+    when there is one, news test text otherwise. For ``lazyneuron plot gates``."""
+    from .. import data
+    from ..api import applied
+
+    pred, _ = GatePredictor.load(checkpoint, model)
+    ctxs: list[tuple[str, dict[str, str]]] = [("input only", {})]
+    ctxs += [(f"{k}={v}", {k: v}) for k, vals in pred.contexts.items() for v in vals]
+    out = {}
+    with applied(model, ModuleGatingConfig(checkpoint=os.fspath(checkpoint))):
+        st = _stack(model)
+        for name, ctx in ctxs:
+            corpus = next(iter(ctx.values()), "news")
+            corpus = corpus if corpus in data.CORPORA else "news"
+            w = data.windows(tokenizer, corpus, "test", pred.gate_tokens, windows)
+            st.context = ctx
+            out[name] = st.keep_probability(st.embed(w)).mean(0).tolist() if st.embed is not None else []
+    return out
+
+
+# -- compute accounting ------------------------------------------------------------------------------
+def module_costs(model: nn.Module) -> torch.Tensor:
+    """Weight elements read per token by each (layer, module) (attention: q/k/v/o; feed-forward)."""
+    from ..adapters import get_adapter
+
+    ad = get_adapter(model)
+    layers = model.get_submodule(ad.layers_path)
+    out = torch.zeros(len(layers), len(MODULES))
+    for j, layer in enumerate(layers):
+        parts = ((layer.self_attn, layer.mlp) if hasattr(layer, "self_attn") else (layer.attention, nn.ModuleList([layer.intermediate, layer.output])))
+        for mi, m in enumerate(parts):
+            out[j, mi] = sum(p.numel() for n, p in m.named_parameters() if n.endswith("weight") and p.dim() == 2)
+    return out
+
+
+def total_token_cost(model: nn.Module) -> float:
+    """Weight elements a dense forward reads per token: layers + LM head (a classifier: layers)."""
+    from ..adapters import get_adapter
+
+    ad = get_adapter(model)
+    c = float(module_costs(model).sum())
+    head = ad.model_roles.get("head") if ad.causal_lm else None
+    if head:
+        c += float(model.get_submodule(head).weight.numel())
+    return c
+
+
+# -- training -------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class GateTraining:
+    target: float  # fraction of modules skipped
+    alpha: float = 4.0  # weight of the sparsity loss
+    tau: tuple[float, float] = (2.0, 0.3)  # Gumbel temperature, annealed linearly over training
+    lr: float = 3e-3
+    lora_rank: int = 0
+    lora_lr: float = 5e-4
+    context_dropout: float = 0.2
+    epochs: int = 1
+    task_loss: Callable[[Any, Any], torch.Tensor] | None = None  # (student output, batch) -> loss, instead of distillation
+
+
+def sparsity_loss(keep: torch.Tensor, target: float) -> torch.Tensor:
+    """|s - t| + (s - t)^2 with s the mean skip rate: the absolute term alone misses the target."""
+    d = (1 - keep.mean()) - target
+    return d.abs() + d * d
+
+
+def train_gates(model: nn.Module, batches: Sequence[tuple[torch.Tensor, dict[str, Any]]], contexts: dict[str, Sequence[str]], cfg: GateTraining, *,
+                out: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None, gate_tokens: int = 32, progress: bool = True,
+                seed: int = 0, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None, init: GatePredictor | None = None) -> GatePredictor:
+    """Train a gate predictor (and optional low-rank adapters) on ``model`` in place.
+
+    ``batches``: (input ids (B, T) or a model input, per-sample contexts {key: [values]}).
+    The loss is KL(dense || gated) on the logits (or ``cfg.task_loss``) + ``alpha`` * sparsity loss.
+    The model is left converted (a :class:`GatedStack`); ``out``: save the result there.
+    ``forward(model, batch_input)`` -> logits (default: ``model(input_ids=x).logits``).
+    """
+    from ..adapters import get_adapter
+    from ..surgery import set_module
+    from ..train import fit, is_main
+
+    if not 0.0 <= cfg.target < 1.0:
+        raise ConfigError(f"target sparsity {cfg.target} is invalid; use a fraction of modules in [0, 1)")
+    ad = get_adapter(model)
+    parent = ad.layers_path.rpartition(".")[0]
+    torch.manual_seed(seed)
+    st = gated_stacks(model)
+    if st:
+        stack = st[0]
+    else:
+        pred = init or GatePredictor(model.config.hidden_size, ad.num_layers, contexts, gate_tokens=gate_tokens, model_type=model_type_of(model),
+                                     init_keep=min(0.97, max(0.6, 1 - cfg.target + 0.35)))
+        stack = GatedStack(model.get_submodule(parent), pred, lora_rank=cfg.lora_rank)
+        set_module(model, parent, stack)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(stack.predictor.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    for m in stack.lora_modules():
+        m.a.requires_grad_(True)
+        m.b.requires_grad_(True)
+        params += [m.a, m.b]
+    fwd = forward or (lambda m, x: m(input_ids=x).logits)
+    gen = torch.Generator().manual_seed(seed)
+    total = max(1, len(batches) * cfg.epochs)
+
+    def on_step(step: int, _total: int) -> None:
+        f = min(1.0, step / max(1, total - 1))
+        stack.tau = cfg.tau[0] + (cfg.tau[1] - cfg.tau[0]) * f
+
+    def loss_fn(m: nn.Module, batch: Any) -> torch.Tensor:
+        m.eval()  # no dropout: the teacher and the student see the same network
+        x, ctx = batch
+        b = len(next(iter(ctx.values()))) if ctx else 1
+        drop = torch.rand(b, generator=gen) < cfg.context_dropout
+        stack.context = {k: [None if d else v for v, d in zip(vals, drop.tolist())] for k, vals in ctx.items()}
+        if cfg.task_loss is None:
+            stack.mode = "dense"
+            with torch.no_grad():
+                teacher = fwd(m, x).float()
+        stack.mode = "gumbel"
+        try:
+            logits = fwd(m, x).float()
+        finally:
+            stack.mode = "hard"
+        if cfg.task_loss is not None:
+            main = cfg.task_loss(logits, batch)
+        else:
+            main = F.kl_div(F.log_softmax(logits, -1).flatten(0, -2), F.log_softmax(teacher, -1).flatten(0, -2), log_target=True, reduction="batchmean")
+        return main + cfg.alpha * sparsity_loss(stack.last_gates, cfg.target)
+
+    model.train()
+    try:
+        fit(model, loss_fn, list(batches), epochs=cfg.epochs, lr=cfg.lr, params=params, on_step=on_step, checkpoint=checkpoint,
+            progress=progress, desc=f"gates (target {cfg.target:.0%}{', low-rank' if cfg.lora_rank else ''})", seed=seed,
+            lr_scale={id(p): cfg.lora_lr / cfg.lr for m in stack.lora_modules() for p in (m.a, m.b)})
+    finally:
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+    stack.predictor.meta.update({"target_sparsity": cfg.target, "alpha": cfg.alpha, "lora_rank": cfg.lora_rank})
+    if out is not None and is_main():
+        stack.predictor.save(out, stack.lora_state() if cfg.lora_rank else None)
+    return stack.predictor
+
+
+def calibrate_threshold(model: nn.Module, inputs: Sequence[tuple[torch.Tensor, dict[str, Any]]], target: float,
+                        embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Set the predictor's threshold so the mean skip rate over ``inputs`` equals ``target``
+    (only the predictor runs: embeddings, pooling, the MLP). Returns the threshold."""
+    stack = _stack(model)
+    emb = embed or stack.embed
+    if emb is None:
+        raise ConfigError("calibrate_threshold needs an embedding function for this model; pass embed=...")
+    logits = []
+    with torch.no_grad():
+        for x, ctx in inputs:
+            h0 = emb(x)
+            b = h0.shape[0]
+            logits.append(stack.predictor(stack._pooled(h0, None), stack.predictor.context_ids(ctx, b)).flatten())
+    allv = torch.cat(logits).sort().values
+    k = int(round(target * allv.numel()))
+    if k <= 0:
+        t = float(allv[0]) - 1.0
+    elif k >= allv.numel():
+        t = float(allv[-1]) + 1.0
+    else:
+        t = float((allv[k - 1] + allv[k]) / 2)
+    stack.predictor.threshold = t
+    return t
+
+
+# -- static baseline -----------------------------------------------------------------------------------
+@torch.no_grad()
+def static_greedy_order(model: nn.Module, windows: torch.Tensor, count: int, *, score_from: int = 0, progress: bool = True) -> list[tuple[int, str]]:
+    """Greedy removal order for a causal LM: repeatedly remove the (layer, module) whose removal
+    raises the mean next-token loss on ``windows`` (B, T) least. Returns the first ``count``
+    removals; the first k of them are the static baseline at k modules removed.
+
+    Each candidate reruns the layers from its own layer on, starting from cached hidden states."""
+    from ..adapters import get_adapter
+
+    ad = get_adapter(model)
+    base = model.get_submodule(ad.layers_path.rpartition(".")[0])
+    if _family(base) != "llama":
+        raise ConfigError("static_greedy_order scores causal LMs by next-token loss")
+    layers = base.layers
+    n = len(layers)
+    lm_head = model.get_submodule(ad.model_roles["head"])
+    b, t = windows.shape
+    pos = torch.arange(t).unsqueeze(0).expand(b, -1)
+    h0 = base.embed_tokens(windows)
+    pe = base.rotary_emb(h0, position_ids=pos)
+    mask = torch.ones(t, t, dtype=torch.bool).tril().unsqueeze(0).unsqueeze(0).expand(b, 1, -1, -1)
+    keep = torch.ones(n, len(MODULES), dtype=torch.bool)
+    tgt = windows[:, score_from + 1:]
+
+    def run(h: torch.Tensor, start: int, kp: torch.Tensor, states: list | None = None) -> float:
+        for j in range(start, n):
+            if states is not None:
+                states[j] = h
+            for mi, name in enumerate(MODULES):
+                if kp[j, mi]:
+                    h = h + GatedStack._llama_branch(layers[j], name, h, pe, mask, None)
+        logits = lm_head(base.norm(h[:, score_from:-1]))
+        return float(F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten()))
+
+    order: list[tuple[int, str]] = []
+    it: Any = range(count)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="static greedy removal", unit="module")
+    for _ in it:
+        states: list = [None] * n
+        run(h0, 0, keep, states)
+        best, best_loss = None, math.inf
+        for j in range(n):
+            for mi in range(len(MODULES)):
+                if not keep[j, mi]:
+                    continue
+                kp = keep.clone()
+                kp[j, mi] = False
+                loss = run(states[j], j, kp)
+                if loss < best_loss:
+                    best, best_loss = (j, mi), loss
+        assert best is not None
+        keep[best] = False
+        order.append((best[0], MODULES[best[1]]))
+    return order

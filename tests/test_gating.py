@@ -1,0 +1,295 @@
+"""Module gating: skipped modules are not called (and their KV cache is untouched), masks held
+per sequence, batches with mixed masks, contexts, checkpoints, training, the static baseline."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_causal_lm
+
+import lazyneuron as ln
+from lazyneuron.bench.decode import lean_generate
+from lazyneuron.methods.gating import (
+    MODULES,
+    GatedStack,
+    GatePredictor,
+    GateTraining,
+    ModuleGatingConfig,
+    calibrate_threshold,
+    context,
+    set_context,
+    sparsity_loss,
+    static_greedy_order,
+    static_predictor,
+    train_gates,
+)
+from lazyneuron.tasks import TextClassifier
+
+HERE = Path(__file__).parent
+SKIP = [(1, "attn"), (2, "mlp"), (0, "attn")]
+
+
+@pytest.fixture()
+def lm():
+    return tiny_causal_lm("llama", layers=4)
+
+
+@pytest.fixture()
+def ids():
+    return torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(0))
+
+
+def _static(model, tmp_path, skip=SKIP) -> str:  # type: ignore[no-untyped-def]
+    path = tmp_path / "static.safetensors"
+    static_predictor(model, skip).save(path)
+    return str(path)
+
+
+def _zeroed(model, skip, ids):  # type: ignore[no-untyped-def]
+    """Reference: the dense model with the skipped modules' outputs replaced by zeros."""
+    hooks = []
+    for j, mod in skip:
+        sub = model.model.layers[j].self_attn if mod == "attn" else model.model.layers[j].mlp
+        hooks.append(sub.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]), out[1]) if isinstance(out, tuple) else torch.zeros_like(out)))
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _trained(model, tmp_path, target=0.4, lora_rank=0, epochs=3):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 128, (4, 16), generator=g), {"domain": ["a", "b", "a", "b"]}) for _ in range(8)]
+    path = tmp_path / f"gates-{lora_rank}.safetensors"
+    train_gates(model, batches, {"domain": ["a", "b"]}, GateTraining(target=target, epochs=epochs, lora_rank=lora_rank), gate_tokens=8,
+                progress=False, out=path)
+    return batches, str(path)
+
+
+def test_zero_strength_equals_dense_and_revert_is_exact(lm, ids, tmp_path) -> None:
+    sd = {k: v.clone() for k, v in lm.state_dict().items()}
+    with torch.no_grad():
+        dense = lm(input_ids=ids).logits
+    dense_gen = lean_generate(lm, ids[:1, :8], 10)
+    cfg = ModuleGatingConfig(checkpoint=_static(lm, tmp_path))
+    with ln.applied(lm, cfg.at_zero_strength()):
+        with torch.no_grad():
+            assert torch.equal(lm(input_ids=ids).logits, dense)
+        assert torch.equal(lean_generate(lm, ids[:1, :8], 10), dense_gen)
+    with ln.applied(lm, cfg):
+        pass
+    assert type(lm.model).__name__ == "LlamaModel"
+    assert all(torch.equal(v, sd[k]) for k, v in lm.state_dict().items())
+
+
+def test_skipped_modules_are_not_called_and_match_the_zeroed_reference(lm, ids, tmp_path) -> None:
+    ref = _zeroed(lm, SKIP, ids)
+    calls: dict[tuple[int, str], int] = {}
+    with ln.applied(lm, ModuleGatingConfig(checkpoint=_static(lm, tmp_path))):
+        st = lm.model
+        assert isinstance(st, GatedStack)
+        hooks = [getattr(st.layers[j], "self_attn" if m == "attn" else "mlp").register_forward_hook(
+            lambda mod, a, out, key=(j, m): calls.__setitem__(key, calls.get(key, 0) + 1)) for j in range(4) for m in MODULES]
+        with torch.no_grad():
+            out = lm(input_ids=ids).logits
+        for h in hooks:
+            h.remove()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert set(calls) == {(j, m) for j in range(4) for m in MODULES} - set(SKIP)
+
+
+def test_skipped_attention_neither_writes_nor_reads_its_kv_cache(lm, ids, tmp_path) -> None:
+    from transformers import DynamicCache
+
+    with ln.applied(lm, ModuleGatingConfig(checkpoint=_static(lm, tmp_path))):
+        cache = DynamicCache(config=lm.config)
+        with torch.inference_mode():
+            lm(input_ids=ids[:1, :8], past_key_values=cache, use_cache=True)
+            for i in range(8, 12):
+                lm(input_ids=ids[:1, i:i + 1], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[i]]))
+        for j in range(4):
+            want = 0 if (j, "attn") in SKIP else 12
+            assert cache.get_seq_length(j) == want, j
+        # the mask was decided once, from the prompt, and held for the whole decode
+        got = lean_generate(lm, ids[:1, :8], 10)
+        seq = ids[:1, :8]
+        for _ in range(10):  # reference: full recomputation without a cache at every step
+            with torch.no_grad():
+                seq = torch.cat([seq, lm(input_ids=seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+        assert torch.equal(got, seq[:, 8:])
+
+
+def test_per_sample_masks_in_one_batch_match_one_by_one(lm, tmp_path) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 128, (6, 16), generator=g)
+    masks = (torch.rand(6, 4, 2, generator=g) > 0.4).float()
+    masks[0] = 1.0
+    masks[1, :, 0] = 0.0  # no attention at all
+    with ln.applied(lm, ModuleGatingConfig(checkpoint=_static(lm, tmp_path))):
+        st = lm.model
+        st.force = masks
+        with torch.no_grad():
+            batch = lm(input_ids=x, use_cache=False).logits
+        for i in range(6):
+            st.force = masks[i:i + 1]
+            with torch.no_grad():
+                one = lm(input_ids=x[i:i + 1], use_cache=False).logits
+            assert torch.allclose(one[0], batch[i], atol=1e-5)
+        # batched decode with a cache (attention runs for the union, zeroed for the skippers)
+        st.force = masks[:3]
+        got = lean_generate(lm, x[:3, :8], 6)
+        for i in range(3):
+            st.force = masks[i:i + 1]
+            assert torch.equal(lean_generate(lm, x[i:i + 1, :8], 6)[0], got[i])
+
+
+def test_contexts_errors_and_fallback(lm, tmp_path, caplog) -> None:
+    _, path = _trained(lm, tmp_path, epochs=1)
+    ln.revert_(lm)
+    x = torch.randint(0, 128, (2, 12))
+    with ln.applied(lm, ModuleGatingConfig(checkpoint=path)):
+        with pytest.raises(ln.ConfigError, match="'task' is not one this gate predictor was trained with"):
+            set_context(lm, task="mr")
+        with torch.no_grad():
+            none = lm(input_ids=x).logits
+        with caplog.at_level(logging.WARNING):
+            with context(lm, domain="legal"):
+                with torch.no_grad():
+                    unseen = lm(input_ids=x).logits
+        assert "never seen in training" in caplog.text
+        assert torch.equal(none, unseen)  # documented fallback: the input-only path
+        with pytest.raises(ln.ConfigError, match="2 values for a batch of 3"):
+            with context(lm, domain=["a", "b"]):
+                lm(input_ids=torch.randint(0, 128, (3, 12)))
+    with ln.applied(lm, ModuleGatingConfig(checkpoint=path, unknown="error")):
+        with pytest.raises(ln.ConfigError, match="never seen in training"):
+            set_context(lm, domain="legal")
+
+
+def test_checkpoint_errors(lm, tmp_path) -> None:
+    path = _static(lm, tmp_path)
+    other = tiny_causal_lm("llama", layers=2)
+    with pytest.raises(ln.ConfigError, match="4 layers"):
+        ln.apply_(other, ModuleGatingConfig(checkpoint=path))
+    assert type(other.model).__name__ == "LlamaModel"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 40)
+    with pytest.raises(ln.ConfigError, match="not a readable safetensors"):
+        ln.apply_(lm, ModuleGatingConfig(checkpoint=str(bad)))
+    with pytest.raises(ln.ConfigError, match="does not exist"):
+        ln.apply_(lm, ModuleGatingConfig(checkpoint=str(tmp_path / "missing.safetensors")))
+    with pytest.raises(ln.ConfigError, match="needs a gate checkpoint"):
+        ModuleGatingConfig()
+    with pytest.raises(ln.ConfigError, match="cannot skip"):
+        static_predictor(lm, [(9, "attn")])
+    gpt2 = tiny_causal_lm("gpt2")
+    with pytest.raises(ln.ConfigError, match="Llama-family"):
+        ln.apply_(gpt2, ModuleGatingConfig(checkpoint=path))
+
+
+def test_training_reaches_the_target_and_checkpoints_round_trip(lm, tmp_path) -> None:
+    batches, path = _trained(lm, tmp_path, target=0.4, lora_rank=4)
+    st = lm.model
+    assert st.lora_paths and any(float(m.b.abs().sum()) > 0 for m in st.lora_modules())  # adapters learned
+    t = calibrate_threshold(lm, [(b[0][:, :8], b[1]) for b in batches], 0.4)
+    keep = []
+    with torch.no_grad():
+        for x, ctx in batches:
+            st.context = ctx
+            lm(input_ids=x)
+            keep.append(st.last_gates)
+    assert abs((1 - torch.cat(keep).mean().item()) - 0.4) < 0.05
+    x = batches[0][0]
+    st.context = {"domain": "a"}
+    with torch.no_grad():
+        trained = lm(input_ids=x).logits
+    st.predictor.save(tmp_path / "back.safetensors", st.lora_state())
+    ln.revert_(lm)
+    assert type(lm.model).__name__ == "LlamaModel" and not any("lora" in n for n, _ in lm.named_modules())
+    with ln.applied(lm, ModuleGatingConfig(checkpoint=str(tmp_path / "back.safetensors"))):
+        assert lm.model.predictor.threshold == t
+        set_context(lm, domain="a")
+        with torch.no_grad():
+            assert torch.allclose(lm(input_ids=x).logits, trained, atol=1e-6)
+
+
+def test_sparsity_loss_has_absolute_and_squared_terms() -> None:
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0])  # skip rate 0.25
+    assert sparsity_loss(keep, 0.25).item() == 0.0
+    assert abs(sparsity_loss(keep, 0.75).item() - (0.5 + 0.25)) < 1e-6
+    k = torch.full((8,), 0.5, requires_grad=True)
+    sparsity_loss(k, 0.0).backward()
+    assert (k.grad < 0).all()  # too much skipping: descent raises keep
+
+
+def test_gumbel_gates_are_straight_through(lm) -> None:
+    pred = GatePredictor(64, 4, {"domain": ["a"]}, gate_tokens=4, model_type="llama")
+    st = GatedStack(lm.model, pred)
+    st.mode = "gumbel"
+    h0 = torch.randn(3, 6, 64)
+    g = st.gates(h0)
+    assert torch.allclose(g.detach(), g.detach().round(), atol=1e-6)  # values are hard 0 / 1
+    g.sum().backward()
+    assert pred.mlp[2].bias.grad is not None and pred.mlp[2].bias.grad.abs().sum() > 0
+
+
+def test_static_greedy_order_picks_the_cheapest_removal_first(lm) -> None:
+    w = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    order = static_greedy_order(lm, w, 3, progress=False)
+    assert len(set(order)) == 3
+    losses = {}
+    for j in range(4):
+        for m in MODULES:
+            logits = _zeroed(lm, [(j, m)], w)
+            losses[(j, m)] = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), w[:, 1:].flatten()).item()
+    assert order[0] == min(losses, key=losses.get)
+
+
+def test_encoder_task_gating(tmp_path) -> None:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    enc = BertModel(BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64))
+    clf = TextClassifier(enc, 2).eval()
+    ids = torch.randint(1, 128, (4, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        dense = clf(ids, mask)
+    path = tmp_path / "s.safetensors"
+    static_predictor(clf, [(1, "attn"), (2, "mlp")]).save(path)
+    with ln.applied(clf, ModuleGatingConfig(checkpoint=str(path)).at_zero_strength()):
+        with torch.no_grad():
+            assert torch.allclose(clf(ids, mask), dense, atol=1e-6)
+    with ln.applied(clf, ModuleGatingConfig(checkpoint=str(path))):
+        with torch.no_grad():
+            got = clf(ids, mask)
+    # reference: post-LN blocks with the skipped sublayer replaced by the identity
+    layers = clf.bert.encoder.layer
+    hooks = [layers[1].attention.register_forward_hook(lambda m, a, out: (a[0],) + tuple(out[1:])),
+             layers[2].output.register_forward_hook(lambda m, a, out: a[1])]
+    with torch.no_grad():
+        ref = clf(ids, mask)
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_gate_training_under_torchrun_two_processes(tmp_path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521", str(HERE / "ddp_worker.py"), str(tmp_path), "gates"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert torch.equal(w0, w1)
+    assert (tmp_path / "gates.safetensors").exists()
