@@ -4,6 +4,7 @@ and a static greedy baseline measured in the same run.
     .venv/bin/python benchmarks/gating.py                   # quality (trains, ~45 min) then timing (~6 min)
     .venv/bin/python benchmarks/gating.py --part quality    # train (cached checkpoints reused) + perplexity
     .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense (needs the checkpoints)
+    .venv/bin/python benchmarks/gating.py --part encoder    # MiniLM-L6 multi-task (mr, rt, tweets), task contexts (~25 min)
     .venv/bin/python benchmarks/gating.py --plots-only      # redraw plots from the records
 
 Domains (contexts): news, austen, wikipedia, hamlet; gates are trained on the train split of each,
@@ -13,8 +14,8 @@ calibrated on it, and measured on the test split. Every sequence's mask is decid
 - static: the first k of the greedy removal order (``static_greedy_order``: the module whose
   removal raises the mean next-token loss on 4 x 96 calibration tokens least, one at a time).
 - gates (frozen): the gate predictor trained with the base frozen (KL to the dense model + the
-  sparsity loss, straight-through Gumbel-sigmoid, temperature 2 -> 0.3), initialised from the
-  static mask of its level, then its threshold calibrated to the target on the train windows.
+  sparsity loss, straight-through Gumbel-sigmoid, temperature 1 -> 0.2), initialised from the
+  static mask of its level (logit +-3), then its threshold calibrated to the target on the train windows.
 - gates (low-rank): the same, trained jointly with rank-8 adapters on every linear of the blocks.
 
 Writes benchmarks/results/gating.jsonl, gating_ppl_vs_skipped.png, gating_speed_vs_skipped.png and
@@ -69,7 +70,7 @@ def _load():  # type: ignore[no-untyped-def]
 
 
 def static_order(model, tok, count: int, quick: bool) -> list[tuple[int, str]]:  # type: ignore[no-untyped-def]
-    path = cache_dir("checkpoints") / f"{MODEL}.static-order{'-quick' if quick else ''}.json"
+    path = cache_dir("checkpoints") / f"{MODEL}.static-order.json"  # the same calibration windows in quick and full runs
     if path.exists():
         order = [tuple(x) for x in json.loads(path.read_text())]
         if len(order) >= count:
@@ -97,10 +98,10 @@ def gates_for(model, tok, level: int | float, tag: str, order, args) -> str:  # 
     init = GatePredictor(model.config.hidden_size, n, {"domain": list(DOMAINS)}, gate_tokens=PROMPT, model_type="llama")
     with torch.no_grad():  # start from the static mask of this level
         skip = set(order[:k])
-        bias = torch.tensor([[-2.0 if (j, m) in skip else 2.0 for m in MODULES] for j in range(n)])
+        bias = torch.tensor([[-3.0 if (j, m) in skip else 3.0 for m in MODULES] for j in range(n)])
         init.mlp[2].bias.copy_(bias.flatten())
     batches = train_batches(tok, 4 if args.quick else args.steps, 96)
-    cfg = GateTraining(target=level, lora_rank=8 if tag == "lowrank" else 0, lr=1e-2)
+    cfg = GateTraining(target=level, lora_rank=8 if tag == "lowrank" else 0, lr=3e-3, tau=(1.0, 0.2))
     train_gates(model, batches, {"domain": list(DOMAINS)}, cfg, gate_tokens=PROMPT, init=init,
                 checkpoint=str(path) + ".train")
     calibrate_threshold(model, [(b[0][:, :PROMPT], b[1]) for b in batches], level)
@@ -234,6 +235,104 @@ def timing(args: argparse.Namespace, recs: list[Record]) -> None:
               f"(flops skipped {xs[0][3]:.3f}, modules {xs[0][2]:.3f})", flush=True)
 
 
+TASKS = ("mr", "rt", "tweets")
+ENC = "minilm-l6"
+
+
+def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
+    """MiniLM-L6 shared by three classification tasks, contexts = task, 30% of modules skipped."""
+    from lazyneuron import tasks
+
+    cap = 600 if args.quick else 8000
+    test_rows = {t: data.labeled(t, "test")[: (200 if args.quick else 2000)] for t in TASKS}
+    single = {t: tasks.finetuned_classifier(ENC, t, quick=args.quick)[0] for t in TASKS}
+    clf, tok = tasks.finetuned_multitask(ENC, TASKS, max_rows=cap, epochs=1 if args.quick else 2)
+    tests = {t: tasks.make_batches(tok, test_rows[t], 32, sort=True) for t in TASKS}
+    dense_acc = {t: tasks.accuracy(single[t], tests[t]) for t in TASKS}
+    multi_acc = {t: tasks.accuracy(clf.for_task(t), tests[t]) for t in TASKS}
+    for t in TASKS:
+        recs.append(Record(ENC, "dense", {"task": t, "model": "single-task"}, "accuracy", dense_acc[t], "fraction"))
+        recs.append(Record(ENC, "dense", {"task": t, "model": "multi-task"}, "accuracy", multi_acc[t], "fraction"))
+    level = args.encoder_target
+    path = cache_dir("checkpoints") / f"{ENC}-multitask-gates-{round(level * 100):02d}{'-quick' if args.quick else ''}"
+    if not Path(str(path) + ".safetensors").exists() or args.retrain:
+        import random
+
+        train = tasks.task_batches(tok, {t: data.labeled(t, "train")[:cap] for t in TASKS}, 32, seed=1)
+        random.Random(1).shuffle(train)
+        batches = [((t, b), {"task": [t] * len(b.labels)}) for t, b in train]
+
+        def fwd(m, x):  # type: ignore[no-untyped-def]
+            getattr(m, "module", m).task = x[0]
+            return m(x[1].input_ids, x[1].attention_mask)
+
+        def loss(logits, batch, teacher, T=2.0):  # type: ignore[no-untyped-def]
+            b = batch[0][1]
+            kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(teacher / T, -1), log_target=True, reduction="batchmean") * T * T
+            return 0.5 * F.cross_entropy(logits, b.labels) + 0.5 * kd
+
+        n = len(clf.bert.encoder.layer)
+        cfg = GateTraining(target=level, full_finetune=True, base_lr=3e-5, lr=3e-3, tau=(1.0, 0.2), task_loss=loss, epochs=1 if args.quick else 2)
+        train_gates(clf, batches, {"task": list(TASKS)}, cfg, gate_tokens=64, forward=fwd,
+                    init=GatePredictor(clf.config.hidden_size, n, {"task": list(TASKS)}, gate_tokens=64, model_type=clf.config.model_type,
+                                       init_keep=0.9))
+        calibrate_threshold(clf, [(b, ctx) for (t, b), ctx in batches[:120]], level,
+                            embed=lambda b: (clf.bert.embeddings(input_ids=b.input_ids), b.attention_mask.bool()))
+        st = clf.bert.encoder
+        st.predictor.meta.update({"target_sparsity": level, "tasks": list(TASKS)})
+        st.predictor.save(str(path) + ".safetensors")
+        ln.revert_(clf)
+        clf.save(str(path) + ".classifier.safetensors", {"note": "fine-tuned jointly with the gates of the same name"})
+    gclf = tasks.MultiTaskClassifier.load(str(path) + ".classifier.safetensors", ln.models.load(ENC)[0]).eval()
+    cfg = ModuleGatingConfig(checkpoint=str(path) + ".safetensors")
+    costs = module_costs(gclf)
+    with ln.applied(gclf, cfg):
+        st = gclf.bert.encoder
+        masks = {}
+        for t in TASKS:
+            set_context(gclf, task=t)
+            st.track, st.history = True, []
+            acc = tasks.accuracy(gclf.for_task(t), tests[t])
+            keep = torch.cat(st.history).float()
+            st.track = False
+            masks[t] = keep.mean(0)
+            skipped = 1 - float(keep.mean())
+            flops = float(((1 - keep) * costs).sum((1, 2)).mean() / costs.sum())
+            p = {"task": t, "target_sparsity": level, "variant": "gates-full", "context": f"task={t}"}
+            recs += [Record(ENC, "module_gating", p, "accuracy", acc, "fraction"),
+                     Record(ENC, "module_gating", p, "accuracy_drop_points", 100 * (dense_acc[t] - acc), "points vs single-task dense"),
+                     Record(ENC, "module_gating", p, "modules_skipped", skipped, "fraction"),
+                     Record(ENC, "module_gating", p, "flops_skipped", flops, "fraction of block weights")]
+            print(f"encoder {t:7s} acc {acc:.4f} (single-task dense {dense_acc[t]:.4f}, multi-task dense {multi_acc[t]:.4f}) "
+                  f"skipped {skipped:.3f} weights {flops:.3f}", flush=True)
+        diffs = [float(((masks[a] > 0.5) != (masks[b] > 0.5)).float().mean()) for i, a in enumerate(TASKS) for b in TASKS[i + 1:]]
+        recs.append(Record(ENC, "module_gating", {"target_sparsity": level, "variant": "gates-full"}, "mask_difference_between_tasks",
+                           statistics.mean(diffs), "fraction of decisions"))
+        (OUT / f"gating_keep_encoder_{round(level * 100):02d}.json").write_text(json.dumps({t: masks[t].tolist() for t in TASKS}))
+    # throughput: the gated multi-task model vs the dense single-task model of each task, interleaved
+    sizes = {1: 64 if args.quick else 200, 32: 10_000}
+    for bs, limit in sizes.items():
+        samples: dict = {}
+        for r in range(1 + args.repeats):
+            for t in TASKS:
+                bl = tasks.make_batches(tok, test_rows[t][:limit], bs, seed=0)
+                samples.setdefault(("dense", t), []).append(tasks.sentences_per_s(single[t], bl, warmup=2)) if r else None
+                with ln.applied(gclf, cfg):
+                    set_context(gclf, task=t)
+                    gclf.for_task(t)
+                    x = tasks.sentences_per_s(gclf, bl, warmup=2)
+                if r:
+                    samples.setdefault(("gated", t), []).append(x)
+        for t in TASKS:
+            d, g = samples[("dense", t)], samples[("gated", t)]
+            ratio = summary([a / b for a, b in zip(g, d)])
+            p = {"task": t, "target_sparsity": level, "variant": "gates-full", "context": f"task={t}", "batch": bs}
+            recs += [Record(ENC, "dense", {"task": t, "batch": bs}, "encoder_sentences_per_s", summary(d)[0], "sentences/s", spread=summary(d)[1], repeats=len(d)),
+                     Record(ENC, "module_gating", p, "encoder_sentences_per_s", summary(g)[0], "sentences/s", spread=summary(g)[1], repeats=len(g)),
+                     Record(ENC, "module_gating", p, "encoder_speedup", ratio[0], "x dense", spread=ratio[1], repeats=len(g))]
+            print(f"encoder {t:7s} batch {bs:2d}: {summary(g)[0]:7.1f} sentences/s = {ratio[0]:.2f}x dense", flush=True)
+
+
 def draw(path: Path) -> None:
     recs = [r for r in read(path) if r["method"] == "module_gating"]
     plots.xy([r for r in recs if r["metric"] == "ppl_delta_pct"], OUT / "gating_ppl_vs_skipped.png", "target_sparsity", "ppl_delta_pct",
@@ -247,7 +346,8 @@ def draw(path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["all", "quality", "timing"], default="all")
+    ap.add_argument("--part", choices=["all", "quality", "timing", "encoder"], default="all")
+    ap.add_argument("--encoder-target", type=float, default=0.3)
     ap.add_argument("--kinds", default="frozen,lowrank", help="gate kinds to train and measure: frozen, lowrank")
     ap.add_argument("--steps", type=int, default=90, help="training batches (4 domains x 96 tokens each) per gate checkpoint")
     ap.add_argument("--repeats", type=int, default=3)
@@ -262,9 +362,9 @@ def main() -> None:
         draw(path)
         return
     torch.set_num_threads(2)
-    for part in (("quality", "timing") if args.part == "all" else (args.part,)):
+    for part in (("quality", "timing", "encoder") if args.part == "all" else (args.part,)):
         recs: list[Record] = []
-        (quality if part == "quality" else timing)(args, recs)
+        {"quality": quality, "timing": timing, "encoder": encoder}[part](args, recs)
         old = [r for r in read(path) if r["params"].get("part") != part] if path.exists() else []
         for r in recs:
             r.params["part"] = part

@@ -82,6 +82,50 @@ class TextClassifier(nn.Module):
         return model
 
 
+class MultiTaskClassifier(TextClassifier):
+    """One shared encoder, one head per task; ``task`` picks the head (set it, or use
+    :meth:`for_task`). Adapters and methods see the same ``.bert`` as a :class:`TextClassifier`."""
+
+    def __init__(self, encoder: nn.Module, tasks: dict[str, int], dropout: float = 0.1) -> None:
+        super().__init__(encoder, max(tasks.values()), dropout)
+        del self.classifier
+        self.tasks = dict(tasks)
+        self.heads = nn.ModuleDict({t: nn.Linear(encoder.config.hidden_size, n) for t, n in tasks.items()})
+        self.task = next(iter(tasks))
+
+    @property
+    def classifier(self) -> nn.Module:  # type: ignore[override]
+        if self.task not in self.heads:
+            raise ConfigError(f"task {self.task!r} has no head; this classifier knows {sorted(self.heads)}")
+        return self.heads[self.task]
+
+    def for_task(self, task: str) -> "MultiTaskClassifier":
+        if task not in self.heads:
+            raise ConfigError(f"task {task!r} has no head; this classifier knows {sorted(self.heads)}")
+        self.task = task
+        return self
+
+    def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
+        super().save(path, {"tasks": self.tasks, **(meta or {})})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, encoder: nn.Module) -> "MultiTaskClassifier":  # type: ignore[override]
+        from .checkpoints import read
+
+        path = os.fspath(path)
+        header, sd = read(path, FORMAT, "classifier checkpoint", "fine-tune one with lazyneuron.tasks.finetuned_multitask")
+        info = json.loads(header["meta"])
+        if "tasks" not in info:
+            raise ConfigError(f"{path!r} is a single-task classifier; load it with TextClassifier.load")
+        if info["model_type"] != encoder.config.model_type or info["hidden"] != encoder.config.hidden_size:
+            raise ConfigError(f"{path!r} holds a {info['model_type']} classifier of width {info['hidden']}, the encoder is {encoder.config.model_type} of width {encoder.config.hidden_size}")
+        model = cls(encoder, info["tasks"])
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"{path!r} does not fit this encoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return model
+
+
 @dataclasses.dataclass
 class Batch:
     input_ids: torch.Tensor
@@ -167,6 +211,40 @@ def finetuned_classifier(model_name: str = "minilm-l6", corpus: str = "mr", *, e
         progress=progress)
     clf.save(path, {"task": corpus, "epochs": 1 if quick else epochs})
     return clf.eval(), tok
+
+
+def finetuned_multitask(model_name: str = "minilm-l6", corpora: Sequence[str] = ("mr", "rt", "tweets"), *, epochs: int = 2, lr: float = 5e-5,
+                        batch_size: int = 32, max_length: int = 64, max_rows: int = 8000, progress: bool = True) -> tuple[MultiTaskClassifier, Any]:
+    """A shared encoder fine-tuned on several labelled corpora at once (batches alternate between
+    tasks; each task's training rows capped at ``max_rows``), cached like :func:`finetuned_classifier`."""
+    import random
+
+    from . import data, models
+    from .paths import cache_dir
+    from .train import fit
+
+    enc, tok = models.load(model_name)
+    path = cache_dir("checkpoints") / f"{model_name}-multitask-{'-'.join(corpora)}.safetensors"
+    if path.exists():
+        return MultiTaskClassifier.load(path, enc).eval(), tok
+    clf = MultiTaskClassifier(enc, {c: data.LABELED[c] for c in corpora})
+    batches = task_batches(tok, {c: data.labeled(c, "train")[:max_rows] for c in corpora}, batch_size, max_length, seed=0)
+
+    def loss(m: nn.Module, tb: tuple[str, Batch]) -> torch.Tensor:
+        task, b = tb
+        clf.task = task
+        return F.cross_entropy(m(b.input_ids, b.attention_mask), b.labels)
+
+    random.Random(0).shuffle(batches)
+    fit(clf, loss, batches, epochs=epochs, lr=lr, desc=f"fine-tune {model_name} on {'+'.join(corpora)}", checkpoint=str(path) + ".run", progress=progress)
+    clf.save(path, {"epochs": epochs, "max_rows": max_rows})
+    return clf.eval(), tok
+
+
+def task_batches(tokenizer: Any, rows: dict[str, Sequence[tuple[str, int]]], batch_size: int, max_length: int = 64, seed: int | None = None,
+                 sort: bool = False) -> list[tuple[str, Batch]]:
+    """(task, batch) pairs: each batch holds one task's rows."""
+    return [(t, b) for t, r in rows.items() for b in make_batches(tokenizer, r, batch_size, max_length, sort=sort, seed=seed)]
 
 
 @torch.inference_mode()

