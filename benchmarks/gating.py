@@ -1,8 +1,9 @@
 """Context-aware module gating on SmolLM2-135M with text-domain contexts, against the dense model
 and a static greedy baseline measured in the same run.
 
-    .venv/bin/python benchmarks/gating.py                   # quality (trains, ~45 min) then timing (~6 min)
-    .venv/bin/python benchmarks/gating.py --part quality    # train (cached checkpoints reused) + perplexity
+    .venv/bin/python benchmarks/gating.py                   # all parts (~90 min on 2 cores)
+    .venv/bin/python benchmarks/gating.py --part orders     # greedy removal orders (global + per domain, ~25 min, cached)
+    .venv/bin/python benchmarks/gating.py --part quality    # train gates (cached checkpoints reused, ~25 min) + perplexity
     .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense (needs the checkpoints)
     .venv/bin/python benchmarks/gating.py --part encoder    # MiniLM-L6 multi-task (mr, rt, tweets), task contexts (~25 min)
     .venv/bin/python benchmarks/gating.py --plots-only      # redraw plots from the records
@@ -12,11 +13,17 @@ calibrated on it, and measured on the test split. Every sequence's mask is decid
 32 tokens (the prompt) and perplexity is scored on the 96 tokens after them, for every variant.
 
 - static: the first k of the greedy removal order (``static_greedy_order``: the module whose
-  removal raises the mean next-token loss on 4 x 96 calibration tokens least, one at a time).
-- gates (frozen): the gate predictor trained with the base frozen (KL to the dense model + the
-  sparsity loss, straight-through Gumbel-sigmoid, temperature 1 -> 0.2), initialised from the
-  static mask of its level (logit +-3), then its threshold calibrated to the target on the train windows.
-- gates (low-rank): the same, trained jointly with rank-8 adapters on every linear of the blocks.
+  removal raises the mean next-token loss on 4 x 96 calibration tokens, one window per domain,
+  least, one at a time); the same k modules removed for every input, no training.
+- gates (frozen): the gate predictor started from per-domain greedy masks (its context table:
+  each domain's own greedy order on 128 calibration tokens of that domain; the no-context row:
+  the global order), then trained with the base frozen (KL to the dense model + the sparsity
+  loss, binary-Concrete gates, temperature 0.5 -> 0.1, 60 batches of 4 x 96 train tokens), its
+  threshold calibrated to the target on the train windows; kept only if it lowers the next-token
+  loss on held-out calibration windows (2 x 128 per domain, not seen by the per-domain orders),
+  otherwise the per-domain greedy start is kept (recorded as ``selected``).
+- gates (low-rank): the same start, trained jointly with rank-8 adapters on every linear of the
+  blocks (merged into weight copies at inference).
 
 Writes benchmarks/results/gating.jsonl, gating_ppl_vs_skipped.png, gating_speed_vs_skipped.png and
 gating_gates_<level>.png (keep probability per layer / module for each domain); saves the gate
@@ -81,6 +88,21 @@ def static_order(model, tok, count: int, quick: bool) -> list[tuple[int, str]]: 
     return order
 
 
+def domain_orders(model, tok, count: int) -> dict[str, list[tuple[int, str]]]:  # type: ignore[no-untyped-def]
+    """Greedy removal order per domain (1 x 128 calibration tokens of that domain each; after the
+    first step only the 40 cheapest single removals are candidates)."""
+    out = {}
+    for d in DOMAINS:
+        path = cache_dir("checkpoints") / f"{MODEL}.static-order-{d}.json"
+        if path.exists() and len(json.loads(path.read_text())) >= count:
+            out[d] = [tuple(x) for x in json.loads(path.read_text())][:count]
+            continue
+        order = static_greedy_order(model, data.windows(tok, d, "calibration", 128, 1), count, score_from=PROMPT, shortlist=40)
+        path.write_text(json.dumps(order))
+        out[d] = order
+    return out
+
+
 def train_batches(tok, n_per_domain: int, length: int) -> list:  # type: ignore[no-untyped-def]
     ws = {d: data.windows(tok, d, "train", length, n_per_domain) for d in DOMAINS}
     out = []
@@ -89,28 +111,60 @@ def train_batches(tok, n_per_domain: int, length: int) -> list:  # type: ignore[
     return out
 
 
-def gates_for(model, tok, level: int | float, tag: str, order, args) -> str:  # type: ignore[no-untyped-def]
+def _keep(order, k: int, n: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    skip = set(map(tuple, order[:k]))
+    return torch.tensor([[(j, m) not in skip for m in MODULES] for j in range(n)])
+
+
+@torch.no_grad()
+def selection_loss(model, sel: dict) -> float:  # type: ignore[no-untyped-def]
+    """Mean next-token loss after the prompt on the selection windows (hard masks, per domain)."""
+    losses = []
+    for d, w in sel.items():
+        set_context(model, domain=d)
+        logits = model(input_ids=w, use_cache=False).logits[:, PROMPT:-1].float()
+        losses.append(float(F.cross_entropy(logits.flatten(0, 1), w[:, PROMPT + 1:].flatten())))
+    return statistics.mean(losses)
+
+
+def gates_for(model, tok, level: float, tag: str, order, orders, args) -> tuple[str, dict]:  # type: ignore[no-untyped-def]
+    """Train (or reuse) the gates of one level; returns the checkpoint and what was selected."""
     path = default_gates_path(MODEL, level, tag + ("-quick" if args.quick else ""))
-    if path.exists() and not args.retrain:
-        return str(path)
+    info_path = Path(str(path) + ".json")
+    if path.exists() and info_path.exists() and not args.retrain:
+        return str(path), json.loads(info_path.read_text())
     n = len(model.model.layers)
     k = round(level * n * len(MODULES))
-    init = GatePredictor(model.config.hidden_size, n, {"domain": list(DOMAINS)}, gate_tokens=PROMPT, model_type="llama")
-    with torch.no_grad():  # start from the static mask of this level
-        skip = set(order[:k])
-        bias = torch.tensor([[-3.0 if (j, m) in skip else 3.0 for m in MODULES] for j in range(n)])
-        init.mlp[2].bias.copy_(bias.flatten())
+    pred = GatePredictor(model.config.hidden_size, n, {"domain": list(DOMAINS)}, gate_tokens=PROMPT, model_type="llama")
+    pred.init_masks({"domain": {None: _keep(order, k, n), **{d: _keep(orders[d], k, n) for d in DOMAINS}}})
+    pred.meta.update({"target_sparsity": level})
+    init_path = Path(str(path) + ".init.safetensors")
+    pred.save(init_path)
+    sel = {d: data.windows(tok, d, "calibration", 128, 3)[1:] for d in DOMAINS}  # not the windows the per-domain greedy orders saw
+    with ln.applied(model, ModuleGatingConfig(checkpoint=str(init_path))):
+        init_loss = selection_loss(model, sel)
     batches = train_batches(tok, 4 if args.quick else args.steps, 96)
-    cfg = GateTraining(target=level, lora_rank=8 if tag == "lowrank" else 0, lr=3e-3, tau=(1.0, 0.2))
-    train_gates(model, batches, {"domain": list(DOMAINS)}, cfg, gate_tokens=PROMPT, init=init,
-                checkpoint=str(path) + ".train")
+    cfg = GateTraining(target=level, lora_rank=8 if tag == "lowrank" else 0, lr=1e-3, tau=(0.5, 0.1), estimator=args.estimator)
+    train_gates(model, batches, {"domain": list(DOMAINS)}, cfg, gate_tokens=PROMPT, init=pred, checkpoint=str(path) + ".train", progress=True)
     calibrate_threshold(model, [(b[0][:, :PROMPT], b[1]) for b in batches], level)
+    trained_loss = selection_loss(model, sel)
     st = model.model
-    st.predictor.meta.update({"target_sparsity": level, "trained_on": f"{len(batches)} x 4 x 96 tokens, train split of {list(DOMAINS)}"})
-    st.predictor.save(path, st.lora_state() if st.lora_paths else None)
+    st.predictor.meta.update({"target_sparsity": level, "estimator": args.estimator,
+                              "trained_on": f"{len(batches)} x 4 x 96 tokens, train split of {list(DOMAINS)}"})
+    info = {"selection_loss_init": init_loss, "selection_loss_trained": trained_loss, "steps": len(batches), "estimator": args.estimator}
+    if trained_loss <= init_loss or tag == "lowrank":  # adapters need the training; the gates alone are kept only if they help
+        st.predictor.save(path, st.lora_state() if st.lora_paths else None)
+        info["selected"] = "trained"
+    else:
+        import shutil
+
+        shutil.copy(init_path, path)
+        info["selected"] = "per-domain greedy init (training did not lower the selection loss)"
     ln.revert_(model)
     Path(str(path) + ".train").unlink(missing_ok=True)
-    return str(path)
+    info_path.write_text(json.dumps(info))
+    print(f"gates {tag} {level}: selection loss init {init_loss:.4f} trained {trained_loss:.4f} -> {info['selected']}", flush=True)
+    return str(path), info
 
 
 @torch.inference_mode()
@@ -132,31 +186,32 @@ def quality(args: argparse.Namespace, recs: list[Record]) -> None:
     n = len(model.model.layers)
     total = n * len(MODULES)
     order = static_order(model, tok, round(max(LEVELS) * total), args.quick)
+    orders = domain_orders(model, tok, round(max(LEVELS) * total))
     costs = module_costs(model)
     token_cost = total_token_cost(model)
     tests = {d: data.windows(tok, d, "test", 128, 4 if args.quick else 8) for d in DOMAINS}
     dense = evaluate(model, tests, False)
     for d in DOMAINS:
         recs.append(Record(MODEL, "dense", {"domain": d}, "perplexity", dense[d][0], "ppl"))
-    variants: list[tuple[str, float, str]] = []
+    variants: list[tuple[str, float, str, dict]] = []
     for level in LEVELS:
         k = round(level * total)
         sp = static_predictor(model, order[:k])
         sp.meta["target_sparsity"] = level
         path = cache_dir("checkpoints") / f"{MODEL}.static-{round(level * 100):02d}{'-quick' if args.quick else ''}.safetensors"
         sp.save(path)
-        variants.append(("static", level, str(path)))
+        variants.append(("static", level, str(path), {}))
         for tag in ("frozen", "lowrank"):
             if tag in args.kinds:
-                variants.append((f"gates-{tag}", level, gates_for(model, tok, level, tag, order, args)))
+                variants.append((f"gates-{tag}", level, *gates_for(model, tok, level, tag, order, orders, args)))
     heat: dict = {}
-    for kind, level, path in variants:
+    for kind, level, path, info in variants:
         with ln.applied(model, ModuleGatingConfig(checkpoint=path)):
             res = evaluate(model, tests, True)
         for d in DOMAINS:
             ppl, masks = res[d]
             keep = masks.float()
-            p = {"domain": d, "target_sparsity": level, "variant": kind, "context": f"domain={d}"}
+            p = {"domain": d, "target_sparsity": level, "variant": kind, "context": f"domain={d}", **({"selected": info["selected"]} if info else {})}
             skipped = 1 - float(keep.mean())
             flops = float(((1 - keep) * costs).sum((1, 2)).mean() / token_cost)
             recs += [
@@ -346,10 +401,11 @@ def draw(path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["all", "quality", "timing", "encoder"], default="all")
+    ap.add_argument("--part", choices=["all", "orders", "quality", "timing", "encoder"], default="all")
     ap.add_argument("--encoder-target", type=float, default=0.3)
     ap.add_argument("--kinds", default="frozen,lowrank", help="gate kinds to train and measure: frozen, lowrank")
-    ap.add_argument("--steps", type=int, default=90, help="training batches (4 domains x 96 tokens each) per gate checkpoint")
+    ap.add_argument("--steps", type=int, default=60, help="training batches (4 domains x 96 tokens each) per gate checkpoint")
+    ap.add_argument("--estimator", choices=["relaxed", "straight_through"], default="relaxed")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--quick", action="store_true")
@@ -362,6 +418,12 @@ def main() -> None:
         draw(path)
         return
     torch.set_num_threads(2)
+    if args.part == "orders":
+        model, tok = _load()
+        total = len(model.model.layers) * len(MODULES)
+        static_order(model, tok, round(max(LEVELS) * total), args.quick)
+        domain_orders(model, tok, round(max(LEVELS) * total))
+        return
     for part in (("quality", "timing", "encoder") if args.part == "all" else (args.part,)):
         recs: list[Record] = []
         {"quality": quality, "timing": timing, "encoder": encoder}[part](args, recs)

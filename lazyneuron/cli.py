@@ -165,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
             from .methods.gating import keep_by_context
 
             if args.records.endswith(".json"):
-                keep = json.loads(open(args.records, encoding="utf-8").read())
+                keep = json.loads(Path(args.records).read_text(encoding="utf-8"))
             else:
                 from .models import load
 

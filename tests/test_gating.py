@@ -338,3 +338,26 @@ def test_multitask_encoder_gates_with_full_finetune(tmp_path) -> None:
     assert abs((1 - torch.cat(keep).mean().item()) - 0.3) < 0.05
     with pytest.raises(ln.ConfigError, match="task 'c' has no head"):
         clf.for_task("c")
+
+
+def test_demo_rows_need_trained_gates(tmp_path, monkeypatch) -> None:
+    from lazyneuron.methods.gating import ModuleGating, default_gates_path
+
+    monkeypatch.setenv("LAZYNEURON_CACHE", str(tmp_path))
+    assert ModuleGating.demo_configs() == [] and "benchmarks/gating.py" in ModuleGating.demo_notes()[0]
+    path = default_gates_path("smollm2-135m", 0.5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    GatePredictor(576, 30, {"domain": ["news"]}, model_type="llama").save(path)
+    (cfg,) = ModuleGating.demo_configs()
+    assert cfg.checkpoint == str(path)
+
+
+def test_plot_gates_cli(tmp_path) -> None:
+    import json
+
+    from lazyneuron.cli import main
+
+    keep = {"domain=news": [[1.0, 0.2], [0.5, 0.9]], "domain=austen": [[0.9, 0.1], [0.4, 1.0]]}
+    (tmp_path / "keep.json").write_text(json.dumps(keep))
+    assert main(["plot", "gates", str(tmp_path / "keep.json"), "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").stat().st_size > 1000

@@ -3,10 +3,12 @@
 A small :class:`GatePredictor` reads the context (named keys such as ``domain``, ``task`` or
 ``language``, each a learned embedding) and the mean of the input embeddings over the first
 ``gate_tokens`` tokens (the prompt), and emits one keep / skip decision per (layer, module).
-Training uses a straight-through Gumbel-sigmoid (the two-class Gumbel-Softmax) and a sparsity
-loss with an absolute and a squared term pulling the mean skip rate to a target
-(:func:`train_gates`); at inference the decision is ``logit > threshold``, made once per sequence
-and held for its whole decode.
+The logits are an MLP of (pooled input, context embeddings) plus a per-context table (the direct
+context -> mask path; ``init_masks`` starts it from given masks, e.g. per-context greedy orders).
+Training (:func:`train_gates`) samples Gumbel-sigmoid gates (the two-class Gumbel-Softmax), either
+straight-through (hard forward, as the paper) or relaxed (binary Concrete in the forward pass), with
+a sparsity loss with an absolute and a squared term pulling the mean skip rate to a target; at
+inference the decision is ``logit > threshold``, made once per sequence and held for its decode.
 
 :class:`GatedStack` replaces the module that holds the layer list (``model.model`` of a
 Llama-family causal LM, ``bert.encoder`` of a :class:`lazyneuron.tasks.TextClassifier`) and runs
@@ -72,6 +74,8 @@ class GatePredictor(nn.Module):
             self.logits = nn.Parameter(torch.full((num_layers, len(MODULES)), bias0))
         else:
             self.embed = nn.ModuleDict({k: nn.Embedding(len(v) + 1, ctx_dim) for k, v in self.contexts.items()})  # row 0: no context
+            # a per-context logit offset for every (layer, module): the direct context -> mask path
+            self.table = nn.ParameterDict({k: nn.Parameter(torch.zeros(len(v) + 1, num_layers, len(MODULES))) for k, v in self.contexts.items()})
             self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
             self.mlp = nn.Sequential(nn.Linear(hidden + ctx_dim * len(self.contexts), units), nn.GELU(), nn.Linear(units, num_layers * len(MODULES)))
             with torch.no_grad():
@@ -115,7 +119,22 @@ class GatePredictor(nn.Module):
         if self.static:
             return self.logits.unsqueeze(0).expand(b, -1, -1)
         parts = [self.norm(pooled.float())] + [self.embed[k](ctx_ids[k]) for k in self.contexts]
-        return self.mlp(torch.cat(parts, -1)).view(b, self.num_layers, len(MODULES))
+        out = self.mlp(torch.cat(parts, -1)).view(b, self.num_layers, len(MODULES))
+        for k in self.contexts:
+            out = out + self.table[k][ctx_ids[k]]
+        return out
+
+    def init_masks(self, masks: dict[str, dict[str | None, torch.Tensor]], margin: float = 3.0) -> None:
+        """Start from given keep masks: ``{key: {value (None = no context): (layers, 2) bool}}``;
+        logits become +-``margin`` through the context table, the input path starts at zero."""
+        with torch.no_grad():
+            self.mlp[2].weight.zero_()
+            self.mlp[2].bias.zero_()
+            for k, per in masks.items():
+                n = max(1, len(self.contexts))
+                for v, keep in per.items():
+                    row = 0 if v is None else self.contexts[k].index(v) + 1
+                    self.table[k][row] = (keep.float() * 2 - 1) * margin / n
 
     # checkpoints
     def info(self) -> dict[str, Any]:
@@ -236,6 +255,7 @@ class GatedStack(LazyModule):
         self.__dict__["embed"] = embed if embed is not None else getattr(base, "embed_tokens", None)  # not a submodule
         self.context: dict[str, Any] = {}
         self.mode = "hard"  # hard (inference) | gumbel (training) | dense (teacher: every module, no adapters)
+        self.estimator = "straight_through"  # training gates: straight_through (hard forward) | relaxed (soft forward)
         self.tau = 1.0
         self.force: torch.Tensor | None = None  # (layers, 2) or (B, layers, 2) keep mask overriding the predictor
         self.last_gates: torch.Tensor | None = None  # (B, layers, 2) of the last call (straight-through in training)
@@ -307,7 +327,9 @@ class GatedStack(LazyModule):
         logits = self.predictor(self._pooled(h0, keym), self.predictor.context_ids(self.context, b))
         if self.mode == "gumbel":
             u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-            soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.tau)
+            soft = torch.sigmoid((logits - self.predictor.threshold + torch.log(u) - torch.log1p(-u)) / self.tau)
+            if self.estimator == "relaxed":
+                return soft  # binary Concrete: near 0 / 1 at low temperature, exact gradients of the relaxed model
             hard = (soft > 0.5).float()
             return hard + soft - soft.detach()
         return (logits > self.predictor.threshold).float()
@@ -610,6 +632,7 @@ class GateTraining:
     base_lr: float = 3e-5
     context_dropout: float = 0.2
     epochs: int = 1
+    estimator: str = "straight_through"  # or "relaxed": the binary Concrete gate in the forward pass (no straight-through)
     task_loss: Callable[[Any, Any, Any], torch.Tensor] | None = None  # (student logits, batch, teacher logits) -> loss, instead of KL
 
 
@@ -655,6 +678,9 @@ def train_gates(model: nn.Module, batches: Sequence[tuple[torch.Tensor, dict[str
                                      init_keep=min(0.97, max(0.6, 1 - cfg.target + 0.35)))
         stack = GatedStack(model.get_submodule(parent), pred, lora_rank=cfg.lora_rank)
         set_module(model, parent, stack)
+    if cfg.estimator not in ("straight_through", "relaxed"):
+        raise ConfigError(f"GateTraining.estimator={cfg.estimator!r} is not supported; use 'straight_through' or 'relaxed'")
+    stack.estimator = cfg.estimator
     for p in model.parameters():
         p.requires_grad_(False)
     params = list(stack.predictor.parameters())
@@ -751,12 +777,15 @@ def calibrate_threshold(model: nn.Module, inputs: Sequence[tuple[Any, dict[str, 
 
 # -- static baseline -----------------------------------------------------------------------------------
 @torch.no_grad()
-def static_greedy_order(model: nn.Module, windows: torch.Tensor, count: int, *, score_from: int = 0, progress: bool = True) -> list[tuple[int, str]]:
+def static_greedy_order(model: nn.Module, windows: torch.Tensor, count: int, *, score_from: int = 0, progress: bool = True,
+                        shortlist: int = 0) -> list[tuple[int, str]]:
     """Greedy removal order for a causal LM: repeatedly remove the (layer, module) whose removal
     raises the mean next-token loss on ``windows`` (B, T) least. Returns the first ``count``
     removals; the first k of them are the static baseline at k modules removed.
 
-    Each candidate reruns the layers from its own layer on, starting from cached hidden states."""
+    Each candidate reruns the layers from its own layer on, starting from cached hidden states.
+    ``shortlist > 0``: after the first step only the ``shortlist`` modules whose single removal
+    cost least are candidates (fewer evaluations; the order can differ from the full greedy)."""
     from ..adapters import get_adapter
 
     ad = get_adapter(model)
@@ -790,20 +819,26 @@ def static_greedy_order(model: nn.Module, windows: torch.Tensor, count: int, *, 
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="static greedy removal", unit="module")
+    allowed: set[tuple[int, int]] | None = None
     for _ in it:
         states: list = [None] * n
         run(h0, 0, keep, states)
         best, best_loss = None, math.inf
+        first: dict[tuple[int, int], float] = {}
         for j in range(n):
             for mi in range(len(MODULES)):
-                if not keep[j, mi]:
+                if not keep[j, mi] or (allowed is not None and (j, mi) not in allowed):
                     continue
                 kp = keep.clone()
                 kp[j, mi] = False
                 loss = run(states[j], j, kp)
+                first[(j, mi)] = loss
                 if loss < best_loss:
                     best, best_loss = (j, mi), loss
-        assert best is not None
+        if best is None:
+            raise ConfigError(f"static_greedy_order: shortlist={shortlist} is smaller than count={count}")
+        if shortlist and allowed is None:
+            allowed = set(sorted(first, key=first.get)[:shortlist])
         keep[best] = False
         order.append((best[0], MODULES[best[1]]))
     return order
