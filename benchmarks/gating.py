@@ -300,7 +300,8 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
 
     cap = 600 if args.quick else 8000
     test_rows = {t: data.labeled(t, "test")[: (200 if args.quick else 2000)] for t in TASKS}
-    single = {t: tasks.finetuned_classifier(ENC, t, quick=args.quick)[0] for t in TASKS}
+    # single-task dense baselines: the cached MR model (all 8,456 train rows), the others on the same rows as the multi-task model
+    single = {t: tasks.finetuned_classifier(ENC, t, quick=args.quick, max_rows=None if t == "mr" else cap)[0] for t in TASKS}
     clf, tok = tasks.finetuned_multitask(ENC, TASKS, max_rows=cap, epochs=1 if args.quick else 2)
     tests = {t: tasks.make_batches(tok, test_rows[t], 32, sort=True) for t in TASKS}
     dense_acc = {t: tasks.accuracy(single[t], tests[t]) for t in TASKS}
@@ -327,7 +328,7 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
             return 0.5 * F.cross_entropy(logits, b.labels) + 0.5 * kd
 
         n = len(clf.bert.encoder.layer)
-        cfg = GateTraining(target=level, full_finetune=True, base_lr=3e-5, lr=3e-3, tau=(1.0, 0.2), task_loss=loss, epochs=1 if args.quick else 2)
+        cfg = GateTraining(target=level, full_finetune=True, base_lr=3e-5, lr=3e-3, tau=(1.0, 0.2), task_loss=loss, epochs=1)
         train_gates(clf, batches, {"task": list(TASKS)}, cfg, gate_tokens=64, forward=fwd,
                     init=GatePredictor(clf.config.hidden_size, n, {"task": list(TASKS)}, gate_tokens=64, model_type=clf.config.model_type,
                                        init_keep=0.9))

@@ -189,19 +189,20 @@ def classification_loss(teacher_logits: dict[int, torch.Tensor] | None = None, a
 
 
 def finetuned_classifier(model_name: str = "minilm-l6", corpus: str = "mr", *, epochs: int = 2, lr: float = 5e-5, batch_size: int = 32,
-                         max_length: int = 64, quick: bool = False, progress: bool = True) -> tuple[TextClassifier, Any]:
+                         max_length: int = 64, quick: bool = False, progress: bool = True, max_rows: int | None = None) -> tuple[TextClassifier, Any]:
     """The dense fine-tuned classifier every encoder benchmark compares against, cached as
     safetensors under ``$LAZYNEURON_CACHE/checkpoints`` (training resumes if interrupted).
-    ``quick``: a small subset and one epoch (smoke runs)."""
+    ``quick``: a small subset and one epoch (smoke runs); ``max_rows``: the first rows of the
+    train split only."""
     from . import data, models
     from .paths import cache_dir
     from .train import fit
 
     enc, tok = models.load(model_name)
-    path = cache_dir("checkpoints") / f"{model_name}-{corpus}{'-quick' if quick else ''}.safetensors"
+    path = cache_dir("checkpoints") / f"{model_name}-{corpus}{'-quick' if quick else ''}{f'-{max_rows}' if max_rows else ''}.safetensors"
     if path.exists():
         return TextClassifier.load(path, enc).eval(), tok
-    rows = data.labeled(corpus, "train")
+    rows = data.labeled(corpus, "train")[:max_rows]
     if quick:
         rows = rows[::13]
     labels = sorted({y for _, y in rows})

@@ -361,3 +361,13 @@ def test_plot_gates_cli(tmp_path) -> None:
     (tmp_path / "keep.json").write_text(json.dumps(keep))
     assert main(["plot", "gates", str(tmp_path / "keep.json"), "--out", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_hf_generate_matches_the_lean_loop_with_layer0_attention_skipped(lm, tmp_path) -> None:
+    """Layer 0's cache stays empty when its attention is skipped; positions come from the stack's
+    own count, so Hugging Face ``generate`` still decodes the same tokens."""
+    x = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    with ln.applied(lm, ModuleGatingConfig(checkpoint=_static(lm, tmp_path, [(0, "attn"), (2, "mlp")]))):
+        a = lean_generate(lm, x, 8)
+        b = lm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False, pad_token_id=0)[:, 8:]
+    assert torch.equal(a, b)

@@ -251,7 +251,7 @@ class GatedStack(LazyModule):
         super().__init__(base)
         self.family = _family(base)
         self.predictor = predictor
-        self.layers = base.layers if self.family == "llama" else base.layer
+        self.__dict__["layers"] = base.layers if self.family == "llama" else base.layer  # a view into base, not a second registration
         self.__dict__["embed"] = embed if embed is not None else getattr(base, "embed_tokens", None)  # not a submodule
         self.context: dict[str, Any] = {}
         self.mode = "hard"  # hard (inference) | gumbel (training) | dense (teacher: every module, no adapters)
