@@ -5,7 +5,7 @@ and a static greedy baseline measured in the same run.
     .venv/bin/python benchmarks/gating.py --part orders     # greedy removal orders (global + per domain, ~25 min, cached)
     .venv/bin/python benchmarks/gating.py --part quality    # train gates (cached checkpoints reused, ~25 min) + perplexity
     .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense (needs the checkpoints)
-    .venv/bin/python benchmarks/gating.py --part encoder    # MiniLM-L6 multi-task (mr, rt, tweets), task contexts (~25 min)
+    .venv/bin/python benchmarks/gating.py --part encoder    # MiniLM-L6 multi-task (mr, rt, tweets), task contexts (~20 min)
     .venv/bin/python benchmarks/gating.py --plots-only      # redraw plots from the records
 
 Domains (contexts): news, austen, wikipedia, hamlet; gates are trained on the train split of each,
@@ -127,16 +127,22 @@ def selection_loss(model, sel: dict) -> float:  # type: ignore[no-untyped-def]
     return statistics.mean(losses)
 
 
-def gates_for(model, tok, level: float, tag: str, order, orders, args) -> tuple[str, dict]:  # type: ignore[no-untyped-def]
-    """Train (or reuse) the gates of one level; returns the checkpoint and what was selected."""
-    path = default_gates_path(MODEL, level, tag + ("-quick" if args.quick else ""))
+def gates_for(model, tok, level: float, tag: str, order, orders, args, init: str = "domain") -> tuple[str, dict]:  # type: ignore[no-untyped-def]
+    """Train (or reuse) the gates of one level; returns the checkpoint and what was selected.
+    ``init``: domain (each context row starts from its domain's greedy mask, margin 3, lr 1e-3) or
+    global (every row starts from the global static mask, margin 2, lr 2e-2: training must find
+    the per-domain differences itself)."""
+    path = default_gates_path(MODEL, level, tag + ("" if init == "domain" else "-g") + ("-quick" if args.quick else ""))
     info_path = Path(str(path) + ".json")
     if path.exists() and info_path.exists() and not args.retrain:
         return str(path), json.loads(info_path.read_text())
     n = len(model.model.layers)
     k = round(level * n * len(MODULES))
     pred = GatePredictor(model.config.hidden_size, n, {"domain": list(DOMAINS)}, gate_tokens=PROMPT, model_type="llama")
-    pred.init_masks({"domain": {None: _keep(order, k, n), **{d: _keep(orders[d], k, n) for d in DOMAINS}}})
+    if init == "domain":
+        pred.init_masks({"domain": {None: _keep(order, k, n), **{d: _keep(orders[d], k, n) for d in DOMAINS}}})
+    else:
+        pred.init_masks({"domain": {v: _keep(order, k, n) for v in (None, *DOMAINS)}}, margin=2.0)
     pred.meta.update({"target_sparsity": level})
     init_path = Path(str(path) + ".init.safetensors")
     pred.save(init_path)
@@ -144,14 +150,14 @@ def gates_for(model, tok, level: float, tag: str, order, orders, args) -> tuple[
     with ln.applied(model, ModuleGatingConfig(checkpoint=str(init_path))):
         init_loss = selection_loss(model, sel)
     batches = train_batches(tok, 4 if args.quick else args.steps, 96)
-    cfg = GateTraining(target=level, lora_rank=8 if tag == "lowrank" else 0, lr=1e-3, tau=(0.5, 0.1), estimator=args.estimator)
+    cfg = GateTraining(target=level, lora_rank=8 if tag == "lowrank" else 0, lr=1e-3 if init == "domain" else 2e-2, tau=(0.5, 0.1), estimator=args.estimator)
     train_gates(model, batches, {"domain": list(DOMAINS)}, cfg, gate_tokens=PROMPT, init=pred, checkpoint=str(path) + ".train", progress=True)
     calibrate_threshold(model, [(b[0][:, :PROMPT], b[1]) for b in batches], level)
     trained_loss = selection_loss(model, sel)
     st = model.model
     st.predictor.meta.update({"target_sparsity": level, "estimator": args.estimator,
                               "trained_on": f"{len(batches)} x 4 x 96 tokens, train split of {list(DOMAINS)}"})
-    info = {"selection_loss_init": init_loss, "selection_loss_trained": trained_loss, "steps": len(batches), "estimator": args.estimator}
+    info = {"selection_loss_init": init_loss, "selection_loss_trained": trained_loss, "steps": len(batches), "estimator": args.estimator, "init": init}
     if trained_loss <= init_loss or tag == "lowrank":  # adapters need the training; the gates alone are kept only if they help
         st.predictor.save(path, st.lora_state() if st.lora_paths else None)
         info["selected"] = "trained"
@@ -159,11 +165,11 @@ def gates_for(model, tok, level: float, tag: str, order, orders, args) -> tuple[
         import shutil
 
         shutil.copy(init_path, path)
-        info["selected"] = "per-domain greedy init (training did not lower the selection loss)"
+        info["selected"] = "init (training did not lower the selection loss)"
     ln.revert_(model)
     Path(str(path) + ".train").unlink(missing_ok=True)
     info_path.write_text(json.dumps(info))
-    print(f"gates {tag} {level}: selection loss init {init_loss:.4f} trained {trained_loss:.4f} -> {info['selected']}", flush=True)
+    print(f"gates {tag} {init}-init {level}: selection loss init {init_loss:.4f} trained {trained_loss:.4f} -> {info['selected']}", flush=True)
     return str(path), info
 
 
@@ -201,9 +207,10 @@ def quality(args: argparse.Namespace, recs: list[Record]) -> None:
         path = cache_dir("checkpoints") / f"{MODEL}.static-{round(level * 100):02d}{'-quick' if args.quick else ''}.safetensors"
         sp.save(path)
         variants.append(("static", level, str(path), {}))
-        for tag in ("frozen", "lowrank"):
-            if tag in args.kinds:
-                variants.append((f"gates-{tag}", level, *gates_for(model, tok, level, tag, order, orders, args)))
+        for init in args.inits:
+            for tag in ("frozen", "lowrank"):
+                if tag in args.kinds:
+                    variants.append((f"gates-{tag}-{init}-init", level, *gates_for(model, tok, level, tag, order, orders, args, init)))
     heat: dict = {}
     for kind, level, path, info in variants:
         with ln.applied(model, ModuleGatingConfig(checkpoint=path)):
@@ -239,10 +246,13 @@ def timing(args: argparse.Namespace, recs: list[Record]) -> None:
     total = n * len(MODULES)
     costs, token_cost = module_costs(model), total_token_cost(model)
     variants: dict[str, ModuleGatingConfig | None] = {"dense": None}
+    q = "-quick" if args.quick else ""
     for level in LEVELS:
-        for kind in ("static",) + tuple(f"gates-{t}" for t in args.kinds):
-            path = (cache_dir("checkpoints") / f"{MODEL}.static-{round(level * 100):02d}{'-quick' if args.quick else ''}.safetensors" if kind == "static"
-                    else default_gates_path(MODEL, level, kind.split("-")[1] + ("-quick" if args.quick else "")))
+        paths = {"static": cache_dir("checkpoints") / f"{MODEL}.static-{round(level * 100):02d}{q}.safetensors"}
+        for init in args.inits:
+            for t in args.kinds:
+                paths[f"gates-{t}-{init}-init"] = default_gates_path(MODEL, level, t + ("" if init == "domain" else "-g") + q)
+        for kind, path in paths.items():
             if Path(path).exists():
                 variants[f"{kind}@{level}"] = ModuleGatingConfig(checkpoint=str(path))
     prompts = {d: data.windows(tok, d, "test", 128, 1) for d in DOMAINS}
@@ -298,11 +308,11 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
     """MiniLM-L6 shared by three classification tasks, contexts = task, 30% of modules skipped."""
     from lazyneuron import tasks
 
-    cap = 600 if args.quick else 8000
+    cap = 300 if args.quick else args.encoder_rows
     test_rows = {t: data.labeled(t, "test")[: (200 if args.quick else 2000)] for t in TASKS}
-    # single-task dense baselines: the cached MR model (all 8,456 train rows), the others on the same rows as the multi-task model
-    single = {t: tasks.finetuned_classifier(ENC, t, quick=args.quick, max_rows=None if t == "mr" else cap)[0] for t in TASKS}
-    clf, tok = tasks.finetuned_multitask(ENC, TASKS, max_rows=cap, epochs=1 if args.quick else 2)
+    # single-task dense baselines on the same train rows as the multi-task model
+    single = {t: tasks.finetuned_classifier(ENC, t, quick=args.quick, max_rows=cap, epochs=args.encoder_epochs)[0] for t in TASKS}
+    clf, tok = tasks.finetuned_multitask(ENC, TASKS, max_rows=cap, epochs=args.encoder_epochs)
     tests = {t: tasks.make_batches(tok, test_rows[t], 32, sort=True) for t in TASKS}
     dense_acc = {t: tasks.accuracy(single[t], tests[t]) for t in TASKS}
     multi_acc = {t: tasks.accuracy(clf.for_task(t), tests[t]) for t in TASKS}
@@ -310,7 +320,7 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
         recs.append(Record(ENC, "dense", {"task": t, "model": "single-task"}, "accuracy", dense_acc[t], "fraction"))
         recs.append(Record(ENC, "dense", {"task": t, "model": "multi-task"}, "accuracy", multi_acc[t], "fraction"))
     level = args.encoder_target
-    path = cache_dir("checkpoints") / f"{ENC}-multitask-gates-{round(level * 100):02d}{'-quick' if args.quick else ''}"
+    path = cache_dir("checkpoints") / f"{ENC}-multitask-gates-{round(level * 100):02d}-{cap}x{args.encoder_epochs}"
     if not Path(str(path) + ".safetensors").exists() or args.retrain:
         import random
 
@@ -404,15 +414,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["all", "orders", "quality", "timing", "encoder"], default="all")
     ap.add_argument("--encoder-target", type=float, default=0.3)
+    ap.add_argument("--encoder-rows", type=int, default=2000, help="train rows per task (MiniLM fine-tuning costs ~1.5 s per batch of 32 here)")
+    ap.add_argument("--encoder-epochs", type=int, default=1)
     ap.add_argument("--kinds", default="frozen,lowrank", help="gate kinds to train and measure: frozen, lowrank")
     ap.add_argument("--steps", type=int, default=60, help="training batches (4 domains x 96 tokens each) per gate checkpoint")
     ap.add_argument("--estimator", choices=["relaxed", "straight_through"], default="relaxed")
+    ap.add_argument("--inits", default="domain,global", help="gate starts to train from: domain (per-domain greedy masks), global (the static mask)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--plots-only", action="store_true")
     args = ap.parse_args()
     args.kinds = tuple(k for k in args.kinds.split(",") if k)
+    args.inits = tuple(k for k in args.inits.split(",") if k)
     logging.basicConfig(level=logging.WARNING)
     path = OUT / ("gating_quick.jsonl" if args.quick else "gating.jsonl")
     if args.plots_only:

@@ -225,7 +225,7 @@ def finetuned_multitask(model_name: str = "minilm-l6", corpora: Sequence[str] = 
     from .train import fit
 
     enc, tok = models.load(model_name)
-    path = cache_dir("checkpoints") / f"{model_name}-multitask-{'-'.join(corpora)}.safetensors"
+    path = cache_dir("checkpoints") / f"{model_name}-multitask-{'-'.join(corpora)}-{max_rows}x{epochs}.safetensors"
     if path.exists():
         return MultiTaskClassifier.load(path, enc).eval(), tok
     clf = MultiTaskClassifier(enc, {c: data.LABELED[c] for c in corpora})

@@ -209,7 +209,7 @@ class LowRankLinear(LazyModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
-        if self.training or (torch.is_grad_enabled() and (self.a.requires_grad or self.b.requires_grad)):
+        if torch.is_grad_enabled() and (self.a.requires_grad or self.b.requires_grad):
             self._merged = None  # the adapters are changing
             return self.base(x) + F.linear(F.linear(x, self.a), self.b) * self.scale
         if self._merged is None:
