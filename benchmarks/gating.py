@@ -15,15 +15,18 @@ calibrated on it, and measured on the test split. Every sequence's mask is decid
 - static: the first k of the greedy removal order (``static_greedy_order``: the module whose
   removal raises the mean next-token loss on 4 x 96 calibration tokens, one window per domain,
   least, one at a time); the same k modules removed for every input, no training.
-- gates (frozen): the gate predictor started from per-domain greedy masks (its context table:
-  each domain's own greedy order on 128 calibration tokens of that domain; the no-context row:
-  the global order), then trained with the base frozen (KL to the dense model + the sparsity
-  loss, binary-Concrete gates, temperature 0.5 -> 0.1, 60 batches of 4 x 96 train tokens), its
-  threshold calibrated to the target on the train windows; kept only if it lowers the next-token
-  loss on held-out calibration windows (2 x 128 per domain, not seen by the per-domain orders),
-  otherwise the per-domain greedy start is kept (recorded as ``selected``).
-- gates (low-rank): the same start, trained jointly with rank-8 adapters on every linear of the
+- gates-frozen-domain-init: the gate predictor started from per-domain greedy masks (its context
+  table: each domain's own greedy order on 128 calibration tokens of that domain, shortlist 40;
+  the no-context row: the global order, logit margin 3), then trained with the base frozen (KL to
+  the dense model + the sparsity loss, binary-Concrete gates, temperature 0.5 -> 0.1, lr 1e-3),
+  its threshold calibrated to the target on the train windows; kept only if it lowers the
+  next-token loss on held-out calibration windows (2 x 128 per domain, not seen by the orders),
+  otherwise its start is kept (recorded as ``selected``).
+- gates-frozen-global-init: every context row starts from the global static mask (margin 2) and
+  the training (lr 2e-2) has to find per-domain differences itself; same selection rule.
+- gates-lowrank-*: the same starts, trained jointly with rank-8 adapters on every linear of the
   blocks (merged into weight copies at inference).
+Training batches: 60 (domain init) / 45 (global init) batches of 4 domains x 96 train tokens.
 
 Writes benchmarks/results/gating.jsonl, gating_ppl_vs_skipped.png, gating_speed_vs_skipped.png and
 gating_gates_<level>.png (keep probability per layer / module for each domain); saves the gate
@@ -309,7 +312,7 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
     from lazyneuron import tasks
 
     cap = 300 if args.quick else args.encoder_rows
-    test_rows = {t: data.labeled(t, "test")[: (200 if args.quick else 2000)] for t in TASKS}
+    test_rows = {t: tasks.subsample(data.labeled(t, "test"), 200 if args.quick else 2000) for t in TASKS}
     # single-task dense baselines on the same train rows as the multi-task model
     single = {t: tasks.finetuned_classifier(ENC, t, quick=args.quick, max_rows=cap, epochs=args.encoder_epochs)[0] for t in TASKS}
     clf, tok = tasks.finetuned_multitask(ENC, TASKS, max_rows=cap, epochs=args.encoder_epochs)
@@ -324,7 +327,7 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
     if not Path(str(path) + ".safetensors").exists() or args.retrain:
         import random
 
-        train = tasks.task_batches(tok, {t: data.labeled(t, "train")[:cap] for t in TASKS}, 32, seed=1)
+        train = tasks.task_batches(tok, {t: tasks.subsample(data.labeled(t, "train"), cap) for t in TASKS}, 32, seed=1)
         random.Random(1).shuffle(train)
         batches = [((t, b), {"task": [t] * len(b.labels)}) for t, b in train]
 
@@ -376,7 +379,7 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
                            statistics.mean(diffs), "fraction of decisions"))
         (OUT / f"gating_keep_encoder_{round(level * 100):02d}.json").write_text(json.dumps({t: masks[t].tolist() for t in TASKS}))
     # throughput: the gated multi-task model vs the dense single-task model of each task, interleaved
-    sizes = {1: 64 if args.quick else 200, 32: 10_000}
+    sizes = {1: 64 if args.quick else 150, 32: 10_000}
     for bs, limit in sizes.items():
         samples: dict = {}
         for r in range(1 + args.repeats):

@@ -202,7 +202,7 @@ def finetuned_classifier(model_name: str = "minilm-l6", corpus: str = "mr", *, e
     path = cache_dir("checkpoints") / f"{model_name}-{corpus}{'-quick' if quick else ''}{f'-{max_rows}' if max_rows else ''}.safetensors"
     if path.exists():
         return TextClassifier.load(path, enc).eval(), tok
-    rows = data.labeled(corpus, "train")[:max_rows]
+    rows = subsample(data.labeled(corpus, "train"), max_rows)
     if quick:
         rows = rows[::13]
     labels = sorted({y for _, y in rows})
@@ -229,7 +229,7 @@ def finetuned_multitask(model_name: str = "minilm-l6", corpora: Sequence[str] = 
     if path.exists():
         return MultiTaskClassifier.load(path, enc).eval(), tok
     clf = MultiTaskClassifier(enc, {c: data.LABELED[c] for c in corpora})
-    batches = task_batches(tok, {c: data.labeled(c, "train")[:max_rows] for c in corpora}, batch_size, max_length, seed=0)
+    batches = task_batches(tok, {c: subsample(data.labeled(c, "train"), max_rows) for c in corpora}, batch_size, max_length, seed=0)
 
     def loss(m: nn.Module, tb: tuple[str, Batch]) -> torch.Tensor:
         task, b = tb
@@ -240,6 +240,17 @@ def finetuned_multitask(model_name: str = "minilm-l6", corpora: Sequence[str] = 
     fit(clf, loss, batches, epochs=epochs, lr=lr, desc=f"fine-tune {model_name} on {'+'.join(corpora)}", checkpoint=str(path) + ".run", progress=progress)
     clf.save(path, {"epochs": epochs, "max_rows": max_rows})
     return clf.eval(), tok
+
+
+def subsample(rows: Sequence[Any], n: int | None, seed: int = 0) -> list[Any]:
+    """``n`` rows drawn at random (fixed seed; corpora are often stored sorted by label), all when
+    ``n`` is None or at least the number of rows."""
+    import random
+
+    rows = list(rows)
+    if n is None or n >= len(rows):
+        return rows
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
 
 
 def task_batches(tokenizer: Any, rows: dict[str, Sequence[tuple[str, int]]], batch_size: int, max_length: int = 64, seed: int | None = None,

@@ -558,8 +558,8 @@ class ModuleGating(Method):
     @classmethod
     def demo_notes(cls) -> list[str]:
         if default_gates_path("smollm2-135m", 0.5).exists():
-            return ["module_gating rows run without a context (the input-only gate path); set_context(model, domain=...) picks per-domain masks."]
-        return ["module_gating: needs trained gates for the demo model; `python benchmarks/gating.py --part decoder` trains them into "
+            return ["module_gating rows run without a context (the input-only gate path, here the static greedy mask); set_context(model, domain=...) picks the per-domain masks."]
+        return ["module_gating: needs trained gates for the demo model; `python benchmarks/gating.py --part quality` trains them into "
                 f"{default_gates_path('smollm2-135m', 0.5).parent}, after which the demo adds the module-gating rows."]
 
 
