@@ -5,6 +5,7 @@ and a static greedy baseline measured in the same run.
     .venv/bin/python benchmarks/gating.py --part orders     # greedy removal orders (global + per domain, ~25 min, cached)
     .venv/bin/python benchmarks/gating.py --part quality    # train gates (cached checkpoints reused, ~25 min) + perplexity
     .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense (needs the checkpoints)
+    .venv/bin/python benchmarks/gating.py --part overhead   # gate decision time vs a dense forward (~1 min)
     .venv/bin/python benchmarks/gating.py --part encoder    # MiniLM-L6 multi-task (mr, rt, tweets), task contexts (~20 min)
     .venv/bin/python benchmarks/gating.py --plots-only      # redraw plots from the records
 
@@ -303,6 +304,40 @@ def timing(args: argparse.Namespace, recs: list[Record]) -> None:
               f"(flops skipped {xs[0][3]:.3f}, modules {xs[0][2]:.3f})", flush=True)
 
 
+@torch.inference_mode()
+def overhead(args: argparse.Namespace, recs: list[Record]) -> None:
+    """Time of the gate decision (embedding lookup, pooling, predictor) against one dense forward
+    of the same 32-token prompt and one dense decode step, same process, medians of 30."""
+    from transformers import DynamicCache
+
+    model, tok = _load()
+    prompt = data.windows(tok, "news", "test", PROMPT, 1)
+    path = default_gates_path(MODEL, 0.25, "frozen")
+    dense_prompt, dense_step, gate = [], [], []
+    for _ in range(33):
+        t0 = time.perf_counter()
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        t1 = time.perf_counter()
+        model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[PROMPT]]), logits_to_keep=1)
+        t2 = time.perf_counter()
+        dense_prompt.append(t1 - t0)
+        dense_step.append(t2 - t1)
+    with ln.applied(model, ModuleGatingConfig(checkpoint=str(path))):
+        st = model.model
+        set_context(model, domain="news")
+        for _ in range(33):
+            t0 = time.perf_counter()
+            st.gates(st.embed(prompt))
+            gate.append(time.perf_counter() - t0)
+    g, dp, ds = (statistics.median(x[3:]) for x in (gate, dense_prompt, dense_step))
+    p = {"target_sparsity": 0.25, "variant": "gates-frozen-domain-init", "context": "domain=news", "prompt_tokens": PROMPT}
+    recs += [Record(MODEL, "module_gating", p, "gate_decision_us", g * 1e6, "us", repeats=30),
+             Record(MODEL, "module_gating", p, "gate_overhead_vs_dense_prompt_forward", g / dp, "fraction", repeats=30),
+             Record(MODEL, "module_gating", p, "gate_overhead_vs_dense_decode_step", g / ds, "fraction", repeats=30)]
+    print(f"gate decision {g * 1e6:.0f} us = {100 * g / dp:.2f}% of a dense 32-token prompt forward, {100 * g / ds:.2f}% of one dense decode step", flush=True)
+
+
 TASKS = ("mr", "rt", "tweets")
 ENC = "minilm-l6"
 
@@ -415,7 +450,7 @@ def draw(path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["all", "orders", "quality", "timing", "encoder"], default="all")
+    ap.add_argument("--part", choices=["all", "orders", "quality", "timing", "overhead", "encoder"], default="all")
     ap.add_argument("--encoder-target", type=float, default=0.3)
     ap.add_argument("--encoder-rows", type=int, default=2000, help="train rows per task (MiniLM fine-tuning costs ~1.5 s per batch of 32 here)")
     ap.add_argument("--encoder-epochs", type=int, default=1)
@@ -442,9 +477,9 @@ def main() -> None:
         static_order(model, tok, round(max(LEVELS) * total), args.quick)
         domain_orders(model, tok, round(max(LEVELS) * total))
         return
-    for part in (("quality", "timing", "encoder") if args.part == "all" else (args.part,)):
+    for part in (("quality", "timing", "overhead", "encoder") if args.part == "all" else (args.part,)):
         recs: list[Record] = []
-        {"quality": quality, "timing": timing, "encoder": encoder}[part](args, recs)
+        {"quality": quality, "timing": timing, "overhead": overhead, "encoder": encoder}[part](args, recs)
         old = [r for r in read(path) if r["params"].get("part") != part] if path.exists() else []
         for r in recs:
             r.params["part"] = part
