@@ -122,13 +122,13 @@ def gates(keep: dict[str, Any], out: str | os.PathLike, title: str = "", modules
     names = list(keep)
     if not names:
         raise ValueError("no contexts to draw; pass {context: [[keep per module] per layer]}")
-    fig, axes = plt.subplots(1, len(names), figsize=(1.2 + 1.3 * len(names), 6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(1.6 + 1.5 * len(names), 6), sharey=True, squeeze=False)
     im = None
     for ax, name in zip(axes[0], names):
         grid = [[float(v) for v in row] for row in keep[name]]
         im = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
         ax.set_xticks(range(len(modules)), modules)
-        ax.set_title(str(name), fontsize=9)
+        ax.set_title(str(name).replace("=", "=\n"), fontsize=8)
     axes[0][0].set_ylabel("layer")
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="keep probability")
     if title:
