@@ -104,6 +104,15 @@ def test_skipped_modules_are_not_called_and_match_the_zeroed_reference(lm, ids, 
             h.remove()
     assert torch.allclose(out, ref, atol=1e-5)
     assert set(calls) == {(j, m) for j in range(4) for m in MODULES} - set(SKIP)
+    from lazyneuron.bench.accounting import linear_weight_elements, skipped_fraction, tracking
+    from lazyneuron.methods.gating import module_costs
+
+    with ln.applied(lm, ModuleGatingConfig(checkpoint=_static(lm, tmp_path))):
+        with tracking(lm), torch.no_grad():
+            lm(input_ids=ids)
+        costs = module_costs(lm)
+        want = float(sum(costs[j, MODULES.index(m)] for j, m in SKIP)) / linear_weight_elements(lm)
+        assert abs(skipped_fraction(lm) - want) < 1e-9
 
 
 def test_skipped_attention_neither_writes_nor_reads_its_kv_cache(lm, ids, tmp_path) -> None:

@@ -356,6 +356,16 @@ class GatedStack(LazyModule):
         if self.track:
             self.history.append(g.detach().clone())
 
+    def _account(self, g: torch.Tensor, tokens_per_sample: int) -> None:
+        """Compute accounting for :mod:`lazyneuron.bench.accounting` (weight reads not done)."""
+        if not self.track:
+            return
+        if getattr(self, "_costs", None) is None:
+            self._costs = _layer_costs(self.layers)
+        skip = 1 - (g.detach() > 0.5).float()
+        self.tokens_seen = getattr(self, "tokens_seen", 0) + g.shape[0] * tokens_per_sample
+        self.weights_skipped = getattr(self, "weights_skipped", 0) + float((skip * self._costs).sum()) * tokens_per_sample
+
     def _forward_llama(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                        past_key_values: Any = None, inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, **kw: Any) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -406,6 +416,7 @@ class GatedStack(LazyModule):
                     idx = keep.nonzero().squeeze(1)
                     sub_pe = (pe[0][idx] if pe[0].shape[0] == b else pe[0], pe[1][idx] if pe[1].shape[0] == b else pe[1])
                     h = h.index_add(0, idx, self._llama_branch(layer, name, h[idx], sub_pe, None if mask is None else mask[idx], None))
+        self._account(g, q)
         if cache is not None:
             cache._ln_len = past + q
         return BaseModelOutputWithPast(last_hidden_state=base.norm(h), past_key_values=cache if use_cache or past_key_values is not None else None)
@@ -445,6 +456,7 @@ class GatedStack(LazyModule):
                     idx = keep.nonzero().squeeze(1)
                     sub = None if attention_mask is None or attention_mask.shape[0] != b else attention_mask[idx]
                     h = h.index_copy(0, idx, self._bert_branch(layer, name, h[idx], sub))
+        self._account(g, n)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
 
     @staticmethod
@@ -597,8 +609,10 @@ def module_costs(model: nn.Module) -> torch.Tensor:
     """Weight elements read per token by each (layer, module) (attention: q/k/v/o; feed-forward)."""
     from ..adapters import get_adapter
 
-    ad = get_adapter(model)
-    layers = model.get_submodule(ad.layers_path)
+    return _layer_costs(model.get_submodule(get_adapter(model).layers_path))
+
+
+def _layer_costs(layers: nn.ModuleList) -> torch.Tensor:
     out = torch.zeros(len(layers), len(MODULES))
     for j, layer in enumerate(layers):
         parts = ((layer.self_attn, layer.mlp) if hasattr(layer, "self_attn") else (layer.attention, nn.ModuleList([layer.intermediate, layer.output])))
