@@ -69,3 +69,19 @@ class Method:
 
     def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
         return {}
+
+
+def stack_path(model: nn.Module, adapter: ModelAdapter, method: str) -> str:
+    """Path of the module that holds the layer list (``bert.encoder`` of a
+    :class:`lazyneuron.tasks.TextClassifier`, ``model`` of a Llama-family causal LM), for methods
+    that run the whole layer stack themselves (early exit, module gating)."""
+    parent = adapter.layers_path.rpartition(".")[0]
+    if adapter.family == "bert":
+        from ..tasks import TextClassifier
+
+        if not isinstance(model, TextClassifier):
+            raise ConfigError(f"{method} on encoders works on lazyneuron.tasks.TextClassifier (its head reads the encoder's output); got {type(model).__name__}")
+        return parent
+    if adapter.family == "llama" and adapter.causal_lm:
+        return parent
+    raise ConfigError(f"{method} supports TextClassifier encoders (bert family) and Llama-family causal LMs; this is a {adapter.model_type} ({adapter.family}) model")

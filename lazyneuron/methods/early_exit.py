@@ -40,7 +40,7 @@ from ..config import MethodConfig, register
 from ..errors import ConfigError
 from ..paths import cache_dir
 from ..surgery import LazyModule
-from .base import Method
+from .base import Method, stack_path
 
 CRITERIA = ("entropy", "max_prob", "patience", "learned")
 CHECKPOINT_FORMAT = "lazyneuron.exits/1"
@@ -302,16 +302,7 @@ class EarlyExit(Method):
     config_cls = EarlyExitConfig
 
     def resolve(self, model: nn.Module, adapter: ModelAdapter, cfg: MethodConfig) -> list[str]:
-        parent = adapter.layers_path.rpartition(".")[0]
-        if adapter.family == "bert":
-            from ..tasks import TextClassifier
-
-            if not isinstance(model, TextClassifier):
-                raise ConfigError(f"early_exit on encoders works on lazyneuron.tasks.TextClassifier (its head reads the exit logits); got {type(model).__name__}")
-            return [parent]
-        if adapter.family == "llama" and adapter.causal_lm:
-            return [parent]
-        raise ConfigError(f"early_exit supports TextClassifier encoders (bert family) and Llama-family causal LMs; this is a {adapter.model_type} ({adapter.family}) model")
+        return [stack_path(model, adapter, "early_exit")]
 
     def plan(self, model: nn.Module, cfg: MethodConfig, paths: list[str], stats: Any) -> MethodConfig:
         assert isinstance(cfg, EarlyExitConfig)

@@ -44,7 +44,7 @@ from ..adapters import ModelAdapter, model_type_of
 from ..config import MethodConfig, register
 from ..errors import ConfigError
 from ..surgery import LazyModule
-from .base import Method
+from .base import Method, stack_path
 
 log = logging.getLogger(__name__)
 MODULES = ("attn", "mlp")
@@ -356,6 +356,20 @@ class GatedStack(LazyModule):
         if self.track:
             self.history.append(g.detach().clone())
 
+    @staticmethod
+    def _plan(g: torch.Tensor) -> list[tuple[int, int, torch.Tensor | None]]:
+        """The modules that run, decided once per sequence (not per token): (layer, module, rows)
+        with ``rows`` the indices of the samples that keep it, or None for the whole batch."""
+        keep = g.detach() > 0.5
+        counts = keep.sum(0).tolist()  # (layers, modules)
+        b = keep.shape[0]
+        plan = []
+        for j, row in enumerate(counts):
+            for mi, nk in enumerate(row):
+                if nk:  # skipped modules are not in the plan: never called, no KV read or written
+                    plan.append((j, mi, None if nk == b else keep[:, j, mi].nonzero().squeeze(1)))
+        return plan
+
     def _account(self, g: torch.Tensor, tokens_per_sample: int) -> None:
         """Compute accounting for :mod:`lazyneuron.bench.accounting` (weight reads not done)."""
         if not self.track:
@@ -383,10 +397,12 @@ class GatedStack(LazyModule):
             raise ConfigError("module_gating takes a 2-D (batch, seq) attention mask")
         keym = None if attention_mask is None else attention_mask.bool()
         g = getattr(cache, "_ln_gates", None) if cache is not None and past > 0 else None
+        plan = getattr(cache, "_ln_plan", None)
         if g is None or g.shape[0] != b:
             g = self.gates(h, None if keym is None else keym[:, past:past + q])
+            plan = None if g.requires_grad else self._plan(g)
             if cache is not None:
-                cache._ln_gates = g.detach()
+                cache._ln_gates, cache._ln_plan = g.detach(), plan
             self._record(g)
         if position_ids is None:
             position_ids = torch.arange(past, past + q).unsqueeze(0).expand(b, -1)
@@ -397,25 +413,19 @@ class GatedStack(LazyModule):
             mask = allowed.unsqueeze(0).unsqueeze(0).expand(b, 1, -1, -1)
             if keym is not None:
                 mask = mask & keym[:, None, None, : past + q].bool()
-        training_gates = self.mode == "gumbel" or g.requires_grad
-        for j, layer in enumerate(self.layers):
-            for mi, name in enumerate(MODULES):
-                gj = g[:, j, mi]
-                if training_gates:  # every module runs, its branch scaled by the straight-through gate
-                    h = h + gj.view(b, 1, 1).to(h.dtype) * self._llama_branch(layer, name, h, pe, mask, cache)
-                    continue
-                keep = gj > 0.5
-                nk = int(keep.sum())
-                if nk == 0:
-                    continue  # skipped: not called, no KV read or written
-                if nk == b:
-                    h = h + self._llama_branch(layer, name, h, pe, mask, cache)
-                elif name == "attn" and cache is not None:  # the cache holds every row: run the union, zero the skippers
-                    h = h + keep.view(b, 1, 1).to(h.dtype) * self._llama_branch(layer, name, h, pe, mask, cache)
-                else:
-                    idx = keep.nonzero().squeeze(1)
-                    sub_pe = (pe[0][idx] if pe[0].shape[0] == b else pe[0], pe[1][idx] if pe[1].shape[0] == b else pe[1])
-                    h = h.index_add(0, idx, self._llama_branch(layer, name, h[idx], sub_pe, None if mask is None else mask[idx], None))
+        if plan is None:  # training: every module runs, its branch scaled by the sampled gate
+            for j, layer in enumerate(self.layers):
+                for mi, name in enumerate(MODULES):
+                    h = h + g[:, j, mi].view(b, 1, 1).to(h.dtype) * self._llama_branch(layer, name, h, pe, mask, cache)
+        for j, mi, idx in plan or ():
+            layer, name = self.layers[j], MODULES[mi]
+            if idx is None:
+                h = h + self._llama_branch(layer, name, h, pe, mask, cache)
+            elif name == "attn" and cache is not None:  # the cache holds every row: run the union, zero the skippers
+                h = h + g[:, j, mi].view(b, 1, 1).to(h.dtype) * self._llama_branch(layer, name, h, pe, mask, cache)
+            else:
+                sub_pe = (pe[0][idx] if pe[0].shape[0] == b else pe[0], pe[1][idx] if pe[1].shape[0] == b else pe[1])
+                h = h.index_add(0, idx, self._llama_branch(layer, name, h[idx], sub_pe, None if mask is None else mask[idx], None))
         self._account(g, q)
         if cache is not None:
             cache._ln_len = past + q
@@ -438,24 +448,18 @@ class GatedStack(LazyModule):
             keym = (row if row.dtype == torch.bool else row == 0).expand(b, n)
         g = self.gates(h, keym)
         self._record(g)
-        training_gates = self.mode == "gumbel" or g.requires_grad
-        for j, layer in enumerate(self.layers):
-            for mi, name in enumerate(MODULES):
-                gj = g[:, j, mi]
-                if training_gates:
-                    gv = gj.view(b, 1, 1).to(h.dtype)
+        if g.requires_grad:  # training: every module runs, blended by the sampled gate
+            for j, layer in enumerate(self.layers):
+                for mi, name in enumerate(MODULES):
+                    gv = g[:, j, mi].view(b, 1, 1).to(h.dtype)
                     h = gv * self._bert_branch(layer, name, h, attention_mask) + (1 - gv) * h
-                    continue
-                keep = gj > 0.5
-                nk = int(keep.sum())
-                if nk == 0:
-                    continue
-                if nk == b:
-                    h = self._bert_branch(layer, name, h, attention_mask)
-                else:
-                    idx = keep.nonzero().squeeze(1)
-                    sub = None if attention_mask is None or attention_mask.shape[0] != b else attention_mask[idx]
-                    h = h.index_copy(0, idx, self._bert_branch(layer, name, h[idx], sub))
+        for j, mi, idx in () if g.requires_grad else self._plan(g):
+            layer, name = self.layers[j], MODULES[mi]
+            if idx is None:
+                h = self._bert_branch(layer, name, h, attention_mask)
+            else:
+                sub = None if attention_mask is None or attention_mask.shape[0] != b else attention_mask[idx]
+                h = h.index_copy(0, idx, self._bert_branch(layer, name, h[idx], sub))
         self._account(g, n)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
 
@@ -530,17 +534,9 @@ class ModuleGating(Method):
     config_cls = ModuleGatingConfig
 
     def resolve(self, model: nn.Module, adapter: ModelAdapter, cfg: MethodConfig) -> list[str]:
-        parent = adapter.layers_path.rpartition(".")[0]
-        if adapter.family == "bert":
-            from ..tasks import TextClassifier
-
-            if not isinstance(model, TextClassifier):
-                raise ConfigError(f"module_gating on encoders works on lazyneuron.tasks.TextClassifier; got {type(model).__name__}")
-            return [parent]
-        if adapter.family == "llama" and adapter.causal_lm:
-            _family(model.get_submodule(parent))
-            return [parent]
-        raise ConfigError(f"module_gating supports TextClassifier encoders (bert family) and Llama-family causal LMs; this is a {adapter.model_type} ({adapter.family}) model")
+        path = stack_path(model, adapter, "module_gating")
+        _family(model.get_submodule(path))  # refuses block layouts the stack cannot run
+        return [path]
 
     def plan(self, model: nn.Module, cfg: MethodConfig, paths: list[str], stats: Any) -> MethodConfig:
         assert isinstance(cfg, ModuleGatingConfig)
