@@ -9,11 +9,12 @@ after layers 1-5 trained with the backbone frozen: on the labels (DeeBERT) and b
 self-distillation from the last layer (FastBERT). For each criterion a threshold is chosen on
 the MR calibration split for at most ``--max-loss`` accuracy points lost (``thresholds_for``),
 then test accuracy and encoder throughput (sentences/s, batch 1 and 32 with compaction) are
-measured next to dense. Decoder: SmolLM2-135M score heads after layers 10, 13, ..., 28 trained on
-news calibration text; thresholds for several agreement budgets chosen in the real exit loop
-(CALM propagation included) on calibration text, with the teacher-forced choice recorded next to
-them; lean-loop decode tok/s vs dense and token-by-token perplexity / top-1 agreement on news
-test windows.
+measured next to dense. Decoder: SmolLM2-135M exits after layers 8, 10, ..., 28 (score heads, with
+and without a tuned lens before the LM head) trained on news train text; for each top-1
+agreement budget the threshold is chosen on news calibration text with exits and CALM
+propagation (the exact teacher-forced form of the decode loop), the budget held with confidence
+1 - ``--delta``; lean-loop decode tok/s vs dense and perplexity / top-1 agreement / layers run on
+news test windows, decoded as the loop would.
 
 Writes benchmarks/results/early_exit.jsonl and plots ee_accuracy_vs_speed.png,
 ee_decoder_agreement_vs_speed.png; saves the SmolLM2 exit heads where `lazyneuron demo` finds them.
@@ -39,7 +40,6 @@ from lazyneuron.methods.early_exit import (
     collect_classifier_states,
     collect_lm_states,
     default_lm_exits_path,
-    lm_stats,
     simulate,
     thresholds_for,
     train_classifier_exits,
@@ -128,41 +128,62 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
 def decoder(args: argparse.Namespace, recs: list[Record]) -> None:
     name = "smollm2-135m"
     model, tok = ln.models.load(name)
-    layers = [9, 12, 15, 18, 21, 24, 27]
-    n_win = 4 if args.quick else 24
-    cal_w = data.windows(tok, "news", "calibration", 256, n_win)
-    states = collect_lm_states(model, cal_w, layers)
-    heads = train_lm_exits(model, cal_w, layers, states=states, epochs=5 if args.quick else 30)
-    path = default_lm_exits_path(name)
-    heads.save(path, {"trained_on": f"news calibration, {n_win} x 256 tokens"})
-    stats = lm_stats(heads, model, *states)
+    layers = list(range(8, 29, 2))
+    n_train, n_cal, n_test = (8, 4, 4) if args.quick else (64, 32, 32)
+    train_w = data.windows(tok, "news", "train", 256, n_train)
+    cal_w = data.windows(tok, "news", "calibration", 256, n_cal)
+    states = collect_lm_states(model, train_w, layers)
     budgets = [0.1, 0.3] if args.quick else [0.05, 0.1, 0.2, 0.3]
-    thr_w = data.windows(tok, "news", "calibration", 128, 1 if args.quick else 2)
-    cfgs, picks = [], {}
-    for b in budgets:
-        tf = thresholds_for(stats, "learned", b)  # teacher-forced estimate, for comparison
-        pick = calibrate_lm_threshold(model, str(path), thr_w, b, steps=4 if args.quick else 7)
-        picks[b] = (pick, tf)
-        cfgs.append(EarlyExitConfig(criterion="learned", threshold=pick["threshold"], checkpoint=str(path)))
-        print(f"agreement budget {b:.2f}: loop-calibrated threshold {pick['threshold']:.4g} (agreement {pick['quality']:.3f}, "
-              f"{pick['mean_layers']:.1f} layers); teacher-forced would pick {tf['threshold']:.4g} ({tf['quality']:.3f}, {tf['mean_layers']:.1f} layers)", flush=True)
-    path.with_suffix(".thresholds.json").write_text(json.dumps({"learned": picks[0.1 if 0.1 in picks else budgets[0]][0]["threshold"]}))
-    s = runner.quick() if args.quick else BenchSettings(new_tokens=24, repeats=3, ppl_windows=2, ppl_length=128, batches=(1,), hf_generate=False)
-    s.batches = (1,)
+    cfgs: list[EarlyExitConfig] = []
+    picked: dict[tuple[str, float], tuple[str, float, dict]] = {}
+    for lens in (True, False):
+        variant = "tuned lens" if lens else "logit lens"
+        heads = train_lm_exits(model, train_w, layers, states=states, lens=lens, epochs=5 if args.quick else 30)
+        path = default_lm_exits_path(name) if lens else cache_dir("checkpoints") / f"{name}.exits-logit-lens.safetensors"
+        heads.save(path, {"trained_on": f"news train, {n_train} x 256 tokens", "lens": lens})
+        picks = calibrate_lm_threshold(model, str(path), cal_w, budgets, steps=6 if args.quick else 9, delta=args.delta)
+        for b, pick in zip(budgets, picks):
+            cfg = EarlyExitConfig(criterion="learned", threshold=pick["threshold"], checkpoint=str(path))
+            cfgs.append(cfg)
+            picked[(cfg.checkpoint, cfg.threshold)] = (variant, b, pick)
+            print(f"{variant}, agreement budget {b:.2f}: threshold {pick['threshold']:.4g}, calibration agreement {pick['quality']:.4f} "
+                  f"(loss bound {pick['loss_upper']:.4f}), {pick['mean_layers']:.2f} layers", flush=True)
+        if lens:  # the demo's setting
+            t = next(p["threshold"] for b, p in zip(budgets, picks) if b == (0.1 if 0.1 in budgets else budgets[0]))
+            path.with_suffix(".thresholds.json").write_text(json.dumps({"learned": t}))
+    del states
+    s = runner.quick() if args.quick else BenchSettings(new_tokens=24, repeats=3, batches=(1,), hf_generate=False)
+    s.batches, s.ppl_windows, s.ppl_length = (1,), n_test, 256
     out = runner.run(name, model, tok, cfgs, s, progress=True)
+    test_w = data.windows(tok, "news", "test", 256, n_test)
+    agree = {}
     for r in out:
         if r.method == "early_exit":
-            b = next(k for k, c in zip(budgets, cfgs) if c.threshold == r.params["threshold"])
-            r.params["agreement_budget"] = b
+            variant, b, pick = picked[(r.params["checkpoint"], r.params["threshold"])]
+            r.params.update({"agreement_budget": b, "exit": variant, "delta": args.delta})
+            if r.metric == "top1_agreement":
+                agree[(variant, b)] = r.value
     recs += out
-    for b, (pick, tf) in picks.items():
-        p = {"criterion": "learned", "threshold": pick["threshold"], "agreement_budget": b}
-        recs.append(Record(name, "early_exit", p, "calibration_agreement", pick["quality"], "fraction"))
-        recs.append(Record(name, "early_exit", p, "calibration_mean_layers", pick["mean_layers"], f"of {pick['n_layers']:.0f}"))
-        recs.append(Record(name, "early_exit", {**p, "teacher_forced_threshold": tf["threshold"]}, "teacher_forced_agreement", tf["quality"], "fraction"))
-        recs.append(Record(name, "early_exit", {**p, "teacher_forced_threshold": tf["threshold"]}, "teacher_forced_mean_layers", tf["mean_layers"], f"of {tf['n_layers']:.0f}"))
-    sys_table = runner.table(out)
-    print(sys_table, flush=True)
+    for cfg in cfgs:
+        variant, b, pick = picked[(cfg.checkpoint, cfg.threshold)]
+        with ln.applied(model, cfg), torch.inference_mode():
+            dec = model.model
+            dec.track, dec.layers_run = True, []
+            for w in test_w:
+                dec.window_logits(w.unsqueeze(0))
+            test_layers = sum(dec.layers_run) / len(dec.layers_run)
+        p = {"criterion": "learned", "threshold": cfg.threshold, "checkpoint": cfg.checkpoint, "agreement_budget": b, "exit": variant, "delta": args.delta}
+        over = 100 * ((1 - agree[(variant, b)]) - b)
+        recs += [
+            Record(name, "early_exit", p, "calibration_agreement", pick["quality"], "fraction"),
+            Record(name, "early_exit", p, "calibration_loss_bound", pick["loss_upper"], "fraction"),
+            Record(name, "early_exit", p, "calibration_mean_layers", pick["mean_layers"], f"of {pick['n_layers']:.0f}"),
+            Record(name, "early_exit", p, "test_mean_layers", test_layers, f"of {pick['n_layers']:.0f}"),
+            Record(name, "early_exit", p, "test_loss_over_budget_points", over, "points"),
+        ]
+        print(f"{variant:10s} budget {b:.2f}: test agreement {agree[(variant, b)]:.4f} ({over:+.2f} pts vs budget), "
+              f"cal {pick['quality']:.4f}, test layers {test_layers:.2f}", flush=True)
+    print(runner.table(out), flush=True)
 
 
 def main() -> None:
@@ -170,6 +191,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--max-loss", type=float, default=0.01, help="encoder: accuracy budget on the calibration split (fraction)")
     ap.add_argument("--part", choices=["all", "encoder", "decoder"], default="all")
+    ap.add_argument("--delta", type=float, default=0.1, help="decoder: thresholds hold their agreement budget with confidence 1 - delta on calibration text")
     ap.add_argument("--out", default=str(OUT / "early_exit.jsonl"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -194,7 +216,7 @@ def main() -> None:
             k = (r["params"]["criterion"], r["params"]["heads"])
             pts += [r, {**r, "metric": "accuracy_drop_points", "value": drop[k]}]
     plots.pareto(pts, OUT / "ee_accuracy_vs_speed.png", speed_metric="encoder_speedup", quality_metric="accuracy_drop_points", series_params=("heads", "batch"))
-    plots.pareto(rd, OUT / "ee_decoder_agreement_vs_speed.png", speed_metric="decode_speedup_b1", quality_metric="top1_agreement", series_params=("criterion",))
+    plots.pareto(rd, OUT / "ee_decoder_agreement_vs_speed.png", speed_metric="decode_speedup_b1", quality_metric="top1_agreement", series_params=("exit",))
 
 
 if __name__ == "__main__":

@@ -186,9 +186,11 @@ def test_decoder_exit_fills_every_skipped_key_value(lm) -> None:
 
 def test_decoder_stats_and_thresholds(lm) -> None:
     m, windows, heads, _ = lm
-    hs, final, preds = collect_lm_states(m, windows, heads.layers)
-    stats = lm_stats(heads, m, hs, final)
-    assert torch.equal(stats.pred[0], preds[0])
+    st = collect_lm_states(m, windows, heads.layers)
+    final = st.final_pred
+    stats = lm_stats(heads, m, st.hidden, final)
+    assert torch.equal(stats.pred[0], st.preds[0])
+    assert torch.allclose(m.lm_head(st.final_hidden).argmax(-1), final)  # the final normalised state is what the head reads
     r = thresholds_for(stats, "learned", 0.1)
     pred, ran = simulate(stats, "learned", r["threshold"])
     assert (pred == final).float().mean().item() >= r["dense_quality"] - 0.1 - 1e-9
@@ -209,13 +211,88 @@ def test_demo_rows_need_trained_heads(tmp_path, monkeypatch) -> None:
 
 
 def test_loop_calibrated_threshold_meets_its_budget(lm) -> None:
-    from lazyneuron.bench.quality import agreement, reference_logprobs
+    from lazyneuron.bench.quality import reference_logprobs, window_logits
     from lazyneuron.methods.early_exit import calibrate_lm_threshold
 
     m, windows, _, path = lm
     w = windows[:2, :16]
     r = calibrate_lm_threshold(m, path, w, 0.2, steps=4, progress=False)
     ref = reference_logprobs(m, w)
-    with ln.applied(m, EarlyExitConfig(criterion="learned", threshold=r["threshold"], checkpoint=path)):
-        q = agreement(m, w, ref)["top1_agreement"]
+    with ln.applied(m, EarlyExitConfig(criterion="learned", threshold=r["threshold"], checkpoint=path)), torch.inference_mode():
+        # measured in the real decode loop, token by token through the cache
+        q = sum((window_logits(m, x, loop=True).argmax(-1) == top1).sum().item() for x, (top1, _) in zip(w, ref)) / w.numel()
     assert q == pytest.approx(r["quality"]) and q >= 0.8 - 1e-9
+    strict = calibrate_lm_threshold(m, path, w, 0.2, steps=4, delta=0.1, progress=False)
+    assert strict["loss_upper"] <= 0.2 + 1e-9 and strict["loss_upper"] >= 1 - strict["quality"] - 1e-9
+    assert strict["threshold"] >= r["threshold"]  # a confidence bound can only exit less
+    both = calibrate_lm_threshold(m, path, w, [0.2, 0.5], steps=4, progress=False)
+    assert both[0] == {**r, "max_quality_loss": 0.2} and both[1]["threshold"] <= r["threshold"] and 1 - both[1]["quality"] <= 0.5
+    with pytest.raises(ln.ConfigError, match="delta"):
+        calibrate_lm_threshold(m, path, w[:1], 0.2, delta=0.1, progress=False)
+    with pytest.raises(ln.ConfigError, match="max_quality_loss"):
+        calibrate_lm_threshold(m, path, w, 5.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lens_path(lm, tmp_path_factory):
+    m, windows, _, _ = lm
+    heads = train_lm_exits(m, windows, [0, 1, 2], epochs=2, lens=True, progress=False)
+    path = tmp_path_factory.mktemp("lens") / "heads.safetensors"
+    heads.save(path)
+    return str(path)
+
+
+def test_fit_lens_recovers_an_affine_map() -> None:
+    from lazyneuron.methods.early_exit import _rms, fit_lens
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 16, generator=g) * 3
+    a, b = torch.randn(16, 16, generator=g), torch.randn(16, generator=g)
+    lin = fit_lens(x, _rms(x) @ a.T + b, ridge=1e-9)
+    assert torch.allclose(lin.weight, a, atol=1e-4) and torch.allclose(lin.bias, b, atol=1e-4)
+
+
+def test_lens_heads_round_trip_and_zero_strength(lm, lens_path) -> None:
+    m, windows, _, _ = lm
+    heads = ExitHeads.load(lens_path, m)
+    assert len(heads.lens) == 3
+    fresh = train_lm_exits(m, windows, [0, 1, 2], epochs=2, lens=True, progress=False)
+    for k, v in fresh.lens.state_dict().items():
+        assert torch.allclose(heads.lens.state_dict()[k], v)  # closed form: the same fit again
+    st = collect_lm_states(m, windows, [1])
+    # the lens maps the exit state closer to the final state than the logit lens (final norm) does
+    lens_err = (heads.exit_hidden(1, st.hidden[1], m.model.norm) - st.final_hidden).pow(2).mean()
+    plain_err = (m.model.norm(st.hidden[1]) - st.final_hidden).pow(2).mean()
+    assert lens_err < plain_err
+    dense = perplexity(m, windows[:2])
+    with ln.applied(m, EarlyExitConfig(checkpoint=lens_path).at_zero_strength()):
+        assert abs(perplexity(m, windows[:2]) / dense - 1) < 1e-4
+    with pytest.raises(ln.ConfigError, match="causal_lm"):
+        ExitHeads("classifier", [0], 8, 2, lens=True)
+
+
+@pytest.mark.parametrize("criterion,grid", [("learned", [i / 100 for i in range(30, 71)]), ("max_prob", [i / 1000 for i in range(5, 30)]),
+                                            ("entropy", [4.70 + i / 200 for i in range(40)]), ("patience", [2, 3])])
+@pytest.mark.parametrize("with_lens", [False, True])
+def test_teacher_forced_exits_equal_the_decode_loop(lm, lens_path, criterion, grid, with_lens) -> None:
+    """``ExitingDecoder.window_logits`` (whole windows, layer by layer) gives the logits and exit
+    layers of the token-by-token decode loop with CALM propagation, for thresholds that make
+    tokens exit at different layers."""
+    from lazyneuron.bench.quality import window_logits
+
+    m, windows, _, path = lm
+    path = lens_path if with_lens else path
+    mixed = 0
+    for t in grid:
+        with ln.applied(m, EarlyExitConfig(criterion=criterion, threshold=t, checkpoint=path)), torch.inference_mode():
+            dec = m.model
+            dec.track, dec.layers_run = True, []
+            loop = window_logits(m, windows[1], loop=True)
+            loop_layers, dec.layers_run = dec.layers_run, []
+            exact = window_logits(m, windows[1])
+            assert dec.layers_run == loop_layers, t
+            assert torch.allclose(exact, loop, atol=1e-5), t
+        mixed += 1 < len(set(loop_layers))
+        if mixed >= 3:
+            break
+    assert mixed, f"no threshold in the grid made tokens exit at different layers for {criterion}"

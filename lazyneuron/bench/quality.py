@@ -14,12 +14,17 @@ def _stepwise(model: nn.Module) -> bool:
     return any(getattr(m, "stepwise_eval", False) for m in model.modules())
 
 
-def window_logits(model: nn.Module, w: torch.Tensor) -> torch.Tensor:
+def window_logits(model: nn.Module, w: torch.Tensor, loop: bool = False) -> torch.Tensor:
     """Logits (length, vocab) of one window. A model converted by a method that acts only in
-    step-by-step decoding (per-token early exit) is fed one token at a time through its KV cache,
-    so its quality is measured as it decodes, not by a dense full-window forward."""
+    step-by-step decoding (per-token early exit) is measured as it decodes, not by a dense
+    full-window forward: through the method's exact teacher-forced equivalent of its decode loop
+    (a module's ``window_logits``, held to the loop by the tests) or, with ``loop`` or without
+    one, fed one token at a time through its KV cache."""
     if not _stepwise(model):
         return model(input_ids=w.unsqueeze(0)).logits[0]
+    exact = next((m for m in model.modules() if getattr(m, "stepwise_eval", False) and hasattr(m, "window_logits")), None)
+    if exact is not None and not loop:
+        return exact.window_logits(w.unsqueeze(0))[0]
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)

@@ -29,7 +29,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,18 +52,31 @@ class ExitHeads(nn.Module):
     """Per exit layer (0-based index of the layer after which it reads): a classifier head
     (classifiers only) and a score head (``learned`` criterion)."""
 
-    def __init__(self, kind: str, layers: Sequence[int], hidden: int, num_labels: int = 0, model_type: str = "") -> None:
+    def __init__(self, kind: str, layers: Sequence[int], hidden: int, num_labels: int = 0, model_type: str = "", lens: bool = False) -> None:
         super().__init__()
         if kind not in ("classifier", "causal_lm"):
             raise ConfigError(f"exit heads kind {kind!r} is invalid; use 'classifier' or 'causal_lm'")
+        if lens and kind != "causal_lm":
+            raise ConfigError("a lens (exit adapter before the LM head) is for causal_lm exit heads only")
         self.kind, self.layers, self.hidden, self.num_labels, self.model_type = kind, sorted(int(x) for x in layers), hidden, num_labels, model_type
         self.heads = nn.ModuleDict({str(i): nn.Linear(hidden, num_labels) for i in self.layers} if kind == "classifier" else {})
         self.scores = nn.ModuleDict({str(i): nn.Linear(hidden, 1) for i in self.layers})
+        # causal LMs, optional: per exit layer an affine map from the RMS-normalised exit state to
+        # a stand-in for the final normalised state, read by the LM head (a "tuned lens")
+        self.lens = nn.ModuleDict({str(i): nn.Linear(hidden, hidden) for i in self.layers} if lens else {})
+
+    def exit_hidden(self, layer: int, h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """What the LM head reads for a token leaving after ``layer``: the lens's map of the
+        state, or without a lens the model's final norm of it (the logit lens)."""
+        if not len(self.lens):
+            return norm(h)
+        return self.lens[str(layer)](_rms(h))
 
     def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
         from safetensors.torch import save_file
 
-        info = {"kind": self.kind, "layers": self.layers, "hidden": self.hidden, "num_labels": self.num_labels, "model_type": self.model_type, **(meta or {})}
+        info = {"kind": self.kind, "layers": self.layers, "hidden": self.hidden, "num_labels": self.num_labels, "model_type": self.model_type,
+                "lens": bool(len(self.lens)), **(meta or {})}
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, os.fspath(path),
                   metadata={"format": CHECKPOINT_FORMAT, "meta": json.dumps(info)})
 
@@ -75,7 +88,7 @@ class ExitHeads(nn.Module):
         header, sd = read(path, CHECKPOINT_FORMAT, "exit-head checkpoint", "train one with lazyneuron.methods.early_exit.train_classifier_exits "
                           "/ train_lm_exits (or `python benchmarks/early_exit.py`)")
         info = json.loads(header["meta"])
-        heads = cls(info["kind"], info["layers"], info["hidden"], info["num_labels"], info.get("model_type", ""))
+        heads = cls(info["kind"], info["layers"], info["hidden"], info["num_labels"], info.get("model_type", ""), bool(info.get("lens", False)))
         if model is not None:
             hidden = getattr(model.config, "hidden_size", None)
             if info.get("model_type") != model_type_of(model) or info["hidden"] != hidden:
@@ -86,6 +99,11 @@ class ExitHeads(nn.Module):
         except RuntimeError as e:
             raise ConfigError(f"{path!r}: tensors do not match the checkpoint's own metadata ({str(e)[:200]})") from None
         return heads.eval()
+
+
+def _rms(h: torch.Tensor) -> torch.Tensor:
+    hf = h.float()
+    return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -280,7 +298,7 @@ class ExitingDecoder(LazyModule):
             if self.decide.criterion == "learned":
                 score = self.exits.scores[str(j)](hl)
             else:
-                logits = self.lm_head(base.norm(hl))
+                logits = self.lm_head(self.exits.exit_hidden(j, hl, base.norm))
                 pred = logits.argmax(-1)
                 streak = torch.where(pred == prev, streak + 1, torch.ones_like(streak))
                 prev = pred
@@ -291,7 +309,61 @@ class ExitingDecoder(LazyModule):
                 break
         if self.track:
             self.layers_run.append(ran)
-        return BaseModelOutputWithPast(last_hidden_state=base.norm(h), past_key_values=past_key_values)
+        out = base.norm(h) if ran == n else self.exits.exit_hidden(ran - 1, h, base.norm)
+        return BaseModelOutputWithPast(last_hidden_state=out, past_key_values=past_key_values)
+
+    @torch.no_grad()
+    def window_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The logits (B, T, vocab) that decoding ``input_ids`` token by token from an empty cache
+        with exits would give, computed layer by layer over whole windows (teacher forcing).
+
+        Exact, not an estimate: at layer ``j`` every token attends to the keys / values of the
+        states its predecessors hold there (their exited state where they left earlier, which is
+        what CALM propagation writes to the cache), and a token that has exited keeps its state.
+        The work is that of a dense forward (exited tokens are still pushed through the layers and
+        their results discarded), so this is for measuring quality and calibrating thresholds on a
+        lot of text, not for serving; the decode loop is :meth:`forward`."""
+        base = self.base
+        ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+        b, t = ids.shape
+        h = base.embed_tokens(ids)
+        pos = torch.arange(t).unsqueeze(0).expand(b, t)
+        pe = base.rotary_emb(h, position_ids=pos)
+        mask = torch.full((t, t), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1).view(1, 1, t, t).expand(b, 1, t, t)
+        layers = base.layers
+        n = len(layers)
+        exited = torch.zeros(b, t, dtype=torch.bool)
+        ran = torch.full((b, t), n, dtype=torch.long)
+        streak, prev = torch.zeros(b, t, dtype=torch.long), torch.full((b, t), -1, dtype=torch.long)
+        final = torch.empty_like(h)  # what the LM head reads: the exit's view of the state, or the final norm
+        for j, layer in enumerate(layers):
+            out = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos, past_key_values=None, use_cache=False)
+            h = torch.where(exited.unsqueeze(-1), h, out)
+            if j == n - 1 or str(j) not in self.exits.scores or j < self.min_layer:
+                continue
+            live = ~exited
+            hl = h[live]
+            logits = score = None
+            if self.decide.criterion == "learned":
+                score = self.exits.scores[str(j)](hl)
+            else:
+                logits = self.lm_head(self.exits.exit_hidden(j, hl, base.norm))
+                pred = logits.argmax(-1)
+                streak[live] = torch.where(pred == prev[live], streak[live] + 1, torch.ones_like(pred))
+                prev[live] = pred
+            done = live.clone()
+            done[live] = self.decide(logits, score, streak[live])
+            if bool(done.any()):
+                final[done] = self.exits.exit_hidden(j, h[done], base.norm)
+            ran[done] = j + 1
+            exited |= done
+            if bool(exited.all()):
+                break
+        if not bool(exited.all()):
+            final[~exited] = base.norm(h[~exited])
+        if self.track:
+            self.layers_run += ran.flatten().tolist()
+        return self.lm_head(final)
 
     def weight_elements(self) -> int:
         return 0
@@ -536,10 +608,17 @@ def train_classifier_exits_joint(clf: nn.Module, heads: ExitHeads, batches: Sequ
 
 
 # -- decoders: training and statistics -------------------------------------------------------------
+class LMStates(NamedTuple):
+    hidden: dict[int, torch.Tensor]  # per exit layer: the state after it, token-major (N, d)
+    final_pred: torch.Tensor  # (N,) the full model's top-1
+    preds: dict[int, torch.Tensor]  # per exit layer: top-1 through the final norm and LM head (logit lens)
+    final_hidden: torch.Tensor  # (N, d) the final normalised state the LM head reads
+
+
 @torch.no_grad()
-def collect_lm_states(model: nn.Module, windows: torch.Tensor, layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor, dict[int, torch.Tensor]]:
-    """Teacher-forced hidden states after each exit layer (token-major, (N, d)), the full model's
-    top-1 (N,), and each exit's top-1 through the final norm and LM head."""
+def collect_lm_states(model: nn.Module, windows: torch.Tensor, layers: Sequence[int]) -> LMStates:
+    """Teacher-forced hidden states after each exit layer, the final normalised state and the
+    full model's top-1, and each exit's top-1 through the final norm and LM head."""
     from ..adapters import get_adapter
 
     ad = get_adapter(model)
@@ -547,8 +626,14 @@ def collect_lm_states(model: nn.Module, windows: torch.Tensor, layers: Sequence[
     norm = model.get_submodule(ad.model_roles["final_norm"])
     head = model.get_submodule(ad.model_roles["head"])
     hidden: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    hooks = [stack[i].register_forward_hook(lambda m, a, out, i=i: hidden[i].append((out[0] if isinstance(out, tuple) else out).reshape(-1, out.shape[-1] if not isinstance(out, tuple) else out[0].shape[-1])))
-             for i in layers]
+    normed: list[torch.Tensor] = []
+
+    def flat(out: Any) -> torch.Tensor:
+        out = out[0] if isinstance(out, tuple) else out
+        return out.reshape(-1, out.shape[-1])
+
+    hooks = [stack[i].register_forward_hook(lambda m, a, out, i=i: hidden[i].append(flat(out))) for i in layers]
+    hooks.append(norm.register_forward_hook(lambda m, a, out: normed.append(flat(out))))
     finals = []
     try:
         for w in windows:
@@ -558,7 +643,23 @@ def collect_lm_states(model: nn.Module, windows: torch.Tensor, layers: Sequence[
             h.remove()
     hs = {i: torch.cat(v) for i, v in hidden.items()}
     preds = {i: torch.cat([head(norm(c)).argmax(-1) for c in hs[i].split(512)]) for i in layers}
-    return hs, torch.cat(finals), preds
+    return LMStates(hs, torch.cat(finals), preds, torch.cat(normed))
+
+
+def fit_lens(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> nn.Linear:
+    """Least-squares affine map from RMS-normalised states ``x`` (N, d) to final normalised
+    states ``y`` (N, d), with a ridge of ``ridge`` × the mean feature energy. The LM head is
+    linear after the final norm, so the least-squares map is also the best one under the head's
+    own metric on the residual."""
+    xs = torch.cat([_rms(x).double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    g = xs.T @ xs
+    g += ridge * g.diagonal().mean() * torch.eye(len(g), dtype=torch.float64)
+    sol = torch.linalg.solve(g, xs.T @ y.double())  # (d + 1, d)
+    lin = nn.Linear(x.shape[1], y.shape[1])
+    with torch.no_grad():
+        lin.weight.copy_(sol[:-1].T)
+        lin.bias.copy_(sol[-1])
+    return lin
 
 
 def lm_stats(heads: ExitHeads, model: nn.Module, hs: dict[int, torch.Tensor], final_pred: torch.Tensor, with_logits: bool = True) -> ExitStats:
@@ -578,7 +679,7 @@ def lm_stats(heads: ExitHeads, model: nn.Module, hs: dict[int, torch.Tensor], fi
             if with_logits:
                 p_, e_, m_ = [], [], []
                 for c in h.split(512):
-                    lg = head(norm(c)).float()
+                    lg = head(heads.exit_hidden(i, c, norm)).float()
                     p_.append(lg.argmax(-1))
                     e_.append(_entropy(lg))
                     m_.append(F.softmax(lg, -1).amax(-1))
@@ -593,9 +694,13 @@ def lm_stats(heads: ExitHeads, model: nn.Module, hs: dict[int, torch.Tensor], fi
 
 
 def train_lm_exits(model: nn.Module, windows: torch.Tensor, layers: Sequence[int], *, epochs: int = 30, lr: float = 3e-3, batch_size: int = 512,
-                   progress: bool = True, states: Any = None) -> ExitHeads:
+                   lens: bool = False, progress: bool = True, states: LMStates | None = None) -> ExitHeads:
     """Score heads for per-token exit in a causal LM: at each exit layer a linear score on the
-    hidden state learns whether the LM head's top-1 there already equals the full model's."""
+    hidden state learns whether the LM head's top-1 there already equals the full model's.
+
+    With ``lens`` each exit first gets an affine map to the final normalised state (fitted in
+    closed form, :func:`fit_lens`; a "tuned lens"), the LM head reads that instead of the final
+    norm of the raw state, and the score heads learn when the lens's top-1 is right."""
     from ..adapters import get_adapter
     from ..train import fit
 
@@ -603,8 +708,15 @@ def train_lm_exits(model: nn.Module, windows: torch.Tensor, layers: Sequence[int
     bad = [x for x in layers if not 0 <= x < ad.num_layers - 1]
     if bad:
         raise ConfigError(f"exit layers {bad} are out of range for {ad.num_layers} layers (0..{ad.num_layers - 2})")
-    hs, final, preds = states if states is not None else collect_lm_states(model, windows, layers)
-    heads = ExitHeads("causal_lm", layers, hs[layers[0]].shape[-1], 0, model_type_of(model))
+    st = states if states is not None else collect_lm_states(model, windows, layers)
+    hs, final, preds = st.hidden, st.final_pred, st.preds
+    heads = ExitHeads("causal_lm", layers, hs[layers[0]].shape[-1], 0, model_type_of(model), lens=lens)
+    if lens:
+        head = model.get_submodule(ad.model_roles["head"])
+        with torch.no_grad():
+            for i in layers:
+                heads.lens[str(i)] = fit_lens(hs[i], st.final_hidden)
+            preds = {i: torch.cat([head(heads.lens[str(i)](_rms(c))).argmax(-1) for c in hs[i].split(512)]) for i in layers}
     right = {i: (preds[i] == final).float() for i in layers}
     idx = list(torch.randperm(len(final), generator=torch.Generator().manual_seed(0)).split(batch_size))
 
@@ -615,41 +727,76 @@ def train_lm_exits(model: nn.Module, windows: torch.Tensor, layers: Sequence[int
     return heads.eval()
 
 
-def calibrate_lm_threshold(model: nn.Module, checkpoint: str, windows: torch.Tensor, max_quality_loss: float, *, steps: int = 7,
-                           progress: bool = True) -> dict[str, float]:
-    """Learned-score threshold for a causal LM, chosen in the real exit loop.
+def calibrate_lm_threshold(model: nn.Module, checkpoint: str, windows: torch.Tensor, max_quality_loss: float | Sequence[float], *,
+                           steps: int = 10, delta: float | None = None, min_layer: int = 0, progress: bool = True) -> Any:
+    """Learned-score threshold for a causal LM that keeps top-1 agreement with the dense model
+    within ``max_quality_loss`` on ``windows`` (calibration text), as the model decodes.
 
-    Bisection over the threshold, each candidate measured token by token with exits and CALM
-    key / value propagation on ``windows`` (calibration text): the top-1 agreement with the
-    dense model includes the effect of propagated keys / values on later tokens, which the
-    teacher-forced :func:`thresholds_for` cannot see. Returns the lowest threshold found whose
-    agreement loss is at most ``max_quality_loss`` (``threshold``, ``quality``, ``mean_layers``)."""
+    Bisection over the threshold; each candidate is measured with exits and CALM key / value
+    propagation (the exact teacher-forced equivalent of the decode loop,
+    :meth:`ExitingDecoder.window_logits`), so the effect of propagated keys / values on later
+    tokens is included, which the per-layer statistics of :func:`thresholds_for` cannot see.
+    With ``delta`` the loss must hold with confidence ``1 - delta``: the one-sided normal upper
+    bound of the mean loss, from the spread of the per-window losses (tokens of one window are
+    not independent), must be within the budget (the Learn-then-Test idea of CALM, in its
+    simplest form). Returns the lowest threshold found (``threshold``, ``quality`` = agreement,
+    ``loss_upper`` = the bound used, ``mean_layers``, ``n_layers``, ``tokens``); for a list of
+    budgets, one such dict per budget (thresholds measured once are reused across budgets)."""
+    import statistics
+
     from ..api import applied
-    from ..bench.quality import agreement, reference_logprobs
 
-    if not 0 <= max_quality_loss <= 1:
-        raise ConfigError(f"max_quality_loss={max_quality_loss} must be a fraction in [0, 1] (0.05 = five points of top-1 agreement)")
-    ref = reference_logprobs(model, windows)
+    budgets = [max_quality_loss] if isinstance(max_quality_loss, (int, float)) else list(max_quality_loss)
+    bad = [b for b in budgets if not 0 <= b <= 1]
+    if bad or not budgets:
+        raise ConfigError(f"max_quality_loss={max_quality_loss} must be a fraction in [0, 1] (0.05 = five points of top-1 agreement) or a list of them")
+    if delta is not None and not 0 < delta < 0.5:
+        raise ConfigError(f"delta={delta} must be in (0, 0.5) (0.1 = the budget holds with 90% confidence), or None")
+    if windows.dim() != 2 or windows.numel() == 0:
+        raise ConfigError(f"calibration windows must be a non-empty (count, length) tensor of token ids, got shape {tuple(windows.shape)}")
+    if delta is not None and len(windows) < 2:
+        raise ConfigError(f"delta={delta} needs at least 2 calibration windows (the bound comes from their spread), got {len(windows)}")
+    z = statistics.NormalDist().inv_cdf(1 - delta) if delta is not None else 0.0
+    with torch.inference_mode():
+        dense = [model(input_ids=w.unsqueeze(0)).logits[0].argmax(-1) for w in windows]
     n_layers = float(len(model.get_submodule(_layers_path(model))))
-    best = {"threshold": NEVER["learned"], "quality": 1.0, "mean_layers": n_layers, "n_layers": n_layers}
-    lo, hi = 0.0, 1.0  # a higher threshold exits less
-    it: Any = range(steps)
+    seen: dict[float, tuple[list[float], float]] = {}
+
+    def measure(t: float) -> tuple[list[float], float]:
+        if t not in seen:
+            with applied(model, EarlyExitConfig(criterion="learned", threshold=t, checkpoint=checkpoint, min_layer=min_layer)):
+                dec = next(m for m in model.modules() if isinstance(m, ExitingDecoder))
+                dec.track, dec.layers_run = True, []
+                with torch.inference_mode():
+                    losses = [1 - (dec.window_logits(w.unsqueeze(0))[0].argmax(-1) == d).float().mean().item() for w, d in zip(windows, dense)]
+                seen[t] = losses, sum(dec.layers_run) / max(len(dec.layers_run), 1)
+        return seen[t]
+
+    out = []
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=f"threshold for agreement >= {1 - max_quality_loss:.2f}", unit="try")
-    for _ in it:
-        mid = (lo + hi) / 2
-        with applied(model, EarlyExitConfig(criterion="learned", threshold=mid, checkpoint=checkpoint)):
-            dec = next(m for m in model.modules() if isinstance(m, ExitingDecoder))
-            dec.track, dec.layers_run = True, []
-            q = agreement(model, windows, ref)["top1_agreement"]
-            layers = sum(dec.layers_run) / max(len(dec.layers_run), 1)
-        if 1 - q <= max_quality_loss:
-            best, hi = {"threshold": mid, "quality": q, "mean_layers": layers, "n_layers": n_layers}, mid
-        else:
-            lo = mid
-    return best
+        bar = tqdm(total=steps * len(budgets), desc="exit thresholds", unit="try")
+    for budget in budgets:
+        best = {"threshold": NEVER["learned"], "quality": 1.0, "loss_upper": 0.0, "mean_layers": n_layers, "n_layers": n_layers,
+                "tokens": float(windows.numel()), "max_quality_loss": budget}
+        lo, hi = 0.0, 1.0  # a higher threshold exits less
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            losses, layers = measure(mid)
+            loss = sum(losses) / len(losses)
+            upper = loss + (z * statistics.stdev(losses) / math.sqrt(len(losses)) if z else 0.0)
+            if upper <= budget:
+                best, hi = {**best, "threshold": mid, "quality": 1 - loss, "loss_upper": upper, "mean_layers": layers}, mid
+            else:
+                lo = mid
+            if bar is not None:
+                bar.update()
+        out.append(best)
+    if bar is not None:
+        bar.close()
+    return out[0] if isinstance(max_quality_loss, (int, float)) else out
 
 
 def _layers_path(model: nn.Module) -> str:
