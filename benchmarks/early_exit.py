@@ -143,14 +143,19 @@ def decoder(args: argparse.Namespace, recs: list[Record]) -> None:
         heads.save(path, {"trained_on": f"news train, {n_train} x 256 tokens", "lens": lens})
         picks = calibrate_lm_threshold(model, str(path), cal_w, budgets, steps=6 if args.quick else 9, delta=args.delta)
         for b, pick in zip(budgets, picks):
+            if pick["threshold"] > 1:
+                print(f"{variant}, agreement budget {b:.2f}: no threshold keeps it on calibration text (every exit setting tried lost more)", flush=True)
+                continue
             cfg = EarlyExitConfig(criterion="learned", threshold=pick["threshold"], checkpoint=str(path))
+            if (cfg.checkpoint, cfg.threshold) in picked:  # two budgets, one threshold: measure it once
+                continue
             cfgs.append(cfg)
             picked[(cfg.checkpoint, cfg.threshold)] = (variant, b, pick)
             print(f"{variant}, agreement budget {b:.2f}: threshold {pick['threshold']:.4g}, calibration agreement {pick['quality']:.4f} "
                   f"(loss bound {pick['loss_upper']:.4f}), {pick['mean_layers']:.2f} layers", flush=True)
         if lens:  # the demo's setting
             t = next(p["threshold"] for b, p in zip(budgets, picks) if b == (0.1 if 0.1 in budgets else budgets[0]))
-            path.with_suffix(".thresholds.json").write_text(json.dumps({"learned": t}))
+            path.with_suffix(".thresholds.json").write_text(json.dumps({"learned": min(t, 2.0)}))
     del states
     s = runner.quick() if args.quick else BenchSettings(new_tokens=24, repeats=3, batches=(1,), hf_generate=False)
     s.batches, s.ppl_windows, s.ppl_length = (1,), n_test, 256

@@ -117,7 +117,9 @@ class EarlyExitConfig(MethodConfig):
     """``criterion``: entropy | max_prob | patience | learned; ``threshold``: exit when entropy <=
     t, top probability >= t, the prediction unchanged for t consecutive exits, or the learned
     score >= t; ``checkpoint``: the exit heads (safetensors); ``min_layer``: no exit before this
-    layer (0-based)."""
+    layer (0-based); ``dense_prefix`` (causal LMs): the first tokens of a sequence run every layer
+    (the prompt's prefill always does; this covers evaluation from an empty cache and one-token
+    prompts)."""
 
     name: ClassVar[str] = "early_exit"
     targets: tuple[str, ...] = ("layer",)
@@ -125,12 +127,15 @@ class EarlyExitConfig(MethodConfig):
     threshold: float = 0.9
     checkpoint: str = ""
     min_layer: int = 0
+    dense_prefix: int = 1
 
     def validate(self) -> None:
         super().validate()
         self._check_choice("criterion", CRITERIA)
         if not isinstance(self.threshold, (int, float)) or math.isnan(float(self.threshold)):
             raise ConfigError(f"EarlyExitConfig.threshold={self.threshold!r} is invalid; pass a number (see thresholds_for)")
+        if not isinstance(self.dense_prefix, int) or self.dense_prefix < 0:
+            raise ConfigError(f"EarlyExitConfig.dense_prefix={self.dense_prefix!r} must be a count of tokens >= 0 (1 = the first token)")
         if self.criterion == "patience" and self.threshold < 1:
             raise ConfigError(f"criterion='patience' needs threshold >= 1 (consecutive agreeing exits), got {self.threshold}")
         if self.targets != ("layer",):
@@ -252,8 +257,11 @@ class ExitingDecoder(LazyModule):
         self.decide = _Decider(cfg)
         self.min_layer = cfg.min_layer
         self.__dict__["lm_head"] = lm_head  # not a submodule: the model owns it
-        self.layers_run: list[int] = []
+        self.layers_run: list[int] = []  # per token (prefill included), while tracking
         self.kv_filled = 0  # (layer, token) key/value pairs written from a propagated state
+        # the first tokens of a sequence never exit: later tokens attend to them heavily (an
+        # attention sink), and a sink's keys / values propagated from an early layer wreck them
+        self.dense_prefix = cfg.dense_prefix
         self.track = False
 
     def _fill_kv(self, layer: nn.Module, h: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor], cache: Any, j: int) -> None:
@@ -277,10 +285,12 @@ class ExitingDecoder(LazyModule):
         if inputs_embeds is None:
             inputs_embeds = base.embed_tokens(input_ids)
         b, n_tok = inputs_embeds.shape[:2]
-        if n_tok > 1 or b > 1 or past_key_values is None or not use_cache:  # prefill, batches, no cache: every layer
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if n_tok > 1 or b > 1 or past_key_values is None or not use_cache or past < self.dense_prefix:  # prefill, batches, no cache, the first tokens: every layer
+            if self.track:
+                self.layers_run += [len(base.layers)] * (b * n_tok)
             return base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
                         use_cache=use_cache, **kw)
-        past = past_key_values.get_seq_length()
         if position_ids is None:
             position_ids = torch.tensor([[past]])
         h = inputs_embeds
@@ -342,6 +352,7 @@ class ExitingDecoder(LazyModule):
             if j == n - 1 or str(j) not in self.exits.scores or j < self.min_layer:
                 continue
             live = ~exited
+            live[:, : self.dense_prefix] = False
             hl = h[live]
             logits = score = None
             if self.decide.criterion == "learned":
@@ -728,7 +739,7 @@ def train_lm_exits(model: nn.Module, windows: torch.Tensor, layers: Sequence[int
 
 
 def calibrate_lm_threshold(model: nn.Module, checkpoint: str, windows: torch.Tensor, max_quality_loss: float | Sequence[float], *,
-                           steps: int = 10, delta: float | None = None, min_layer: int = 0, progress: bool = True) -> Any:
+                           steps: int = 10, delta: float | None = None, min_layer: int = 0, dense_prefix: int = 1, progress: bool = True) -> Any:
     """Learned-score threshold for a causal LM that keeps top-1 agreement with the dense model
     within ``max_quality_loss`` on ``windows`` (calibration text), as the model decodes.
 
@@ -764,7 +775,7 @@ def calibrate_lm_threshold(model: nn.Module, checkpoint: str, windows: torch.Ten
 
     def measure(t: float) -> tuple[list[float], float]:
         if t not in seen:
-            with applied(model, EarlyExitConfig(criterion="learned", threshold=t, checkpoint=checkpoint, min_layer=min_layer)):
+            with applied(model, EarlyExitConfig(criterion="learned", threshold=t, checkpoint=checkpoint, min_layer=min_layer, dense_prefix=dense_prefix)):
                 dec = next(m for m in model.modules() if isinstance(m, ExitingDecoder))
                 dec.track, dec.layers_run = True, []
                 with torch.inference_mode():
