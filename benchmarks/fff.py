@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/fff.py                 # full run (~45 min on 2 cores; resumes from cached checkpoints)
     .venv/bin/python benchmarks/fff.py --quick         # smoke run (tiny training, kernel quick grid)
+    .venv/bin/python benchmarks/fff.py --kernels-only  # the layer-level CMM grid alone (a few minutes)
 
 Steps (checkpoints cached under $LAZYNEURON_CACHE/checkpoints, so a rerun skips finished work):
 1. dense baseline: MiniLM-L6 + mean-pool head fine-tuned on the MR train split;
@@ -97,9 +98,13 @@ def main() -> None:
     ap.add_argument("--fff-epochs", type=int, default=1)
     ap.add_argument("--fff-lr", type=float, default=1e-4)
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--kernels-only", action="store_true", help="only the layer-level CMM grid (kernels_cmm.jsonl and its plot)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
+    if args.kernels_only:
+        kernels(args)
+        return
     depths = [4] if args.quick else [int(x) for x in args.depths.split(",")]
     _, tok = ln.models.load(MODEL)
     rows = data.labeled("mr", "train")
@@ -142,12 +147,16 @@ def main() -> None:
     rd = [r.to_dict() for r in recs]
     plots.xy(rd, OUT / "fff_accuracy_vs_depth.png", "depth", "accuracy_mr", "task", "MiniLM-L6 on MR: test accuracy of the FFF model vs tree depth")
     if not args.skip_kernels:
-        krecs = kbench.run("cmm", quick=args.quick, progress=True)
-        write(krecs, OUT / "kernels_cmm.jsonl", append=False)
-        kr = [{"model": "cmm-layer", "method": f"d_model={r['d_model']} depth={r['depth']} {r['dtype']}", "params": {"batch": r["batch"], "dtype": r["dtype"]},
-               "metric": "speedup_vs_torch", "value": r["speedup_vs_torch"]} for r in krecs]
-        plots.xy(kr, OUT / "fff_kernel_speedup.png", "batch", "speedup_vs_torch", "", "CMM tree walk vs dense F.linear FFN (same run)")
-        sys.stdout.write(kbench.table(krecs) + "\n")
+        kernels(args)
+
+
+def kernels(args: argparse.Namespace) -> None:
+    krecs = kbench.run("cmm", quick=args.quick, progress=True)
+    write(krecs, OUT / "kernels_cmm.jsonl", append=False)
+    kr = [{"model": "cmm-layer", "method": f"d_model={r['d_model']} depth={r['depth']} {r['dtype']}", "params": {"batch": r["batch"], "dtype": r["dtype"]},
+           "metric": "speedup_vs_torch", "value": r["speedup_vs_torch"]} for r in krecs]
+    plots.xy(kr, OUT / "fff_kernel_speedup.png", "batch", "speedup_vs_torch", "", "CMM tree walk vs dense F.linear FFN (same run)")
+    sys.stdout.write(kbench.table(krecs) + "\n")
 
 
 if __name__ == "__main__":

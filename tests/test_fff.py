@@ -23,7 +23,7 @@ def _tree(depth: int, d: int, o: int, dtype: torch.dtype = torch.float32, seed: 
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3, 6, 10])
-@pytest.mark.parametrize("batch", [1, 3, 8, 37])
+@pytest.mark.parametrize("batch", [1, 3, 8, 37, 130, 300])  # 2..256 tokens: level-by-level blocks of 64; 1 and > 256: lock-step chains
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cmm_kernel_matches_references(depth: int, batch: int, dtype: torch.dtype) -> None:
     d, o = 48, 40

@@ -5,10 +5,13 @@
 //   a_l = Win[n_l] . x[t] + b_in[n_l];   y[t] += act(a_l) * Wout[n_l];   n_{l+1} = 2 n_l + 1 + (a_l > 0)
 // so a token reads 2 (D+1) weight rows and nothing else: no weight copies, no masks.
 //
-// The walk is a chain of dependent loads (latency bound), so each thread walks a small group of
-// tokens in lock-step (independent chains overlap their memory latency) and prefetches the input
-// rows of both children while it accumulates the current node's output row. Groups of tokens are
-// split across threads with at::parallel_for (torch's own OpenMP runtime).
+// One token's walk is a chain of dependent loads (latency bound). For a single token, or very
+// many, each thread walks a small group of tokens in lock-step (independent chains overlap their
+// memory latency) and prefetches the input rows of both children while it accumulates the current
+// node's output row. For 2..256 tokens the walk goes level by level over blocks of tokens: every
+// token's node at the current level is known, so whole rows are prefetched a few tokens ahead and
+// many rows are in flight at once. Work is split across threads with at::parallel_for (torch's
+// own OpenMP runtime).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -97,6 +100,51 @@ void walk(const float* x, const W* win, const float* bin, const W* wout, const f
   });
 }
 
+template <typename W>
+inline void prefetch_full(const W* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(W));
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+// Many tokens: level by level over a block of tokens. Within a level every token's node is known,
+// so the rows of the token `ahead` places later are prefetched whole while this one is computed:
+// the memory system always has several rows in flight instead of one dependent chain per token.
+template <typename W>
+void walk_levels(const float* x, const W* win, const float* bin, const W* wout, const float* bout, float* y, int64_t* nodes,
+                 int64_t T, int64_t d, int64_t o, int64_t depth, int64_t act, int64_t block, int64_t ahead) {
+  const int64_t blocks = (T + block - 1) / block;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> node(block);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t t0 = b * block, nt = std::min(block, T - t0);
+      for (int64_t k = 0; k < nt; ++k) {
+        float* yk = y + (t0 + k) * o;
+        if (bout) std::memcpy(yk, bout, o * sizeof(float));
+        else std::memset(yk, 0, o * sizeof(float));
+        node[k] = 0;
+      }
+      for (int64_t l = 0; l <= depth; ++l) {
+        for (int64_t k = 0; k < std::min(ahead, nt); ++k) {
+          prefetch_full(win + node[k] * d, d);
+          prefetch_full(wout + node[k] * o, o);
+        }
+        for (int64_t k = 0; k < nt; ++k) {
+          if (k + ahead < nt) {
+            prefetch_full(win + node[k + ahead] * d, d);
+            prefetch_full(wout + node[k + ahead] * o, o);
+          }
+          const int64_t n = node[k];
+          const float a = dot(x + (t0 + k) * d, win + n * d, d) + (bin ? bin[n] : 0.f);
+          if (nodes) nodes[(t0 + k) * (depth + 1) + l] = n;
+          axpy(y + (t0 + k) * o, wout + n * o, activate(a, act), o);
+          node[k] = 2 * n + 1 + (a > 0.f ? 1 : 0);
+        }
+      }
+    }
+  });
+}
+
 std::vector<torch::Tensor> cmm(torch::Tensor x, torch::Tensor w_in, torch::Tensor b_in, torch::Tensor w_out, torch::Tensor b_out,
                                int64_t depth, int64_t act, bool return_nodes) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "cmm: x must be contiguous float32 (tokens, d)");
@@ -125,12 +173,23 @@ std::vector<torch::Tensor> cmm(torch::Tensor x, torch::Tensor w_in, torch::Tenso
   } else {
     nodes = torch::empty({0}, x.options().dtype(torch::kInt64));
   }
+  // 2..256 tokens: level by level in blocks of 64 with rows prefetched 2 tokens ahead (measured
+  // 1.4-2x faster than the lock-step chains at 8-128 tokens); one token, or many (whose lower
+  // levels share more rows): the chains.
+  const int64_t block = (T >= 2 && T <= 256) ? 64 : 0, ahead = 2;
   if (w_in.scalar_type() == torch::kFloat32) {
-    walk<float>(x.data_ptr<float>(), w_in.data_ptr<float>(), bi, w_out.data_ptr<float>(), bo, y.data_ptr<float>(), np, T, d, o, depth, act);
+    if (block > 0)
+      walk_levels<float>(x.data_ptr<float>(), w_in.data_ptr<float>(), bi, w_out.data_ptr<float>(), bo, y.data_ptr<float>(), np, T, d, o, depth, act, block, ahead);
+    else
+      walk<float>(x.data_ptr<float>(), w_in.data_ptr<float>(), bi, w_out.data_ptr<float>(), bo, y.data_ptr<float>(), np, T, d, o, depth, act);
   } else {
     TORCH_CHECK(w_in.scalar_type() == torch::kBFloat16, "cmm: weights must be float32 or bfloat16");
-    walk<uint16_t>(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w_in.data_ptr<at::BFloat16>()), bi,
-                   reinterpret_cast<const uint16_t*>(w_out.data_ptr<at::BFloat16>()), bo, y.data_ptr<float>(), np, T, d, o, depth, act);
+    const uint16_t* wi = reinterpret_cast<const uint16_t*>(w_in.data_ptr<at::BFloat16>());
+    const uint16_t* wo = reinterpret_cast<const uint16_t*>(w_out.data_ptr<at::BFloat16>());
+    if (block > 0)
+      walk_levels<uint16_t>(x.data_ptr<float>(), wi, bi, wo, bo, y.data_ptr<float>(), np, T, d, o, depth, act, block, ahead);
+    else
+      walk<uint16_t>(x.data_ptr<float>(), wi, bi, wo, bo, y.data_ptr<float>(), np, T, d, o, depth, act);
   }
   return {y, nodes};
 }
