@@ -104,7 +104,8 @@ template <typename W>
 inline void prefetch_full(const W* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
   const int64_t bytes = n * static_cast<int64_t>(sizeof(W));
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+  // locality 1 (prefetcht2): measured ~20% faster cold than into L1 (3) or non-temporal (0)
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 1);
 }
 
 // Many tokens: level by level over a block of tokens. Within a level every token's node is known,
