@@ -164,7 +164,7 @@ def test_decoder_exit_fills_every_skipped_key_value(lm) -> None:
             m(input_ids=prompt, past_key_values=cache, use_cache=True)
             captured = {}
             hook = dec.base.layers[0].register_forward_hook(lambda mod, a, out: captured.__setitem__("h", out))
-            dec.track = True
+            dec.track, dec.tokens_seen, dec.weights_skipped = True, 0, 0.0
             for step in range(3):
                 pos = 6 + step
                 m(input_ids=windows[:1, pos : pos + 1], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos]]))
@@ -172,6 +172,10 @@ def test_decoder_exit_fills_every_skipped_key_value(lm) -> None:
                     assert cache.get_seq_length(j) == pos + 1, (j, step)
             hook.remove()
             assert dec.layers_run == [1, 1, 1]
+            # accounting: each token skipped layers 1..3 except their key / value projections
+            per_layer = [sum(p.numel() for n, p in layer.named_parameters() if n.endswith("proj.weight") and not n.endswith(("k_proj.weight", "v_proj.weight")))
+                         for layer in dec.base.layers]
+            assert dec.tokens_seen == 3 and dec.weights_skipped == 3 * sum(per_layer[1:])
             # the last token's K/V at layer 2 are the projections of the state that left layer 0
             h = captured["h"]
             layer = dec.base.layers[2]

@@ -262,6 +262,15 @@ class ExitingDecoder(LazyModule):
         # the first tokens of a sequence never exit: later tokens attend to them heavily (an
         # attention sink), and a sink's keys / values propagated from an early layer wreck them
         self.dense_prefix = cfg.dense_prefix
+        # compute accounting: the linear weights a token leaving after layer j does not read
+        # (every later layer's, less the key / value projections CALM still computes)
+        from ..adapters import is_linear
+
+        saved = [sum(m.weight.numel() for m in layer.modules() if is_linear(m)) - layer.self_attn.k_proj.weight.numel()
+                 - layer.self_attn.v_proj.weight.numel() for layer in base.layers]
+        self._skip_after = torch.tensor([sum(saved[j:]) for j in range(len(saved) + 1)], dtype=torch.float64)
+        self._stack_weights = sum(m.weight.numel() for m in base.layers.modules() if is_linear(m))
+        self.tokens_seen, self.weights_skipped = 0, 0.0
         self.track = False
 
     def _fill_kv(self, layer: nn.Module, h: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor], cache: Any, j: int) -> None:
@@ -289,6 +298,7 @@ class ExitingDecoder(LazyModule):
         if n_tok > 1 or b > 1 or past_key_values is None or not use_cache or past < self.dense_prefix:  # prefill, batches, no cache, the first tokens: every layer
             if self.track:
                 self.layers_run += [len(base.layers)] * (b * n_tok)
+                self.tokens_seen += b * n_tok
             return base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
                         use_cache=use_cache, **kw)
         if position_ids is None:
@@ -319,6 +329,8 @@ class ExitingDecoder(LazyModule):
                 break
         if self.track:
             self.layers_run.append(ran)
+            self.tokens_seen += 1
+            self.weights_skipped += float(self._skip_after[ran])
         out = base.norm(h) if ran == n else self.exits.exit_hidden(ran - 1, h, base.norm)
         return BaseModelOutputWithPast(last_hidden_state=out, past_key_values=past_key_values)
 
@@ -374,10 +386,12 @@ class ExitingDecoder(LazyModule):
             final[~exited] = base.norm(h[~exited])
         if self.track:
             self.layers_run += ran.flatten().tolist()
+            self.tokens_seen += ran.numel()
+            self.weights_skipped += float(self._skip_after[ran.flatten()].sum())
         return self.lm_head(final)
 
     def weight_elements(self) -> int:
-        return 0
+        return self._stack_weights
 
 
 @register
