@@ -3,6 +3,7 @@ per-token exit on SmolLM2-135M decoding, each against the dense model in the sam
 
     .venv/bin/python benchmarks/early_exit.py              # ~20 min on 2 cores (plus the dense fine-tune if not cached)
     .venv/bin/python benchmarks/early_exit.py --quick      # smoke run
+    .venv/bin/python benchmarks/early_exit.py --part decoder --retime  # time the last run's decoder thresholds again (~15 min)
 
 Encoder: the dense fine-tuned MiniLM-L6 (shared with benchmarks/fff.py, cached) gets exit heads
 after layers 1-5 trained with the backbone frozen: on the labels (DeeBERT) and by
@@ -125,11 +126,10 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
         print(f"{name:18s} batch {bs:2d}: {med:7.1f} sentences/s = {rmed:.2f}x dense", flush=True)
 
 
-def decoder(args: argparse.Namespace, recs: list[Record]) -> None:
-    name = "smollm2-135m"
-    model, tok = ln.models.load(name)
+def calibrate(args: argparse.Namespace, model, tok, name: str, n_train: int, n_cal: int) -> tuple[list, dict]:  # type: ignore[no-untyped-def]
+    """Train exit heads (with and without a tuned lens) on news train text and pick a threshold per
+    agreement budget on news calibration text."""
     layers = list(range(8, 29, 2))
-    n_train, n_cal, n_test = (8, 4, 4) if args.quick else (64, 32, 32)
     train_w = data.windows(tok, "news", "train", 256, n_train)
     cal_w = data.windows(tok, "news", "calibration", 256, n_cal)
     states = collect_lm_states(model, train_w, layers)
@@ -156,8 +156,36 @@ def decoder(args: argparse.Namespace, recs: list[Record]) -> None:
         if lens:  # the demo's setting
             t = next(p["threshold"] for b, p in zip(budgets, picks) if b == (0.1 if 0.1 in budgets else budgets[0]))
             path.with_suffix(".thresholds.json").write_text(json.dumps({"learned": min(t, 2.0)}))
-    del states
-    s = runner.quick() if args.quick else BenchSettings(new_tokens=24, repeats=3, batches=(1,), hf_generate=False)
+    return cfgs, picked
+
+
+def previous_picks(path: str, n_layers: float) -> tuple[list, dict]:
+    """The thresholds of the last full decoder run (its records), to measure them again."""
+    rd = [r for r in read(path) if r["model"] == "smollm2-135m" and r["method"] == "early_exit"]
+    cal = {(r["params"]["checkpoint"], r["params"]["threshold"]): r for r in rd if r["metric"] == "calibration_agreement"}
+    if not cal:
+        raise SystemExit(f"--retime needs the records of a full decoder run in {path}; run without --retime first")
+    cfgs, picked = [], {}
+    for (ckpt, t), r in cal.items():
+        get = lambda m: next(x["value"] for x in rd if x["metric"] == m and x["params"]["threshold"] == t and x["params"]["checkpoint"] == ckpt)  # noqa: E731
+        pick = {"threshold": t, "quality": r["value"], "loss_upper": get("calibration_loss_bound"), "mean_layers": get("calibration_mean_layers"),
+                "n_layers": n_layers}
+        cfgs.append(EarlyExitConfig(criterion="learned", threshold=t, checkpoint=ckpt))
+        picked[(ckpt, t)] = (r["params"]["exit"], r["params"]["agreement_budget"], pick)
+    return cfgs, picked
+
+
+def decoder(args: argparse.Namespace, recs: list[Record]) -> None:
+    name = "smollm2-135m"
+    model, tok = ln.models.load(name)
+    n_train, n_cal, n_test = (8, 4, 4) if args.quick else (64, 32, 32)
+    cfgs: list[EarlyExitConfig] = []
+    picked: dict[tuple[str, float], tuple[str, float, dict]] = {}
+    if args.retime:
+        cfgs, picked = previous_picks(args.out, float(model.config.num_hidden_layers))
+    else:
+        cfgs, picked = calibrate(args, model, tok, name, n_train, n_cal)
+    s = runner.quick() if args.quick else BenchSettings(new_tokens=64, repeats=5, batches=(1,), hf_generate=False)
     s.batches, s.ppl_windows, s.ppl_length = (1,), n_test, 256
     out = runner.run(name, model, tok, cfgs, s, progress=True)
     test_w = data.windows(tok, "news", "test", 256, n_test)
@@ -196,6 +224,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--max-loss", type=float, default=0.01, help="encoder: accuracy budget on the calibration split (fraction)")
     ap.add_argument("--part", choices=["all", "encoder", "decoder"], default="all")
+    ap.add_argument("--retime", action="store_true", help="decoder: measure the thresholds of the last full run again (no training / calibration)")
     ap.add_argument("--delta", type=float, default=0.1, help="decoder: thresholds hold their agreement budget with confidence 1 - delta on calibration text")
     ap.add_argument("--out", default=str(OUT / "early_exit.jsonl"))
     args = ap.parse_args()
