@@ -15,8 +15,12 @@ layers' inputs, and for each skipped layer only the key / value projections of t
 computed and written to the KV cache, so later tokens attend to keys and values that exist. The
 final norm and LM head are reused; the default criterion is ``learned`` (a linear score per exit
 layer on the hidden state; ``max_prob`` / ``entropy`` / ``patience`` read the LM head at every
-exit check, which costs a sizeable share of a small model's step). Prefill and batched calls run
-every layer.
+exit check, which costs a sizeable share of a small model's step). Prefill, batched calls and the
+first ``dense_prefix`` tokens of a sequence (its attention sink) run every layer. Optionally a
+per-exit affine "tuned lens" (``train_lm_exits(lens=True)``) maps the exited state to the final
+normalised state before the LM head. :meth:`ExitingDecoder.window_logits` gives what the decode
+loop gives, over whole windows at the cost of one forward, for measuring quality and for
+:func:`calibrate_lm_threshold`.
 
 Exit heads live in a safetensors checkpoint (:func:`train_classifier_exits`,
 :func:`train_lm_exits`); :func:`thresholds_for` picks a threshold for a quality budget on a
