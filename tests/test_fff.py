@@ -72,6 +72,22 @@ def test_cmm_distinct_rows_give_distinct_paths() -> None:
     assert len({tuple(r) for r in nodes.tolist()}) > 32
 
 
+@pytest.mark.parametrize("batch", [1, 37, 300])
+def test_cmm_accepts_row_strided_weights(batch: int) -> None:
+    """A packed layout (each node's input and output rows side by side in one buffer) is read
+    through row strides, no copy: the same result as contiguous weights."""
+    w_in, b_in, w_out, b_out = _tree(6, 48, 40)
+    packed = torch.cat([w_in, w_out], 1)
+    pi, po = packed[:, :48], packed[:, 48:]
+    assert not pi.is_contiguous() and pi.stride(0) == 88
+    x = torch.randn(batch, 48)
+    y, nodes = K.cmm(x, pi, b_in, po, b_out, return_nodes=True)
+    y_ref, nodes_ref = K.reference(x, w_in, b_in, w_out, b_out)
+    assert torch.allclose(y, y_ref, atol=1e-3, rtol=1e-4) and torch.equal(nodes, nodes_ref)
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        K.cmm(x, w_in.t().contiguous().t(), b_in, w_out, b_out)
+
+
 def test_cmm_rejects_bad_shapes() -> None:
     w_in, b_in, w_out, b_out = _tree(3, 16, 8)
     with pytest.raises((RuntimeError, ValueError)):

@@ -5,8 +5,8 @@ when its pre-activation is <= 0) and ``2n+2`` (> 0). Token ``t`` visits one node
 
     a = w_in[n] @ x[t] + b_in[n];  y[t] += act(a) * w_out[n];  n = 2n + 1 + (a > 0)
 
-``w_in`` is (N, d_in) and ``w_out`` (N, d_out), both row-major: a visited node costs two
-contiguous rows. :func:`reference` is the pure-torch ground truth, :func:`masked_dense` the same
+``w_in`` is (N, d_in) and ``w_out`` (N, d_out), each row contiguous (a row stride is allowed, so
+both may be views of one packed (N, d_in + d_out) buffer): a visited node costs two rows. :func:`reference` is the pure-torch ground truth, :func:`masked_dense` the same
 result from the dense product over all nodes (for tests), :func:`cmm` the compiled walk.
 """
 

@@ -65,7 +65,7 @@ inline float activate(float a, int64_t act) {
 
 template <typename W>
 void walk(const float* x, const W* win, const float* bin, const W* wout, const float* bout, float* y, int64_t* nodes,
-          int64_t T, int64_t d, int64_t o, int64_t depth, int64_t act) {
+          int64_t T, int64_t d, int64_t o, int64_t li, int64_t lo, int64_t depth, int64_t act) {
   const int64_t groups = (T + kGroup - 1) / kGroup;
   // small batches stay on one thread: a parallel region costs more than a few walks
   const int64_t grain = T <= 16 ? groups : 1;
@@ -82,17 +82,17 @@ void walk(const float* x, const W* win, const float* bin, const W* wout, const f
         float a[kGroup];
         for (int64_t k = 0; k < nt; ++k) {
           const int64_t n = node[k];
-          a[k] = dot(x + (t0 + k) * d, win + n * d, d) + (bin ? bin[n] : 0.f);
+          a[k] = dot(x + (t0 + k) * d, win + n * li, d) + (bin ? bin[n] : 0.f);
           if (nodes) nodes[(t0 + k) * (depth + 1) + l] = n;
           if (l < depth) {  // both children's input rows: one of them is next
-            prefetch_row(win + (2 * n + 1) * d, d, 16);
-            prefetch_row(win + (2 * n + 2) * d, d, 16);
+            prefetch_row(win + (2 * n + 1) * li, d, 16);
+            prefetch_row(win + (2 * n + 2) * li, d, 16);
           }
-          prefetch_row(wout + n * o, o, 16);
+          prefetch_row(wout + n * lo, o, 16);
         }
         for (int64_t k = 0; k < nt; ++k) {
           const int64_t n = node[k];
-          axpy(y + (t0 + k) * o, wout + n * o, activate(a[k], act), o);
+          axpy(y + (t0 + k) * o, wout + n * lo, activate(a[k], act), o);
           node[k] = 2 * n + 1 + (a[k] > 0.f ? 1 : 0);
         }
       }
@@ -113,7 +113,7 @@ inline void prefetch_full(const W* p, int64_t n) {
 // the memory system always has several rows in flight instead of one dependent chain per token.
 template <typename W>
 void walk_levels(const float* x, const W* win, const float* bin, const W* wout, const float* bout, float* y, int64_t* nodes,
-                 int64_t T, int64_t d, int64_t o, int64_t depth, int64_t act, int64_t block, int64_t ahead) {
+                 int64_t T, int64_t d, int64_t o, int64_t li, int64_t lo, int64_t depth, int64_t act, int64_t block, int64_t ahead) {
   const int64_t blocks = (T + block - 1) / block;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> node(block);
@@ -127,18 +127,18 @@ void walk_levels(const float* x, const W* win, const float* bin, const W* wout, 
       }
       for (int64_t l = 0; l <= depth; ++l) {
         for (int64_t k = 0; k < std::min(ahead, nt); ++k) {
-          prefetch_full(win + node[k] * d, d);
-          prefetch_full(wout + node[k] * o, o);
+          prefetch_full(win + node[k] * li, d);
+          prefetch_full(wout + node[k] * lo, o);
         }
         for (int64_t k = 0; k < nt; ++k) {
           if (k + ahead < nt) {
-            prefetch_full(win + node[k + ahead] * d, d);
-            prefetch_full(wout + node[k + ahead] * o, o);
+            prefetch_full(win + node[k + ahead] * li, d);
+            prefetch_full(wout + node[k + ahead] * lo, o);
           }
           const int64_t n = node[k];
-          const float a = dot(x + (t0 + k) * d, win + n * d, d) + (bin ? bin[n] : 0.f);
+          const float a = dot(x + (t0 + k) * d, win + n * li, d) + (bin ? bin[n] : 0.f);
           if (nodes) nodes[(t0 + k) * (depth + 1) + l] = n;
-          axpy(y + (t0 + k) * o, wout + n * o, activate(a, act), o);
+          axpy(y + (t0 + k) * o, wout + n * lo, activate(a, act), o);
           node[k] = 2 * n + 1 + (a > 0.f ? 1 : 0);
         }
       }
@@ -149,9 +149,10 @@ void walk_levels(const float* x, const W* win, const float* bin, const W* wout, 
 std::vector<torch::Tensor> cmm(torch::Tensor x, torch::Tensor w_in, torch::Tensor b_in, torch::Tensor w_out, torch::Tensor b_out,
                                int64_t depth, int64_t act, bool return_nodes) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "cmm: x must be contiguous float32 (tokens, d)");
-  TORCH_CHECK(w_in.dim() == 2 && w_out.dim() == 2 && w_in.is_contiguous() && w_out.is_contiguous(), "cmm: weights must be contiguous 2-d");
+  TORCH_CHECK(w_in.dim() == 2 && w_out.dim() == 2 && w_in.stride(1) == 1 && w_out.stride(1) == 1 && w_in.stride(0) >= w_in.size(1) &&
+              w_out.stride(0) >= w_out.size(1), "cmm: weights must be 2-d with contiguous rows");
   TORCH_CHECK(w_in.scalar_type() == w_out.scalar_type(), "cmm: w_in and w_out must share a dtype");
-  const int64_t T = x.size(0), d = x.size(1), N = w_in.size(0), o = w_out.size(1);
+  const int64_t T = x.size(0), d = x.size(1), N = w_in.size(0), o = w_out.size(1), li = w_in.stride(0), lo = w_out.stride(0);
   TORCH_CHECK(w_in.size(1) == d, "cmm: w_in is (N, ", w_in.size(1), ") but x has ", d, " features");
   TORCH_CHECK(w_out.size(0) == N, "cmm: w_out has ", w_out.size(0), " rows, w_in ", N);
   TORCH_CHECK(depth >= 0 && N == (int64_t(2) << depth) - 1, "cmm: depth ", depth, " needs ", (int64_t(2) << depth) - 1, " nodes, got ", N);
@@ -180,17 +181,17 @@ std::vector<torch::Tensor> cmm(torch::Tensor x, torch::Tensor w_in, torch::Tenso
   const int64_t block = (T >= 2 && T <= 256) ? 64 : 0, ahead = 2;
   if (w_in.scalar_type() == torch::kFloat32) {
     if (block > 0)
-      walk_levels<float>(x.data_ptr<float>(), w_in.data_ptr<float>(), bi, w_out.data_ptr<float>(), bo, y.data_ptr<float>(), np, T, d, o, depth, act, block, ahead);
+      walk_levels<float>(x.data_ptr<float>(), w_in.data_ptr<float>(), bi, w_out.data_ptr<float>(), bo, y.data_ptr<float>(), np, T, d, o, li, lo, depth, act, block, ahead);
     else
-      walk<float>(x.data_ptr<float>(), w_in.data_ptr<float>(), bi, w_out.data_ptr<float>(), bo, y.data_ptr<float>(), np, T, d, o, depth, act);
+      walk<float>(x.data_ptr<float>(), w_in.data_ptr<float>(), bi, w_out.data_ptr<float>(), bo, y.data_ptr<float>(), np, T, d, o, li, lo, depth, act);
   } else {
     TORCH_CHECK(w_in.scalar_type() == torch::kBFloat16, "cmm: weights must be float32 or bfloat16");
     const uint16_t* wi = reinterpret_cast<const uint16_t*>(w_in.data_ptr<at::BFloat16>());
     const uint16_t* wo = reinterpret_cast<const uint16_t*>(w_out.data_ptr<at::BFloat16>());
     if (block > 0)
-      walk_levels<uint16_t>(x.data_ptr<float>(), wi, bi, wo, bo, y.data_ptr<float>(), np, T, d, o, depth, act, block, ahead);
+      walk_levels<uint16_t>(x.data_ptr<float>(), wi, bi, wo, bo, y.data_ptr<float>(), np, T, d, o, li, lo, depth, act, block, ahead);
     else
-      walk<uint16_t>(x.data_ptr<float>(), wi, bi, wo, bo, y.data_ptr<float>(), np, T, d, o, depth, act);
+      walk<uint16_t>(x.data_ptr<float>(), wi, bi, wo, bo, y.data_ptr<float>(), np, T, d, o, li, lo, depth, act);
   }
   return {y, nodes};
 }
