@@ -277,6 +277,19 @@ class ExitingDecoder(LazyModule):
         self.tokens_seen, self.weights_skipped = 0, 0.0
         self.track = False
 
+    def _check(self, j: int, hl: torch.Tensor, streak: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The exit test after layer ``j`` for states ``hl`` (N, d), with the patience criterion's
+        streak / previous prediction (N,): (exit (N,) bool, streak, prev)."""
+        logits = score = None
+        if self.decide.criterion == "learned":
+            score = self.exits.scores[str(j)](hl)
+        else:
+            logits = self.lm_head(self.exits.exit_hidden(j, hl, self.base.norm))
+            pred = logits.argmax(-1)
+            streak = torch.where(pred == prev, streak + 1, torch.ones_like(streak))
+            prev = pred
+        return self.decide(logits, score, streak), streak, prev
+
     def _fill_kv(self, layer: nn.Module, h: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor], cache: Any, j: int) -> None:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -317,16 +330,8 @@ class ExitingDecoder(LazyModule):
             h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=position_ids, past_key_values=past_key_values, use_cache=True)
             if j == n - 1 or str(j) not in self.exits.scores or j < self.min_layer:
                 continue
-            hl = h[:, -1]
-            logits = score = None
-            if self.decide.criterion == "learned":
-                score = self.exits.scores[str(j)](hl)
-            else:
-                logits = self.lm_head(self.exits.exit_hidden(j, hl, base.norm))
-                pred = logits.argmax(-1)
-                streak = torch.where(pred == prev, streak + 1, torch.ones_like(streak))
-                prev = pred
-            if bool(self.decide(logits, score, streak)[0]):
+            done, streak, prev = self._check(j, h[:, -1], streak, prev)
+            if bool(done[0]):
                 ran = j + 1
                 for k in range(j + 1, n):  # CALM: skipped layers get K/V from the exited state
                     self._fill_kv(layers[k], h, pe, past_key_values, k)
@@ -369,17 +374,8 @@ class ExitingDecoder(LazyModule):
                 continue
             live = ~exited
             live[:, : self.dense_prefix] = False
-            hl = h[live]
-            logits = score = None
-            if self.decide.criterion == "learned":
-                score = self.exits.scores[str(j)](hl)
-            else:
-                logits = self.lm_head(self.exits.exit_hidden(j, hl, base.norm))
-                pred = logits.argmax(-1)
-                streak[live] = torch.where(pred == prev[live], streak[live] + 1, torch.ones_like(pred))
-                prev[live] = pred
             done = live.clone()
-            done[live] = self.decide(logits, score, streak[live])
+            done[live], streak[live], prev[live] = self._check(j, h[live], streak[live], prev[live])
             if bool(done.any()):
                 final[done] = self.exits.exit_hidden(j, h[done], base.norm)
             ran[done] = j + 1
