@@ -3,6 +3,7 @@ and a static greedy baseline measured in the same run.
 
     .venv/bin/python benchmarks/gating.py                   # all parts (~90 min on 2 cores)
     .venv/bin/python benchmarks/gating.py --part orders     # greedy removal orders (global + per domain, ~25 min, cached)
+    .venv/bin/python benchmarks/gating.py --part search     # per-domain swap search from the static masks (~40 min, cached)
     .venv/bin/python benchmarks/gating.py --part quality    # train gates (cached checkpoints reused, ~25 min) + perplexity
     .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense (needs the checkpoints)
     .venv/bin/python benchmarks/gating.py --part overhead   # gate decision time vs a dense forward (~1 min)
@@ -56,13 +57,16 @@ from lazyneuron.methods.gating import (
     MODULES,
     GatePredictor,
     GateTraining,
+    MaskScorer,
     ModuleGatingConfig,
     calibrate_threshold,
     default_gates_path,
+    lm_loss,
     module_costs,
     set_context,
     static_greedy_order,
     static_predictor,
+    swap_search,
     total_token_cost,
     train_gates,
 )
@@ -107,6 +111,32 @@ def domain_orders(model, tok, count: int) -> dict[str, list[tuple[int, str]]]:  
     return out
 
 
+def searched_masks(model, tok, level: float, order, args) -> tuple[dict, dict]:  # type: ignore[no-untyped-def]
+    """Per-domain keep masks at ``level``: the static mask improved by ``swap_search`` on the
+    domain's own train text (``--search-windows`` x 128 tokens), kept only where it also lowers
+    the loss on 8 x 128 held-out calibration windows of that domain (else the static mask)."""
+    n = len(model.model.layers)
+    k = round(level * n * len(MODULES))
+    start = _keep(order, k, n)
+    path = cache_dir("checkpoints") / f"{MODEL}.search-{round(level * 100):02d}-{args.search_windows}x{args.search_rounds}.json"
+    info = json.loads(path.read_text()) if path.exists() and not args.retrain else {}
+    masks = {}
+    for d in DOMAINS:
+        if d not in info:
+            w = data.windows(tok, d, "train", 128, args.search_windows)
+            t0 = time.perf_counter()
+            keep, hist = swap_search(model, w, start, score_from=PROMPT, rounds=args.search_rounds, desc=f"swap search {d} {level:.0%}")
+            sel = MaskScorer(model, data.windows(tok, d, "calibration", 128, 9)[1:], PROMPT)
+            l0, l1 = sel.loss(start), sel.loss(keep)
+            info[d] = {"keep": keep.int().tolist(), "search_loss": hist, "heldout_loss_static": l0, "heldout_loss_searched": l1,
+                       "accepted": l1 < l0, "swaps": len(hist) - 1, "seconds": time.perf_counter() - t0}
+            path.write_text(json.dumps(info))
+            print(f"search {level:.2f} {d:9s}: train loss {hist[0]:.4f} -> {hist[-1]:.4f} ({len(hist) - 1} swaps), held-out {l0:.4f} -> {l1:.4f} "
+                  f"{'accepted' if l1 < l0 else 'rejected'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        masks[d] = torch.tensor(info[d]["keep"]).bool() if info[d]["accepted"] else start
+    return masks, info
+
+
 def train_batches(tok, n_per_domain: int, length: int) -> list:  # type: ignore[no-untyped-def]
     ws = {d: data.windows(tok, d, "train", length, n_per_domain) for d in DOMAINS}
     out = []
@@ -136,14 +166,23 @@ def gates_for(model, tok, level: float, tag: str, order, orders, args, init: str
     ``init``: domain (each context row starts from its domain's greedy mask, margin 3, lr 1e-3) or
     global (every row starts from the global static mask, margin 2, lr 2e-2: training must find
     the per-domain differences itself)."""
-    path = default_gates_path(MODEL, level, tag + ("" if init == "domain" else "-g") + ("-quick" if args.quick else ""))
+    path = default_gates_path(MODEL, level, tag + {"domain": "", "global": "-g", "search": "-s"}[init] + ("-quick" if args.quick else ""))
     info_path = Path(str(path) + ".json")
     if path.exists() and info_path.exists() and not args.retrain:
         return str(path), json.loads(info_path.read_text())
     n = len(model.model.layers)
     k = round(level * n * len(MODULES))
     pred = GatePredictor(model.config.hidden_size, n, {"domain": list(DOMAINS)}, gate_tokens=PROMPT, model_type="llama")
-    if init == "domain":
+    if init == "search":
+        masks, sinfo = searched_masks(model, tok, level, order, args)
+        pred.init_masks({"domain": {None: _keep(order, k, n), **masks}})
+        if tag == "frozen":  # the searched masks are the gates: nothing more to train
+            pred.meta.update({"target_sparsity": level, "trained_on": f"swap search on {args.search_windows} x 128 train tokens per domain"})
+            pred.save(path)
+            info = {"selected": "searched", "accepted": {d: sinfo[d]["accepted"] for d in DOMAINS}}
+            info_path.write_text(json.dumps(info))
+            return str(path), info
+    elif init == "domain":
         pred.init_masks({"domain": {None: _keep(order, k, n), **{d: _keep(orders[d], k, n) for d in DOMAINS}}})
     else:
         pred.init_masks({"domain": {v: _keep(order, k, n) for v in (None, *DOMAINS)}}, margin=2.0)
@@ -153,8 +192,13 @@ def gates_for(model, tok, level: float, tag: str, order, orders, args, init: str
     sel = {d: data.windows(tok, d, "calibration", 128, 3)[1:] for d in DOMAINS}  # not the windows the per-domain greedy orders saw
     with ln.applied(model, ModuleGatingConfig(checkpoint=str(init_path))):
         init_loss = selection_loss(model, sel)
-    batches = train_batches(tok, 4 if args.quick else args.steps, 96)
-    cfg = GateTraining(target=level, lora_rank=8 if tag == "lowrank" else 0, lr=1e-3 if init == "domain" else 2e-2, tau=(0.5, 0.1), estimator=args.estimator)
+    if init == "search":  # adapters trained on the domains' own text (next-token loss), masks held near their start
+        batches = train_batches(tok, 4 if args.quick else args.lm_steps, 128)
+        cfg = GateTraining(target=level, lora_rank=args.lora_rank, lr=1e-3, lora_lr=args.lora_lr, tau=(0.5, 0.1), estimator=args.estimator,
+                           task_loss=lm_loss, teacher=False, context_dropout=0.0)
+    else:
+        batches = train_batches(tok, 4 if args.quick else args.steps, 96)
+        cfg = GateTraining(target=level, lora_rank=8 if tag == "lowrank" else 0, lr=1e-3 if init == "domain" else 2e-2, tau=(0.5, 0.1), estimator=args.estimator)
     train_gates(model, batches, {"domain": list(DOMAINS)}, cfg, gate_tokens=PROMPT, init=pred, checkpoint=str(path) + ".train", progress=True)
     calibrate_threshold(model, [(b[0][:, :PROMPT], b[1]) for b in batches], level)
     trained_loss = selection_loss(model, sel)
@@ -450,14 +494,20 @@ def draw(path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["all", "orders", "quality", "timing", "overhead", "encoder"], default="all")
+    ap.add_argument("--part", choices=["all", "orders", "search", "quality", "timing", "overhead", "encoder"], default="all")
     ap.add_argument("--encoder-target", type=float, default=0.3)
     ap.add_argument("--encoder-rows", type=int, default=2000, help="train rows per task (MiniLM fine-tuning costs ~1.5 s per batch of 32 here)")
     ap.add_argument("--encoder-epochs", type=int, default=1)
     ap.add_argument("--kinds", default="frozen,lowrank", help="gate kinds to train and measure: frozen, lowrank")
     ap.add_argument("--steps", type=int, default=60, help="training batches (4 domains x 96 tokens each) per gate checkpoint")
     ap.add_argument("--estimator", choices=["relaxed", "straight_through"], default="relaxed")
-    ap.add_argument("--inits", default="domain,global", help="gate starts to train from: domain (per-domain greedy masks), global (the static mask)")
+    ap.add_argument("--inits", default="domain,global,search",
+                    help="gate starts: domain (per-domain greedy masks), global (the static mask), search (static mask improved per domain by swap search)")
+    ap.add_argument("--search-windows", type=int, default=6, help="train windows (x 128 tokens) per domain for the swap search")
+    ap.add_argument("--search-rounds", type=int, default=4)
+    ap.add_argument("--lm-steps", type=int, default=120, help="batches (4 domains x 128 tokens) for the adapters of the search variant")
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--quick", action="store_true")
@@ -476,6 +526,13 @@ def main() -> None:
         total = len(model.model.layers) * len(MODULES)
         static_order(model, tok, round(max(LEVELS) * total), args.quick)
         domain_orders(model, tok, round(max(LEVELS) * total))
+        return
+    if args.part == "search":
+        model, tok = _load()
+        total = len(model.model.layers) * len(MODULES)
+        order = static_order(model, tok, round(max(LEVELS) * total), args.quick)
+        for level in LEVELS:
+            searched_masks(model, tok, level, order, args)
         return
     for part in (("quality", "timing", "overhead", "encoder") if args.part == "all" else (args.part,)):
         recs: list[Record] = []

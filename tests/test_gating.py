@@ -21,12 +21,14 @@ from lazyneuron.methods.gating import (
     GatePredictor,
     GateTraining,
     ModuleGatingConfig,
+    lm_loss,
     calibrate_threshold,
     context,
     set_context,
     sparsity_loss,
     static_greedy_order,
     static_predictor,
+    swap_search,
     train_gates,
 )
 from lazyneuron.tasks import TextClassifier
@@ -230,6 +232,28 @@ def test_training_reaches_the_target_and_checkpoints_round_trip(lm, tmp_path) ->
             assert torch.allclose(lm(input_ids=x).logits, trained, atol=1e-6)
 
 
+def test_lm_loss_without_teacher_trains_adapters_on_the_text(lm) -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 128, (2, 12), generator=g)
+    logits = torch.randn(2, 12, 128)
+    ce = torch.nn.functional.cross_entropy(logits[:, 3:-1].flatten(0, 1), x[:, 4:].flatten())
+    assert lm_loss(logits, (x, {}), start=3).item() == pytest.approx(ce.item())
+    assert lm_loss(logits, (x, {}), logits.clone(), kd=0.5, start=3).item() == pytest.approx(ce.item(), abs=1e-5)  # KL to itself is 0
+    assert lm_loss(logits, (x, {}), torch.randn(2, 12, 128), kd=0.5, start=3).item() > ce.item()
+    with pytest.raises(ln.ConfigError, match="task_loss"):
+        GateTraining(target=0.2, teacher=False)
+    seen = []
+
+    def loss(logits, batch, teacher):  # type: ignore[no-untyped-def]
+        seen.append(teacher)
+        return lm_loss(logits, batch, teacher)
+
+    batches = [(torch.randint(0, 128, (2, 16), generator=g), {"domain": ["a", "b"]}) for _ in range(4)]
+    train_gates(lm, batches, {"domain": ["a", "b"]}, GateTraining(target=0.25, lora_rank=2, task_loss=loss, teacher=False), gate_tokens=8, progress=False)
+    assert seen and all(t is None for t in seen)  # no dense teacher forward
+    assert any(float(m.b.abs().sum()) > 0 for m in lm.model.lora_modules())
+
+
 def test_sparsity_loss_has_absolute_and_squared_terms() -> None:
     keep = torch.tensor([1.0, 0.0, 1.0, 1.0])  # skip rate 0.25
     assert sparsity_loss(keep, 0.25).item() == 0.0
@@ -260,6 +284,30 @@ def test_static_greedy_order_picks_the_cheapest_removal_first(lm) -> None:
             logits = _zeroed(lm, [(j, m)], w)
             losses[(j, m)] = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), w[:, 1:].flatten()).item()
     assert order[0] == min(losses, key=losses.get)
+
+
+def _loss_zeroed(lm, skip, w, score_from=0) -> float:  # type: ignore[no-untyped-def]
+    logits = _zeroed(lm, skip, w)
+    return torch.nn.functional.cross_entropy(logits[:, score_from:-1].flatten(0, 1), w[:, score_from + 1:].flatten()).item()
+
+
+def test_swap_search_keeps_the_count_and_lowers_the_loss(lm) -> None:
+    w = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    single = {(j, m): _loss_zeroed(lm, [(j, m)], w, 4) for j in range(4) for m in MODULES}
+    worst = sorted(single, key=single.get)[-2:]  # start from the two most harmful removals
+    keep = torch.ones(4, 2, dtype=torch.bool)
+    for j, m in worst:
+        keep[j, MODULES.index(m)] = False
+    new, hist = swap_search(lm, w, keep, score_from=4, rounds=4, progress=False)
+    assert int((~new).sum()) == 2 and not torch.equal(new, keep)
+    assert all(b < a for a, b in zip(hist, hist[1:])) and len(hist) >= 2
+    skip = [(j, MODULES[mi]) for j, mi in (~new).nonzero().tolist()]
+    assert hist[-1] == pytest.approx(_loss_zeroed(lm, skip, w, 4), abs=1e-5)  # the scorer's loss is the real model's
+    assert hist[0] == pytest.approx(_loss_zeroed(lm, worst, w, 4), abs=1e-5)
+    with pytest.raises(ln.ConfigError, match="keep mask"):
+        swap_search(lm, w, torch.ones(3, 2, dtype=torch.bool), progress=False)
+    with pytest.raises(ln.ConfigError, match="longer than"):
+        swap_search(lm, w[:, :4], keep, score_from=4, progress=False)
 
 
 def test_encoder_task_gating(tmp_path) -> None:
