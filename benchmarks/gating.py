@@ -114,7 +114,8 @@ def domain_orders(model, tok, count: int) -> dict[str, list[tuple[int, str]]]:  
 def searched_masks(model, tok, level: float, order, args) -> tuple[dict, dict]:  # type: ignore[no-untyped-def]
     """Per-domain keep masks at ``level``: the static mask improved by ``swap_search`` on the
     domain's own train text (``--search-windows`` x 128 tokens), kept only where it also lowers
-    the loss on 8 x 128 held-out calibration windows of that domain (else the static mask)."""
+    the loss on 8 x 128 held-out calibration windows of that domain: of the start and the mask after
+    each accepted swap, the one with the lowest held-out loss is kept."""
     n = len(model.model.layers)
     k = round(level * n * len(MODULES))
     start = _keep(order, k, n)
@@ -125,14 +126,15 @@ def searched_masks(model, tok, level: float, order, args) -> tuple[dict, dict]: 
         if d not in info:
             w = data.windows(tok, d, "train", 128, args.search_windows)
             t0 = time.perf_counter()
-            keep, hist = swap_search(model, w, start, score_from=PROMPT, rounds=args.search_rounds, desc=f"swap search {d} {level:.0%}")
+            res = swap_search(model, w, start, score_from=PROMPT, rounds=args.search_rounds, desc=f"swap search {d} {level:.0%}")
             sel = MaskScorer(model, data.windows(tok, d, "calibration", 128, 9)[1:], PROMPT)
-            l0, l1 = sel.loss(start), sel.loss(keep)
-            info[d] = {"keep": keep.int().tolist(), "search_loss": hist, "heldout_loss_static": l0, "heldout_loss_searched": l1,
-                       "accepted": l1 < l0, "swaps": len(hist) - 1, "seconds": time.perf_counter() - t0}
+            held = [sel.loss(m) for m in res.masks]  # the start and each accepted swap, on held-out text
+            best = min(range(len(held)), key=held.__getitem__)
+            info[d] = {"keep": res.masks[best].int().tolist(), "search_loss": res.losses, "heldout_loss": held, "chosen_step": best,
+                       "accepted": best > 0, "seconds": time.perf_counter() - t0}
             path.write_text(json.dumps(info))
-            print(f"search {level:.2f} {d:9s}: train loss {hist[0]:.4f} -> {hist[-1]:.4f} ({len(hist) - 1} swaps), held-out {l0:.4f} -> {l1:.4f} "
-                  f"{'accepted' if l1 < l0 else 'rejected'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"search {level:.2f} {d:9s}: train loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f} ({len(held) - 1} swaps), held-out "
+                  + " ".join(f"{x:.4f}" for x in held) + f" -> step {best} ({time.perf_counter() - t0:.0f} s)", flush=True)
         masks[d] = torch.tensor(info[d]["keep"]).bool() if info[d]["accepted"] else start
     return masks, info
 
@@ -259,6 +261,8 @@ def quality(args: argparse.Namespace, recs: list[Record]) -> None:
             for tag in ("frozen", "lowrank"):
                 if tag in args.kinds:
                     variants.append((f"gates-{tag}-{init}-init", level, *gates_for(model, tok, level, tag, order, orders, args, init)))
+    if "search" in args.inits and "lowrank" in args.kinds:  # reference: the same adapters trained with nothing skipped
+        variants.append(("dense-lowrank", 0.0, *gates_for(model, tok, 0.0, "lowrank", order, orders, args, "search")))
     heat: dict = {}
     for kind, level, path, info in variants:
         with ln.applied(model, ModuleGatingConfig(checkpoint=path)):
@@ -278,7 +282,7 @@ def quality(args: argparse.Namespace, recs: list[Record]) -> None:
             heat.setdefault((kind, level), {})[d] = keep.mean(0)
             print(f"{kind:14s} {level:.2f} {d:9s} ppl {ppl:8.2f} (dense {dense[d][0]:6.2f}, {100 * (ppl / dense[d][0] - 1):+6.1f}%)  "
                   f"skipped {skipped:.3f}  flops {flops:.3f}", flush=True)
-        if kind != "static":  # how much the domains' masks differ
+        if kind not in ("static", "dense-lowrank"):  # how much the domains' masks differ
             hm = heat[(kind, level)]
             maj = {d: (hm[d] > 0.5) for d in DOMAINS}
             diffs = [float((maj[a] != maj[b]).float().mean()) for i, a in enumerate(DOMAINS) for b in DOMAINS[i + 1:]]

@@ -298,8 +298,10 @@ def test_swap_search_keeps_the_count_and_lowers_the_loss(lm) -> None:
     keep = torch.ones(4, 2, dtype=torch.bool)
     for j, m in worst:
         keep[j, MODULES.index(m)] = False
-    new, hist = swap_search(lm, w, keep, score_from=4, rounds=4, progress=False)
+    new, hist, masks = swap_search(lm, w, keep, score_from=4, rounds=4, progress=False)
     assert int((~new).sum()) == 2 and not torch.equal(new, keep)
+    assert len(masks) == len(hist) and torch.equal(masks[0], keep) and torch.equal(masks[-1], new)
+    assert all(int((~m).sum()) == 2 for m in masks)
     assert all(b < a for a, b in zip(hist, hist[1:])) and len(hist) >= 2
     skip = [(j, MODULES[mi]) for j, mi in (~new).nonzero().tolist()]
     assert hist[-1] == pytest.approx(_loss_zeroed(lm, skip, w, 4), abs=1e-5)  # the scorer's loss is the real model's

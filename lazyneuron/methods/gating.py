@@ -34,7 +34,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -893,19 +893,25 @@ def static_greedy_order(model: nn.Module, windows: torch.Tensor, count: int, *, 
     return order
 
 
+class SwapSearch(NamedTuple):
+    keep: torch.Tensor  # the final mask (layers, 2)
+    losses: list[float]  # loss on the search windows: the start, then after each accepted swap
+    masks: list[torch.Tensor]  # the mask at each of those points (masks[-1] is keep)
+
+
 @torch.no_grad()
 def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, score_from: int = 0, rounds: int = 4, shortlist: int = 12,
-                top: int = 3, progress: bool = True, desc: str = "mask swap search") -> tuple[torch.Tensor, list[float]]:
+                top: int = 3, progress: bool = True, desc: str = "mask swap search") -> SwapSearch:
     """Improve a keep mask (layers, 2) for the text in ``windows`` at a fixed number of skipped
     modules: each round scores restoring every skipped module and removing each of the
     ``shortlist`` kept modules whose single removal cost least (all kept modules are scored in
     the first round), then tries the ``top`` x ``top`` best (restore, remove) pairs and takes the
     best pair if it lowers the loss. Stops after ``rounds`` rounds or when no pair helps.
-    Returns the new mask and the loss after each accepted swap (first entry: the start).
+    Returns the final mask, and the loss and mask at the start and after each accepted swap.
 
     Used per context value (for example on each domain's own text) to turn a static mask into
-    context-aware ones; every accepted swap lowers the loss on ``windows``, so check the result
-    on held-out text before keeping it."""
+    context-aware ones; every accepted swap lowers the loss on ``windows`` only, so choose among
+    ``masks`` on held-out text (the start included) before keeping one."""
     keep = keep.clone().bool()
     if keep.dim() != 2 or keep.shape[1] != len(MODULES):
         raise ConfigError(f"keep mask must be (layers, {len(MODULES)}), got {tuple(keep.shape)}")
@@ -914,7 +920,7 @@ def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, 
         raise ConfigError(f"keep mask has {keep.shape[0]} layers, the model {sc.n}")
     states: list = [None] * sc.n
     cur = sc.loss(keep, fill=states)
-    history = [cur]
+    history, path = [cur], [keep.clone()]
     cand: list[tuple[int, int]] | None = None
     it: Any = range(rounds)
     if progress:
@@ -949,4 +955,5 @@ def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, 
         cand = [c for c in cand if c != best[1]] + [best[0]]  # the restored module becomes a removal candidate
         cur = sc.loss(keep, fill=states)
         history.append(cur)
-    return keep, history
+        path.append(keep.clone())
+    return SwapSearch(keep, history, path)
