@@ -113,21 +113,22 @@ def domain_orders(model, tok, count: int) -> dict[str, list[tuple[int, str]]]:  
 
 def searched_masks(model, tok, level: float, order, args) -> tuple[dict, dict]:  # type: ignore[no-untyped-def]
     """Per-domain keep masks at ``level``: the static mask improved by ``swap_search`` on the
-    domain's own train text (``--search-windows`` x 128 tokens), kept only where it also lowers
-    the loss on 8 x 128 held-out calibration windows of that domain: of the start and the mask after
-    each accepted swap, the one with the lowest held-out loss is kept."""
+    domain's own train text (``--search-windows`` x 128 tokens spread over the split), kept only
+    where it also lowers the loss on held-out text (8 x 128 calibration tokens of that domain,
+    spread over the split): of the start and the mask after each accepted swap, the one with the
+    lowest held-out loss is kept."""
     n = len(model.model.layers)
     k = round(level * n * len(MODULES))
     start = _keep(order, k, n)
-    path = cache_dir("checkpoints") / f"{MODEL}.search-{round(level * 100):02d}-{args.search_windows}x{args.search_rounds}.json"
+    path = cache_dir("checkpoints") / f"{MODEL}.search-{round(level * 100):02d}-{args.search_windows}x{args.search_rounds}-spread.json"
     info = json.loads(path.read_text()) if path.exists() and not args.retrain else {}
     masks = {}
     for d in DOMAINS:
         if d not in info:
-            w = data.windows(tok, d, "train", 128, args.search_windows)
+            w = data.windows(tok, d, "train", 128, args.search_windows, spread=True)
             t0 = time.perf_counter()
             res = swap_search(model, w, start, score_from=PROMPT, rounds=args.search_rounds, desc=f"swap search {d} {level:.0%}")
-            sel = MaskScorer(model, data.windows(tok, d, "calibration", 128, 9)[1:], PROMPT)
+            sel = MaskScorer(model, data.windows(tok, d, "calibration", 128, 8, spread=True), PROMPT)
             held = [sel.loss(m) for m in res.masks]  # the start and each accepted swap, on held-out text
             best = min(range(len(held)), key=held.__getitem__)
             info[d] = {"keep": res.masks[best].int().tolist(), "search_loss": res.losses, "heldout_loss": held, "chosen_step": best,

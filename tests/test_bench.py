@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 from conftest import tiny_causal_lm
 
+import lazyneuron as ln
 from lazyneuron.bench import Record, read, write
 from lazyneuron.bench.decode import hf_generate, lean_generate
 from lazyneuron.bench.plots import pareto, per_layer
@@ -54,3 +57,18 @@ def test_records_round_trip_and_plots(tmp_path) -> None:
     assert pareto(back, tmp_path / "p.png").stat().st_size > 1000
     assert per_layer(back, tmp_path / "l.png").stat().st_size > 1000
     assert "m sparsity=0.5" in table(back)
+
+
+def test_spread_windows_are_disjoint_fixed_and_cover_the_split(monkeypatch) -> None:
+    from lazyneuron import data
+
+    monkeypatch.setattr(data, "token_stream", lambda tok, c, s, n: list(range(1000))[:n])
+    w = data.windows(None, "news", "train", 100, 4, spread=True)
+    assert w.shape == (4, 100) and w[:, 0].tolist() == [125, 375, 625, 875]
+    assert torch.equal(w, data.windows(None, "news", "train", 100, 4, spread=True))
+    assert torch.equal(data.windows(None, "news", "train", 100, 4)[:, 0], torch.tensor([0, 100, 200, 300]))
+    tight = data.windows(None, "news", "train", 240, 4, spread=True)  # barely fits: still disjoint, in range
+    starts = tight[:, 0].tolist()
+    assert all(b - a >= 240 for a, b in zip(starts, starts[1:])) and starts[-1] + 240 <= 1000
+    with pytest.raises(ln.LazyNeuronError, match="fewer than"):
+        data.windows(None, "news", "train", 300, 4, spread=True)

@@ -218,14 +218,24 @@ def token_stream(tokenizer: Any, corpus: str, split: str, max_tokens: int) -> li
     return ids[:max_tokens]
 
 
-def windows(tokenizer: Any, corpus: str, split: str, length: int, count: int) -> "Any":
-    """``count`` fixed windows of ``length`` tokens, (count, length) int64: the same tokens every run."""
+def windows(tokenizer: Any, corpus: str, split: str, length: int, count: int, *, spread: bool = False) -> "Any":
+    """``count`` fixed windows of ``length`` tokens, (count, length) int64: the same tokens every run.
+    By default the split's first ``count * length`` tokens; ``spread=True``: windows evenly spaced
+    over the whole split (window i starts at about (i + 1/2) / count of the way), so a few windows
+    cover many documents instead of the opening of one."""
     import torch
 
-    ids = token_stream(tokenizer, corpus, split, length * count)
+    ids = token_stream(tokenizer, corpus, split, 1 << 62 if spread else length * count)
     if len(ids) < length * count:
         raise LazyNeuronError(f"{corpus}/{split} holds only {len(ids)} tokens, fewer than {count} windows of {length}; lower count or length")
-    return torch.tensor(ids, dtype=torch.long).view(count, length)
+    if not spread:
+        return torch.tensor(ids, dtype=torch.long).view(count, length)
+    n = len(ids)
+    starts = [min(int((i + 0.5) * n / count), n - length) for i in range(count)]
+    for i in range(1, count):  # keep windows disjoint when the split is barely long enough
+        starts[i] = max(starts[i], starts[i - 1] + length)
+    starts = [min(s, n - (count - i) * length) for i, s in enumerate(starts)]
+    return torch.tensor([ids[s:s + length] for s in starts], dtype=torch.long)
 
 
 # -- fetching -------------------------------------------------------------------------------
