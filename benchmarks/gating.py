@@ -28,6 +28,14 @@ calibrated on it, and measured on the test split. Every sequence's mask is decid
   the training (lr 2e-2) has to find per-domain differences itself; same selection rule.
 - gates-lowrank-*: the same starts, trained jointly with rank-8 adapters on every linear of the
   blocks (merged into weight copies at inference).
+- gates-frozen-search: each context row is the static mask improved on that domain's own text by
+  ``swap_search`` (same number of modules skipped; 6 x 128 train tokens spread over the split, up
+  to 4 swaps; of the start and each accepted swap, the mask with the lowest loss on 8 x 128
+  held-out calibration tokens is kept); no-context row = the static mask. The base stays frozen.
+- gates-lowrank-search: those masks, trained jointly with rank-8 adapters on every block linear
+  with the next-token loss on the domains' train text (``--lm-steps`` batches of 4 domains x 128
+  tokens spread over the splits; no teacher); dense-lowrank: the same adapters trained with
+  nothing skipped (how much of the fine-tuned numbers is adaptation to the text).
 Training batches: 60 (domain init) / 45 (global init) batches of 4 domains x 96 train tokens.
 
 Writes benchmarks/results/gating.jsonl, gating_ppl_vs_skipped.png, gating_speed_vs_skipped.png and
@@ -77,6 +85,7 @@ DOMAINS = ("news", "austen", "wikipedia", "hamlet")
 LEVELS = (0.1, 0.25, 0.5)
 MODEL = "smollm2-135m"
 PROMPT = 32
+INIT_TAG = {"domain": "", "global": "-g", "search": "-s"}  # checkpoint name suffix per gate start
 
 
 def _load():  # type: ignore[no-untyped-def]
@@ -140,8 +149,8 @@ def searched_masks(model, tok, level: float, order, args) -> tuple[dict, dict]: 
     return masks, info
 
 
-def train_batches(tok, n_per_domain: int, length: int) -> list:  # type: ignore[no-untyped-def]
-    ws = {d: data.windows(tok, d, "train", length, n_per_domain) for d in DOMAINS}
+def train_batches(tok, n_per_domain: int, length: int, spread: bool = False) -> list:  # type: ignore[no-untyped-def]
+    ws = {d: data.windows(tok, d, "train", length, n_per_domain, spread=spread) for d in DOMAINS}
     out = []
     for i in range(n_per_domain):  # one window of every domain per batch
         out.append((torch.stack([ws[d][i] for d in DOMAINS]), {"domain": list(DOMAINS)}))
@@ -169,7 +178,7 @@ def gates_for(model, tok, level: float, tag: str, order, orders, args, init: str
     ``init``: domain (each context row starts from its domain's greedy mask, margin 3, lr 1e-3) or
     global (every row starts from the global static mask, margin 2, lr 2e-2: training must find
     the per-domain differences itself)."""
-    path = default_gates_path(MODEL, level, tag + {"domain": "", "global": "-g", "search": "-s"}[init] + ("-quick" if args.quick else ""))
+    path = default_gates_path(MODEL, level, tag + INIT_TAG[init] + ("-quick" if args.quick else ""))
     info_path = Path(str(path) + ".json")
     if path.exists() and info_path.exists() and not args.retrain:
         return str(path), json.loads(info_path.read_text())
@@ -196,7 +205,7 @@ def gates_for(model, tok, level: float, tag: str, order, orders, args, init: str
     with ln.applied(model, ModuleGatingConfig(checkpoint=str(init_path))):
         init_loss = selection_loss(model, sel)
     if init == "search":  # adapters trained on the domains' own text (next-token loss), masks held near their start
-        batches = train_batches(tok, 4 if args.quick else args.lm_steps, 128)
+        batches = train_batches(tok, 4 if args.quick else args.lm_steps, 128, spread=True)
         cfg = GateTraining(target=level, lora_rank=args.lora_rank, lr=1e-3, lora_lr=args.lora_lr, tau=(0.5, 0.1), estimator=args.estimator,
                            task_loss=lm_loss, teacher=False, context_dropout=0.0)
     else:
@@ -304,7 +313,7 @@ def timing(args: argparse.Namespace, recs: list[Record]) -> None:
         paths = {"static": cache_dir("checkpoints") / f"{MODEL}.static-{round(level * 100):02d}{q}.safetensors"}
         for init in args.inits:
             for t in args.kinds:
-                paths[f"gates-{t}-{init}-init"] = default_gates_path(MODEL, level, t + ("" if init == "domain" else "-g") + q)
+                paths[f"gates-{t}-{init}-init"] = default_gates_path(MODEL, level, t + INIT_TAG[init] + q)
         for kind, path in paths.items():
             if Path(path).exists():
                 variants[f"{kind}@{level}"] = ModuleGatingConfig(checkpoint=str(path))
