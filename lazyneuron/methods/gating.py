@@ -207,6 +207,8 @@ class LowRankLinear(LazyModule):
         self._merged: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merged is not None and self.enabled and not torch.is_grad_enabled():  # inference: one product
+            return F.linear(x, self._merged, self.base.bias)
         if not self.enabled:
             return self.base(x)
         if torch.is_grad_enabled() and (self.a.requires_grad or self.b.requires_grad):
@@ -262,6 +264,7 @@ class GatedStack(LazyModule):
         self.track = False
         self.history: list[torch.Tensor] = []  # masks of tracked sequences
         self.lora_paths: list[str] = []
+        self._lora_mods: list[LowRankLinear] = []
         if lora:
             lora_rank = next(iter(lora.values())).shape[0] if lora_rank == 0 else lora_rank
         if lora_rank:
@@ -286,6 +289,7 @@ class GatedStack(LazyModule):
         for p, m in wrapped.items():
             set_module(self.layers, p, m)
         self.lora_paths = paths
+        self._lora_mods = list(wrapped.values())
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -295,14 +299,14 @@ class GatedStack(LazyModule):
         return out
 
     def lora_modules(self) -> list[LowRankLinear]:
-        return [self.layers.get_submodule(p) for p in self.lora_paths]
+        return list(self._lora_mods)
 
     def restore_base(self) -> nn.Module:
         from ..surgery import set_module
 
         for p in self.lora_paths:
             set_module(self.layers, p, self.layers.get_submodule(p).restore_base())
-        self.lora_paths = []
+        self.lora_paths, self._lora_mods = [], []
         return self.base
 
     def weight_elements(self) -> int:
@@ -345,9 +349,12 @@ class GatedStack(LazyModule):
 
     # forward
     def forward(self, *args: Any, **kw: Any) -> Any:
-        self._set_lora(self.mode != "dense")
+        run = self._forward_llama if self.family == "llama" else self._forward_bert
+        if self.mode != "dense" or not self._lora_mods:  # adapters stay on (no per-call loop over them)
+            return run(*args, **kw)
+        self._set_lora(False)  # the dense teacher: base weights only
         try:
-            return self._forward_llama(*args, **kw) if self.family == "llama" else self._forward_bert(*args, **kw)
+            return run(*args, **kw)
         finally:
             self._set_lora(True)
 
