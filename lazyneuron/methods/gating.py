@@ -750,14 +750,13 @@ def train_gates(model: nn.Module, batches: Sequence[tuple[torch.Tensor, dict[str
         drop = torch.rand(b, generator=gen) < cfg.context_dropout
         stack.context = {k: [None if d else v for v, d in zip(vals, drop.tolist())] for k, vals in ctx.items()}
         teacher = None
-        with torch.no_grad():
-            if not cfg.teacher:
-                pass
-            elif teacher_model is not None:
-                teacher = fwd(teacher_model, x).float()
-            else:
-                stack.mode = "dense"
-                teacher = fwd(m, x).float()
+        if cfg.teacher:
+            with torch.no_grad():
+                if teacher_model is not None:
+                    teacher = fwd(teacher_model, x).float()
+                else:
+                    stack.mode = "dense"
+                    teacher = fwd(m, x).float()
         stack.mode = "gumbel"
         try:
             logits = fwd(m, x).float()
@@ -818,7 +817,7 @@ def calibrate_threshold(model: nn.Module, inputs: Sequence[tuple[Any, dict[str, 
 class MaskScorer:
     """Mean next-token loss of a Llama-family causal LM on fixed windows (B, T) under a keep mask
     (layers, 2), scored from position ``score_from`` on. ``loss(keep, start, states)`` reruns only
-    the layers from ``start`` on, from hidden states cached by ``loss(keep, states=...)``."""
+    the layers from ``start`` on, from the hidden states a full ``loss(keep, fill=states)`` stored."""
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, score_from: int = 0) -> None:
         from ..adapters import get_adapter
