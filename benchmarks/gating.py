@@ -400,6 +400,49 @@ TASKS = ("mr", "rt", "tweets")
 ENC = "minilm-l6"
 
 
+@torch.no_grad()
+def encoder_task_masks(clf, tok, k: int) -> GatePredictor:  # type: ignore[no-untyped-def]
+    """Per task, the greedy removal of ``k`` modules by the task head's cross-entropy on 256
+    calibration rows of that task (not train, not test); the no-task row skips the ``k`` modules
+    most tasks skip. Returns a predictor holding these masks (margin 3)."""
+    from lazyneuron import tasks
+
+    n = len(clf.bert.encoder.layer)
+    tmp = cache_dir("checkpoints") / f"{ENC}.all-keep.safetensors"
+    static_predictor(clf, []).save(tmp)
+    masks = {}
+    with ln.applied(clf, ModuleGatingConfig(checkpoint=str(tmp))):
+        st = clf.bert.encoder
+        for t in TASKS:
+            bl = tasks.make_batches(tok, tasks.subsample(data.labeled(t, "calibration"), 256), 64, sort=True)
+            clf.for_task(t)
+
+            def score(keep: torch.Tensor) -> float:
+                st.force = keep
+                return statistics.mean(float(F.cross_entropy(clf(b.input_ids, b.attention_mask), b.labels)) for b in bl)
+
+            keep = torch.ones(n, len(MODULES), dtype=torch.bool)
+            for _ in range(k):
+                cands = [tuple(c) for c in keep.nonzero().tolist()]
+                trial = {}
+                for c in cands:
+                    kp = keep.clone()
+                    kp[c] = False
+                    trial[c] = score(kp)
+                best = min(trial, key=trial.get)
+                keep[best] = False
+            masks[t] = keep
+            print(f"encoder search {t}: skip {[(j, MODULES[m]) for j, m in (~keep).nonzero().tolist()]} (calibration CE {score(keep):.4f}, "
+                  f"dense {score(torch.ones_like(keep)):.4f})", flush=True)
+        st.force = None
+    votes = sum((~m).float() for m in masks.values()) + 1e-3 * torch.arange(n * len(MODULES)).view(n, -1).flip(0)  # ties: later layers
+    none = torch.ones(n, len(MODULES), dtype=torch.bool)
+    none.view(-1)[votes.flatten().topk(k).indices] = False
+    pred = GatePredictor(clf.config.hidden_size, n, {"task": list(TASKS)}, gate_tokens=64, model_type=clf.config.model_type)
+    pred.init_masks({"task": {None: none, **masks}})
+    return pred
+
+
 def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
     """MiniLM-L6 shared by three classification tasks, contexts = task, 30% of modules skipped."""
     from lazyneuron import tasks
@@ -416,7 +459,9 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
         recs.append(Record(ENC, "dense", {"task": t, "model": "single-task"}, "accuracy", dense_acc[t], "fraction"))
         recs.append(Record(ENC, "dense", {"task": t, "model": "multi-task"}, "accuracy", multi_acc[t], "fraction"))
     level = args.encoder_target
-    path = cache_dir("checkpoints") / f"{ENC}-multitask-gates-{round(level * 100):02d}-{cap}x{args.encoder_epochs}"
+    searched = args.encoder_init == "search"
+    path = cache_dir("checkpoints") / f"{ENC}-multitask-gates-{round(level * 100):02d}-{cap}x{args.encoder_epochs}{'-searched' if searched else ''}"
+    variant = "gates-full-searched" if searched else "gates-full"
     if not Path(str(path) + ".safetensors").exists() or args.retrain:
         import random
 
@@ -434,10 +479,16 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
             return 0.5 * F.cross_entropy(logits, b.labels) + 0.5 * kd
 
         n = len(clf.bert.encoder.layer)
-        cfg = GateTraining(target=level, full_finetune=True, base_lr=3e-5, lr=3e-3, tau=(1.0, 0.2), task_loss=loss, epochs=1)
-        train_gates(clf, batches, {"task": list(TASKS)}, cfg, gate_tokens=64, forward=fwd,
-                    init=GatePredictor(clf.config.hidden_size, n, {"task": list(TASKS)}, gate_tokens=64, model_type=clf.config.model_type,
-                                       init_keep=0.9))
+        if searched:  # per-task greedy masks on held-out rows, then every weight fine-tuned with the masks held
+            k = round(level * n * len(MODULES))
+            pred = encoder_task_masks(clf, tok, k)
+            level = k / (n * len(MODULES))
+            cfg = GateTraining(target=level, full_finetune=True, base_lr=3e-5, lr=1e-4, tau=(0.5, 0.1), task_loss=loss, epochs=1,
+                               estimator="relaxed", context_dropout=0.0)
+        else:
+            pred = GatePredictor(clf.config.hidden_size, n, {"task": list(TASKS)}, gate_tokens=64, model_type=clf.config.model_type, init_keep=0.9)
+            cfg = GateTraining(target=level, full_finetune=True, base_lr=3e-5, lr=3e-3, tau=(1.0, 0.2), task_loss=loss, epochs=1)
+        train_gates(clf, batches, {"task": list(TASKS)}, cfg, gate_tokens=64, forward=fwd, init=pred)
         calibrate_threshold(clf, [(b, ctx) for (t, b), ctx in batches[:120]], level,
                             embed=lambda b: (clf.bert.embeddings(input_ids=b.input_ids), b.attention_mask.bool()))
         st = clf.bert.encoder
@@ -460,7 +511,7 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
             masks[t] = keep.mean(0)
             skipped = 1 - float(keep.mean())
             flops = float(((1 - keep) * costs).sum((1, 2)).mean() / costs.sum())
-            p = {"task": t, "target_sparsity": level, "variant": "gates-full", "context": f"task={t}"}
+            p = {"task": t, "target_sparsity": level, "variant": variant, "context": f"task={t}"}
             recs += [Record(ENC, "module_gating", p, "accuracy", acc, "fraction"),
                      Record(ENC, "module_gating", p, "accuracy_drop_points", 100 * (dense_acc[t] - acc), "points vs single-task dense"),
                      Record(ENC, "module_gating", p, "modules_skipped", skipped, "fraction"),
@@ -468,9 +519,9 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
             print(f"encoder {t:7s} acc {acc:.4f} (single-task dense {dense_acc[t]:.4f}, multi-task dense {multi_acc[t]:.4f}) "
                   f"skipped {skipped:.3f} weights {flops:.3f}", flush=True)
         diffs = [float(((masks[a] > 0.5) != (masks[b] > 0.5)).float().mean()) for i, a in enumerate(TASKS) for b in TASKS[i + 1:]]
-        recs.append(Record(ENC, "module_gating", {"target_sparsity": level, "variant": "gates-full"}, "mask_difference_between_tasks",
+        recs.append(Record(ENC, "module_gating", {"target_sparsity": level, "variant": variant}, "mask_difference_between_tasks",
                            statistics.mean(diffs), "fraction of decisions"))
-        (OUT / f"gating_keep_encoder_{round(level * 100):02d}.json").write_text(json.dumps({t: masks[t].tolist() for t in TASKS}))
+        (OUT / f"gating_keep_encoder_{round(level * 100):02d}{'_searched' if searched else ''}.json").write_text(json.dumps({t: masks[t].tolist() for t in TASKS}))
     # throughput: the gated multi-task model vs the dense single-task model of each task, interleaved
     sizes = {1: 64 if args.quick else 150, 32: 10_000}
     for bs, limit in sizes.items():
@@ -488,7 +539,7 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
         for t in TASKS:
             d, g = samples[("dense", t)], samples[("gated", t)]
             ratio = summary([a / b for a, b in zip(g, d)])
-            p = {"task": t, "target_sparsity": level, "variant": "gates-full", "context": f"task={t}", "batch": bs}
+            p = {"task": t, "target_sparsity": level, "variant": variant, "context": f"task={t}", "batch": bs}
             recs += [Record(ENC, "dense", {"task": t, "batch": bs}, "encoder_sentences_per_s", summary(d)[0], "sentences/s", spread=summary(d)[1], repeats=len(d)),
                      Record(ENC, "module_gating", p, "encoder_sentences_per_s", summary(g)[0], "sentences/s", spread=summary(g)[1], repeats=len(g)),
                      Record(ENC, "module_gating", p, "encoder_speedup", ratio[0], "x dense", spread=ratio[1], repeats=len(g))]
@@ -512,6 +563,8 @@ def main() -> None:
     ap.add_argument("--encoder-target", type=float, default=0.3)
     ap.add_argument("--encoder-rows", type=int, default=2000, help="train rows per task (MiniLM fine-tuning costs ~1.5 s per batch of 32 here)")
     ap.add_argument("--encoder-epochs", type=int, default=1)
+    ap.add_argument("--encoder-init", choices=["train", "search"], default="train",
+                    help="train: gates trained from scratch jointly with every weight; search: per-task greedy masks, then every weight fine-tuned with them")
     ap.add_argument("--kinds", default="frozen,lowrank", help="gate kinds to train and measure: frozen, lowrank")
     ap.add_argument("--steps", type=int, default=60, help="training batches (4 domains x 96 tokens each) per gate checkpoint")
     ap.add_argument("--estimator", choices=["relaxed", "straight_through"], default="relaxed")
@@ -551,7 +604,12 @@ def main() -> None:
     for part in (("quality", "timing", "overhead", "encoder") if args.part == "all" else (args.part,)):
         recs: list[Record] = []
         {"quality": quality, "timing": timing, "overhead": overhead, "encoder": encoder}[part](args, recs)
-        old = [r for r in read(path) if r["params"].get("part") != part] if path.exists() else []
+        enc_variant = "gates-full-searched" if args.encoder_init == "search" else "gates-full"
+
+        def replaced(r: dict) -> bool:  # the encoder part replaces only its own variant (and the dense rows it remeasures)
+            return r["params"].get("part") == part and (part != "encoder" or r["params"].get("variant") in (None, enc_variant))
+
+        old = [r for r in read(path) if not replaced(r)] if path.exists() else []
         for r in recs:
             r.params["part"] = part
         write(old, path, append=False)
