@@ -8,6 +8,7 @@ and a static greedy baseline measured in the same run.
     .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense (needs the checkpoints)
     .venv/bin/python benchmarks/gating.py --part overhead   # gate decision time vs a dense forward (~1 min)
     .venv/bin/python benchmarks/gating.py --part encoder    # MiniLM-L6 multi-task (mr, rt, tweets), task contexts (~20 min)
+    .venv/bin/python benchmarks/gating.py --part encoder --encoder-init search   # per-task searched masks + full fine-tuning (~12 min)
     .venv/bin/python benchmarks/gating.py --plots-only      # redraw plots from the records
 
 Domains (contexts): news, austen, wikipedia, hamlet; gates are trained on the train split of each,
