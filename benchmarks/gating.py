@@ -146,7 +146,7 @@ def searched_masks(model, tok, level: float, order, args) -> tuple[dict, dict]: 
             path.write_text(json.dumps(info))
             print(f"search {level:.2f} {d:9s}: train loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f} ({len(held) - 1} swaps), held-out "
                   + " ".join(f"{x:.4f}" for x in held) + f" -> step {best} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        masks[d] = torch.tensor(info[d]["keep"]).bool() if info[d]["accepted"] else start
+        masks[d] = torch.tensor(info[d]["keep"]).bool()  # the start itself when no searched mask did better held out
     return masks, info
 
 

@@ -837,13 +837,11 @@ class MaskScorer:
             self.pe = self.base.rotary_emb(self.h0, position_ids=torch.arange(t).unsqueeze(0).expand(b, -1))
         self.mask = torch.ones(t, t, dtype=torch.bool).tril().unsqueeze(0).unsqueeze(0).expand(b, 1, -1, -1)
         self.tgt = windows[:, score_from + 1:]
-        self.calls = 0
 
     @torch.no_grad()
     def loss(self, keep: torch.Tensor, start: int = 0, states: list | None = None, fill: list | None = None) -> float:
         """Loss under ``keep``; ``start > 0`` needs ``states`` (hidden states entering each layer
         under a mask equal to ``keep`` before ``start``); ``fill``: a list of ``n`` to store them in."""
-        self.calls += 1
         h = self.h0 if start == 0 else states[start]  # type: ignore[index]
         for j in range(start, self.n):
             if fill is not None:
