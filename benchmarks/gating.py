@@ -86,7 +86,7 @@ DOMAINS = ("news", "austen", "wikipedia", "hamlet")
 LEVELS = (0.1, 0.25, 0.5)
 MODEL = "smollm2-135m"
 PROMPT = 32
-INIT_TAG = {"domain": "", "global": "-g", "search": "-s"}  # checkpoint name suffix per gate start
+INIT_TAG = {"domain": "", "global": "-g", "search": "-s", "vsearch": "-vs"}  # checkpoint name suffix per gate start
 
 
 def _load():  # type: ignore[no-untyped-def]
@@ -121,24 +121,27 @@ def domain_orders(model, tok, count: int) -> dict[str, list[tuple[int, str]]]:  
     return out
 
 
-def searched_masks(model, tok, level: float, order, args) -> tuple[dict, dict]:  # type: ignore[no-untyped-def]
+def searched_masks(model, tok, level: float, order, args, verify: int = 0, held: int = 8) -> tuple[dict, dict]:  # type: ignore[no-untyped-def]
     """Per-domain keep masks at ``level``: the static mask improved by ``swap_search`` on the
     domain's own train text (``--search-windows`` x 128 tokens spread over the split), kept only
-    where it also lowers the loss on held-out text (8 x 128 calibration tokens of that domain,
-    spread over the split): of the start and the mask after each accepted swap, the one with the
-    lowest held-out loss is kept."""
+    where it also lowers the loss on held-out text (``held`` x 128 calibration tokens of that
+    domain, spread over the split): of the start and the mask after each accepted swap, the one
+    with the lowest held-out loss is kept. ``verify > 0``: swaps are accepted by their loss on
+    ``verify`` x 128 train tokens of the domain (spread) instead of the search windows."""
     n = len(model.model.layers)
     k = round(level * n * len(MODULES))
     start = _keep(order, k, n)
-    path = cache_dir("checkpoints") / f"{MODEL}.search-{round(level * 100):02d}-{args.search_windows}x{args.search_rounds}-spread.json"
+    extra = f"-v{verify}-h{held}" if verify or held != 8 else ""
+    path = cache_dir("checkpoints") / f"{MODEL}.search-{round(level * 100):02d}-{args.search_windows}x{args.search_rounds}-spread{extra}.json"
     info = json.loads(path.read_text()) if path.exists() and not args.retrain else {}
     masks = {}
     for d in DOMAINS:
         if d not in info:
             w = data.windows(tok, d, "train", 128, args.search_windows, spread=True)
             t0 = time.perf_counter()
-            res = swap_search(model, w, start, score_from=PROMPT, rounds=args.search_rounds, desc=f"swap search {d} {level:.0%}")
-            sel = MaskScorer(model, data.windows(tok, d, "calibration", 128, 8, spread=True), PROMPT)
+            v = data.windows(tok, d, "train", 128, verify, spread=True) if verify else None
+            res = swap_search(model, w, start, score_from=PROMPT, rounds=args.search_rounds, verify=v, desc=f"swap search {d} {level:.0%}")
+            sel = MaskScorer(model, data.windows(tok, d, "calibration", 128, held, spread=True), PROMPT)
             held = [sel.loss(m) for m in res.masks]  # the start and each accepted swap, on held-out text
             best = min(range(len(held)), key=held.__getitem__)
             info[d] = {"keep": res.masks[best].int().tolist(), "search_loss": res.losses, "heldout_loss": held, "chosen_step": best,
@@ -186,8 +189,8 @@ def gates_for(model, tok, level: float, tag: str, order, orders, args, init: str
     n = len(model.model.layers)
     k = round(level * n * len(MODULES))
     pred = GatePredictor(model.config.hidden_size, n, {"domain": list(DOMAINS)}, gate_tokens=PROMPT, model_type="llama")
-    if init == "search":
-        masks, sinfo = searched_masks(model, tok, level, order, args)
+    if init in ("search", "vsearch"):
+        masks, sinfo = searched_masks(model, tok, level, order, args, *((args.verify_windows, 16) if init == "vsearch" else ()))
         pred.init_masks({"domain": {None: _keep(order, k, n), **masks}})
         if tag == "frozen":  # the searched masks are the gates: nothing more to train
             pred.meta.update({"target_sparsity": level, "trained_on": f"swap search on {args.search_windows} x 128 train tokens per domain"})
@@ -256,10 +259,12 @@ def quality(args: argparse.Namespace, recs: list[Record]) -> None:
     orders = domain_orders(model, tok, round(max(LEVELS) * total))
     costs = module_costs(model)
     token_cost = total_token_cost(model)
-    tests = {d: data.windows(tok, d, "test", 128, 4 if args.quick else 8) for d in DOMAINS}
+    count = 4 if args.quick else args.test_windows
+    tests = {d: data.windows(tok, d, "test", 128, count, spread=True) for d in DOMAINS}  # many documents, not one opening
+    test = f"{count} x 128 spread over the test split"
     dense = evaluate(model, tests, False)
     for d in DOMAINS:
-        recs.append(Record(MODEL, "dense", {"domain": d}, "perplexity", dense[d][0], "ppl"))
+        recs.append(Record(MODEL, "dense", {"domain": d, "test": test}, "perplexity", dense[d][0], "ppl"))
     variants: list[tuple[str, float, str, dict]] = []
     for level in LEVELS:
         k = round(level * total)
@@ -270,7 +275,7 @@ def quality(args: argparse.Namespace, recs: list[Record]) -> None:
         variants.append(("static", level, str(path), {}))
         for init in args.inits:
             for tag in ("frozen", "lowrank"):
-                if tag in args.kinds:
+                if tag in args.kinds and not (init == "vsearch" and tag == "lowrank"):  # adapters: trained on the search masks
                     variants.append((f"gates-{tag}-{init}-init", level, *gates_for(model, tok, level, tag, order, orders, args, init)))
     if "search" in args.inits and "lowrank" in args.kinds:  # reference: the same adapters trained with nothing skipped
         variants.append(("dense-lowrank", 0.0, *gates_for(model, tok, 0.0, "lowrank", order, orders, args, "search")))
@@ -281,7 +286,8 @@ def quality(args: argparse.Namespace, recs: list[Record]) -> None:
         for d in DOMAINS:
             ppl, masks = res[d]
             keep = masks.float()
-            p = {"domain": d, "target_sparsity": level, "variant": kind, "context": f"domain={d}", **({"selected": info["selected"]} if info else {})}
+            p = {"domain": d, "target_sparsity": level, "variant": kind, "context": f"domain={d}", "test": test,
+                 **({"selected": info["selected"]} if info else {})}
             skipped = 1 - float(keep.mean())
             flops = float(((1 - keep) * costs).sum((1, 2)).mean() / token_cost)
             recs += [
@@ -569,14 +575,17 @@ def main() -> None:
     ap.add_argument("--kinds", default="frozen,lowrank", help="gate kinds to train and measure: frozen, lowrank")
     ap.add_argument("--steps", type=int, default=60, help="training batches (4 domains x 96 tokens each) per gate checkpoint")
     ap.add_argument("--estimator", choices=["relaxed", "straight_through"], default="relaxed")
-    ap.add_argument("--inits", default="domain,global,search",
-                    help="gate starts: domain (per-domain greedy masks), global (the static mask), search (static mask improved per domain by swap search)")
+    ap.add_argument("--inits", default="domain,global,search,vsearch",
+                    help="gate starts: domain (per-domain greedy masks), global (the static mask), search (static mask improved per domain by swap "
+                         "search), vsearch (the same search with swaps accepted on --verify-windows and chosen on 16 held-out windows; frozen only)")
     ap.add_argument("--search-windows", type=int, default=6, help="train windows (x 128 tokens) per domain for the swap search")
     ap.add_argument("--search-rounds", type=int, default=4)
+    ap.add_argument("--verify-windows", type=int, default=16, help="train windows (x 128 tokens) per domain that accept each swap (vsearch)")
     ap.add_argument("--lm-steps", type=int, default=120, help="batches (4 domains x 128 tokens) for the adapters of the search variant")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--test-windows", type=int, default=16, help="test windows (x 128 tokens) per domain, evenly spaced over the test split")
+    ap.add_argument("--repeats", type=int, default=7, help="timing rounds (every variant and dense interleaved in each)")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--plots-only", action="store_true")
@@ -600,7 +609,10 @@ def main() -> None:
         total = len(model.model.layers) * len(MODULES)
         order = static_order(model, tok, round(max(LEVELS) * total), args.quick)
         for level in LEVELS:
-            searched_masks(model, tok, level, order, args)
+            if "search" in args.inits:
+                searched_masks(model, tok, level, order, args)
+            if "vsearch" in args.inits:
+                searched_masks(model, tok, level, order, args, args.verify_windows, 16)
         return
     for part in (("quality", "timing", "overhead", "encoder") if args.part == "all" else (args.part,)):
         recs: list[Record] = []

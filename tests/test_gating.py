@@ -312,6 +312,22 @@ def test_swap_search_keeps_the_count_and_lowers_the_loss(lm) -> None:
         swap_search(lm, w[:, :4], keep, score_from=4, progress=False)
 
 
+def test_swap_search_with_verify_windows_accepts_by_their_loss(lm) -> None:
+    w = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    v = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(6))
+    single = {(j, m): _loss_zeroed(lm, [(j, m)], w, 4) for j in range(4) for m in MODULES}
+    keep = torch.ones(4, 2, dtype=torch.bool)
+    for j, m in sorted(single, key=single.get)[-2:]:
+        keep[j, MODULES.index(m)] = False
+    new, hist, masks = swap_search(lm, w, keep, score_from=4, rounds=4, verify=v, progress=False)
+    assert int((~new).sum()) == 2 and len(hist) >= 2 and all(b < a for a, b in zip(hist, hist[1:]))
+    for m, h in zip(masks, hist):  # the recorded losses are the verify windows' losses of the real model
+        skip = [(j, MODULES[mi]) for j, mi in (~m).nonzero().tolist()]
+        assert h == pytest.approx(_loss_zeroed(lm, skip, v, 4), abs=1e-5)
+    plain = swap_search(lm, w, keep, score_from=4, rounds=4, progress=False)
+    assert plain.losses[0] == pytest.approx(_loss_zeroed(lm, [(j, MODULES[mi]) for j, mi in (~keep).nonzero().tolist()], w, 4), abs=1e-5)
+
+
 def test_encoder_task_gating(tmp_path) -> None:
     from transformers import BertConfig, BertModel
 

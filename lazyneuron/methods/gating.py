@@ -905,13 +905,17 @@ class SwapSearch(NamedTuple):
 
 @torch.no_grad()
 def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, score_from: int = 0, rounds: int = 4, shortlist: int = 12,
-                top: int = 3, progress: bool = True, desc: str = "mask swap search") -> SwapSearch:
+                top: int = 3, verify: torch.Tensor | None = None, progress: bool = True, desc: str = "mask swap search") -> SwapSearch:
     """Improve a keep mask (layers, 2) for the text in ``windows`` at a fixed number of skipped
     modules: each round scores restoring every skipped module and removing each of the
     ``shortlist`` kept modules whose single removal cost least (all kept modules are scored in
     the first round), then tries the ``top`` x ``top`` best (restore, remove) pairs and takes the
     best pair if it lowers the loss. Stops after ``rounds`` rounds or when no pair helps.
     Returns the final mask, and the loss and mask at the start and after each accepted swap.
+
+    ``verify`` (more windows of the same text, B', T): the single changes are still ranked on
+    ``windows`` (cheap), but the pairs are scored, and accepted, by their loss on ``verify``, and
+    the returned losses are ``verify`` losses: a swap must help on more text than the ranking saw.
 
     Used per context value (for example on each domain's own text) to turn a static mask into
     context-aware ones; every accepted swap lowers the loss on ``windows`` only, so choose among
@@ -924,7 +928,11 @@ def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, 
         raise ConfigError(f"keep mask has {keep.shape[0]} layers, the model {sc.n}")
     states: list = [None] * sc.n
     cur = sc.loss(keep, fill=states)
-    history, path = [cur], [keep.clone()]
+    judge, jstates = sc, states  # the scorer that accepts pairs
+    if verify is not None:
+        judge, jstates = MaskScorer(model, verify, score_from), [None] * sc.n
+    jcur = judge.loss(keep, fill=jstates) if verify is not None else cur
+    history, path = [jcur], [keep.clone()]
     cand: list[tuple[int, int]] | None = None
     it: Any = range(rounds)
     if progress:
@@ -945,12 +953,12 @@ def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, 
         restore = sorted(skipped, key=lambda p: single(p, True))[:top]
         removal = {p: single(p, False) for p in kept}
         cand = sorted(removal, key=removal.get)[:shortlist]
-        best, best_loss = None, cur
+        best, best_loss = None, jcur
         for r in restore:
             for m in cand[:top]:
                 kp = keep.clone()
                 kp[r], kp[m] = True, False
-                loss = sc.loss(kp, min(r[0], m[0]), states)
+                loss = judge.loss(kp, min(r[0], m[0]), jstates)
                 if loss < best_loss:
                     best, best_loss = (r, m), loss
         if best is None:
@@ -958,6 +966,7 @@ def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, 
         keep[best[0]], keep[best[1]] = True, False
         cand = [c for c in cand if c != best[1]] + [best[0]]  # the restored module becomes a removal candidate
         cur = sc.loss(keep, fill=states)
-        history.append(cur)
+        jcur = judge.loss(keep, fill=jstates) if verify is not None else cur
+        history.append(jcur)
         path.append(keep.clone())
     return SwapSearch(keep, history, path)
