@@ -1,19 +1,21 @@
 """Context-aware module gating on SmolLM2-135M with text-domain contexts, against the dense model
 and a static greedy baseline measured in the same run.
 
-    .venv/bin/python benchmarks/gating.py                   # all parts (~90 min on 2 cores)
+    .venv/bin/python benchmarks/gating.py                   # all parts (~4 h on 2 cores from nothing; cached orders, searches and gates are reused)
     .venv/bin/python benchmarks/gating.py --part orders     # greedy removal orders (global + per domain, ~25 min, cached)
-    .venv/bin/python benchmarks/gating.py --part search     # per-domain swap search from the static masks (~40 min, cached)
+    .venv/bin/python benchmarks/gating.py --part search     # per-domain swap searches from the static masks (~40 + ~55 min, cached)
     .venv/bin/python benchmarks/gating.py --part quality    # train gates (cached checkpoints reused, ~25 min) + perplexity
-    .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense (needs the checkpoints)
+    .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense, 7 interleaved rounds (~20 min; needs the checkpoints)
     .venv/bin/python benchmarks/gating.py --part overhead   # gate decision time vs a dense forward (~1 min)
     .venv/bin/python benchmarks/gating.py --part encoder    # MiniLM-L6 multi-task (mr, rt, tweets), task contexts (~20 min)
     .venv/bin/python benchmarks/gating.py --part encoder --encoder-init search   # per-task searched masks + full fine-tuning (~12 min)
     .venv/bin/python benchmarks/gating.py --plots-only      # redraw plots from the records
+    .venv/bin/python benchmarks/gating.py --tables          # print the README tables from the records
 
 Domains (contexts): news, austen, wikipedia, hamlet; gates are trained on the train split of each,
-calibrated on it, and measured on the test split. Every sequence's mask is decided from its first
-32 tokens (the prompt) and perplexity is scored on the 96 tokens after them, for every variant.
+calibrated on it, and measured on the test split (16 windows of 128 tokens per domain, evenly spaced
+over the split). Every sequence's mask is decided from its first 32 tokens (the prompt) and
+perplexity is scored on the 96 tokens after them, for every variant.
 
 - static: the first k of the greedy removal order (``static_greedy_order``: the module whose
   removal raises the mean next-token loss on 4 x 96 calibration tokens, one window per domain,
@@ -33,6 +35,9 @@ calibrated on it, and measured on the test split. Every sequence's mask is decid
   ``swap_search`` (same number of modules skipped; 6 x 128 train tokens spread over the split, up
   to 4 swaps; of the start and each accepted swap, the mask with the lowest loss on 8 x 128
   held-out calibration tokens is kept); no-context row = the static mask. The base stays frozen.
+- gates-frozen-vsearch-init: the same search, but each candidate swap is accepted by its loss on
+  16 x 128 train tokens of the domain (spread; the 6 windows only rank the single changes), and
+  the mask is chosen among the accepted ones on 16 x 128 held-out calibration tokens. Frozen only.
 - gates-lowrank-search: those masks, trained jointly with rank-8 adapters on every block linear
   with the next-token loss on the domains' train text (``--lm-steps`` batches of 4 domains x 128
   tokens spread over the splits; no teacher); dense-lowrank: the same adapters trained with
@@ -142,13 +147,13 @@ def searched_masks(model, tok, level: float, order, args, verify: int = 0, held:
             v = data.windows(tok, d, "train", 128, verify, spread=True) if verify else None
             res = swap_search(model, w, start, score_from=PROMPT, rounds=args.search_rounds, verify=v, desc=f"swap search {d} {level:.0%}")
             sel = MaskScorer(model, data.windows(tok, d, "calibration", 128, held, spread=True), PROMPT)
-            held = [sel.loss(m) for m in res.masks]  # the start and each accepted swap, on held-out text
-            best = min(range(len(held)), key=held.__getitem__)
-            info[d] = {"keep": res.masks[best].int().tolist(), "search_loss": res.losses, "heldout_loss": held, "chosen_step": best,
+            hl = [sel.loss(m) for m in res.masks]  # the start and each accepted swap, on held-out text
+            best = min(range(len(hl)), key=hl.__getitem__)
+            info[d] = {"keep": res.masks[best].int().tolist(), "search_loss": res.losses, "heldout_loss": hl, "chosen_step": best,
                        "accepted": best > 0, "seconds": time.perf_counter() - t0}
             path.write_text(json.dumps(info))
-            print(f"search {level:.2f} {d:9s}: train loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f} ({len(held) - 1} swaps), held-out "
-                  + " ".join(f"{x:.4f}" for x in held) + f" -> step {best} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"search {level:.2f} {d:9s}: train loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f} ({len(hl) - 1} swaps), held-out "
+                  + " ".join(f"{x:.4f}" for x in hl) + f" -> step {best} ({time.perf_counter() - t0:.0f} s)", flush=True)
         masks[d] = torch.tensor(info[d]["keep"]).bool()  # the start itself when no searched mask did better held out
     return masks, info
 
@@ -564,6 +569,48 @@ def draw(path: Path) -> None:
         plots.gates(json.loads(f.read_text()), OUT / (f.stem.replace("gating_keep_", "gating_gates_") + ".png"), title=f.stem.replace("gating_keep_", ""))
 
 
+LABELS = {  # README row names
+    "static": "static", "gates-frozen-domain-init": "frozen, domain-init", "gates-frozen-global-init": "frozen, global-init",
+    "gates-lowrank-domain-init": "lowrank, domain-init", "gates-lowrank-global-init": "lowrank, global-init",
+    "gates-frozen-search-init": "frozen, searched", "gates-frozen-vsearch-init": "frozen, searched + verified",
+    "gates-lowrank-search-init": "lowrank (LM), searched", "dense-lowrank": "dense + adapters (LM)",
+}
+
+
+def _num(x: float) -> str:
+    return f"{x:.1f}" if x < 1000 else f"{x:.1e}".replace("e+0", "e").replace("e+", "e")
+
+
+def tables(path: Path) -> str:
+    """The README's quality and timing tables (markdown), from the records."""
+    recs = read(path)
+    get = {(r["method"], r["params"].get("variant"), r["params"].get("target_sparsity"), r["params"].get("domain"), r["metric"]): r["value"]
+           for r in recs if r["params"].get("part") in ("quality", "timing")}
+    dense = {d: get[("dense", None, None, d, "perplexity")] for d in DOMAINS}
+    rows = sorted({(lv, v) for (m, v, lv, d, metric) in get if m == "module_gating" and metric == "perplexity"},
+                  key=lambda x: (x[0] == 0, x[0], list(LABELS).index(x[1]) if x[1] in LABELS else 99))
+    out = ["| skipped | variant | " + " | ".join(f"{d} ({'dense ' if i == 0 else ''}{dense[d]:.1f})" for i, d in enumerate(DOMAINS))
+           + " | achieved skipped |", "|---|---|" + "---|" * (len(DOMAINS) + 1)]
+    for lv, v in rows:
+        ppl = [get[("module_gating", v, lv, d, "perplexity")] for d in DOMAINS]
+        best = [min(get.get(("module_gating", w, lv, d, "perplexity"), math.inf) for (l2, w) in rows if l2 == lv) for d in DOMAINS]
+        cells = [f"**{_num(x)}**" if x == b and lv > 0 else _num(x) for x, b in zip(ppl, best)]
+        sk = statistics.mean(get[("module_gating", v, lv, d, "modules_skipped")] for d in DOMAINS)
+        out.append(f"| {lv:.0%} | {LABELS.get(v, v)} | " + " | ".join(cells) + f" | {sk:.3f} |")
+    trows = sorted({(lv, v) for (m, v, lv, d, metric) in get if metric == "decode_speedup"}, key=lambda x: (x[0], list(LABELS).index(x[1])))
+    if trows:
+        out += ["", "| skipped | variant | decode × dense (" + " / ".join(DOMAINS) + ") | prefill × | decode time saved (min–max) | decode weight reads skipped |",
+                "|---|---|---|---|---|---|"]
+        for lv, v in trows:
+            sp = [get[("module_gating", v, lv, d, "decode_speedup")] for d in DOMAINS]
+            pf = statistics.mean(get[("module_gating", v, lv, d, "prefill_speedup")] for d in DOMAINS)
+            ts = [get[("module_gating", v, lv, d, "decode_time_saved")] for d in DOMAINS]
+            fl = statistics.mean(get[("module_gating", v, lv, d, "timed_decode_flops_skipped")] for d in DOMAINS)
+            out.append(f"| {lv:.0%} | {LABELS.get(v, v)} | " + " / ".join(f"{x:.2f}" for x in sp) + f" | {pf:.2f} | "
+                       f"{100 * statistics.mean(ts):.1f}% ({100 * min(ts):.1f}–{100 * max(ts):.1f}%) | {100 * fl:.1f}% |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["all", "orders", "search", "quality", "timing", "overhead", "encoder"], default="all")
@@ -589,6 +636,7 @@ def main() -> None:
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--plots-only", action="store_true")
+    ap.add_argument("--tables", action="store_true", help="print the README tables (markdown) from the records")
     args = ap.parse_args()
     args.kinds = tuple(k for k in args.kinds.split(",") if k)
     args.inits = tuple(k for k in args.inits.split(",") if k)
@@ -596,6 +644,9 @@ def main() -> None:
     path = OUT / ("gating_quick.jsonl" if args.quick else "gating.jsonl")
     if args.plots_only:
         draw(path)
+        return
+    if args.tables:
+        print(tables(path))
         return
     torch.set_num_threads(2)
     if args.part == "orders":
