@@ -198,7 +198,8 @@ def gates_for(model, tok, level: float, tag: str, order, orders, args, init: str
         masks, sinfo = searched_masks(model, tok, level, order, args, *((args.verify_windows, 16) if init == "vsearch" else ()))
         pred.init_masks({"domain": {None: _keep(order, k, n), **masks}})
         if tag == "frozen":  # the searched masks are the gates: nothing more to train
-            pred.meta.update({"target_sparsity": level, "trained_on": f"swap search on {args.search_windows} x 128 train tokens per domain"})
+            how = f"swap search on {args.search_windows} x 128 train tokens per domain" + (f", swaps accepted on {args.verify_windows} x 128" if init == "vsearch" else "")
+            pred.meta.update({"target_sparsity": level, "trained_on": how})
             pred.save(path)
             info = {"selected": "searched", "accepted": {d: sinfo[d]["accepted"] for d in DOMAINS}}
             info_path.write_text(json.dumps(info))
