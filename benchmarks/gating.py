@@ -5,7 +5,7 @@ and a static greedy baseline measured in the same run.
     .venv/bin/python benchmarks/gating.py --part orders     # greedy removal orders (global + per domain, ~25 min, cached)
     .venv/bin/python benchmarks/gating.py --part search     # per-domain swap searches from the static masks (~40 + ~55 min, cached)
     .venv/bin/python benchmarks/gating.py --part quality    # train gates (cached checkpoints reused, ~25 min) + perplexity
-    .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense, 7 interleaved rounds (~20 min; needs the checkpoints)
+    .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense, paired runs, 5 rounds (~20 min; needs the checkpoints)
     .venv/bin/python benchmarks/gating.py --part overhead   # gate decision time vs a dense forward (~1 min)
     .venv/bin/python benchmarks/gating.py --part encoder    # MiniLM-L6 multi-task (mr, rt, tweets), task contexts (~20 min)
     .venv/bin/python benchmarks/gating.py --part encoder --encoder-init search   # per-task searched masks + full fine-tuning (~12 min)
@@ -331,29 +331,41 @@ def timing(args: argparse.Namespace, recs: list[Record]) -> None:
             if Path(path).exists():
                 variants[f"{kind}@{level}"] = ModuleGatingConfig(checkpoint=str(path))
     prompts = {d: data.windows(tok, d, "test", 128, 1) for d in DOMAINS}
-    new = 8 if args.quick else 24
+    new = 8 if args.quick else args.new_tokens
+
+    def measure(cfg, d):  # type: ignore[no-untyped-def]
+        with ln.applied(model, cfg):
+            if cfg is not None:
+                set_context(model, domain=d)
+                model.model.track = True
+            _, (_, td) = lean_generate(model, prompts[d][:, :PROMPT], new, return_timing=True)
+            t0 = time.perf_counter()
+            model(input_ids=prompts[d], use_cache=False, logits_to_keep=1)
+            tp = time.perf_counter() - t0
+            skipped = flops = 0.0
+            if cfg is not None:
+                keep = model.model.history[0].float()
+                skipped, flops = 1 - float(keep.mean()), float(((1 - keep) * costs).sum() / token_cost)
+        return (new - 1) / td, prompts[d].numel() / tp, skipped, flops
+
+    # paired: every variant's measurement right after a dense one on the same prompt, so the ratio
+    # compares two runs seconds apart (this host's speed drifts by tens of percent over minutes)
     samples: dict = {}
+    pairs: dict = {}
     for r in range(1 + args.repeats):
         for d in DOMAINS:
             for name, cfg in variants.items():
-                with ln.applied(model, cfg):
-                    if cfg is not None:
-                        set_context(model, domain=d)
-                        model.model.track = True
-                    _, (_, td) = lean_generate(model, prompts[d][:, :PROMPT], new, return_timing=True)
-                    t0 = time.perf_counter()
-                    model(input_ids=prompts[d], use_cache=False, logits_to_keep=1)
-                    tp = time.perf_counter() - t0
-                    skipped = flops = 0.0
-                    if cfg is not None:
-                        keep = model.model.history[0].float()
-                        skipped, flops = 1 - float(keep.mean()), float(((1 - keep) * costs).sum() / token_cost)
+                if cfg is None:
+                    continue
+                base, res = measure(None, d), measure(cfg, d)
                 if r:
-                    samples.setdefault((name, d), []).append(((new - 1) / td, prompts[d].numel() / tp, skipped, flops))
+                    samples.setdefault((name, d), []).append(res)
+                    samples.setdefault(("dense", d), []).append(base)
+                    pairs.setdefault((name, d), []).append(base)
         print(f"timing repeat {r}/{args.repeats} done", flush=True)
     for (name, d), xs in samples.items():
         dec, pre = [x[0] for x in xs], [x[1] for x in xs]
-        base = samples[("dense", d)]
+        base = pairs.get((name, d), xs)
         rd = [a / b[0] for a, b in zip(dec, base)]
         rp = [a / b[1] for a, b in zip(pre, base)]
         if name == "dense":
@@ -361,7 +373,8 @@ def timing(args: argparse.Namespace, recs: list[Record]) -> None:
             recs.append(Record(MODEL, "dense", {"domain": d, "batch": 1}, "prefill_tok_per_s", summary(pre)[0], "tok/s", spread=summary(pre)[1], repeats=len(pre)))
             continue
         kind, level = name.split("@")
-        p = {"domain": d, "target_sparsity": float(level), "variant": kind, "context": f"domain={d}", "batch": 1}
+        p = {"domain": d, "target_sparsity": float(level), "variant": kind, "context": f"domain={d}", "batch": 1,
+             "timing": f"paired with a dense run, {new} new tokens"}
         time_saved = 1 - 1 / summary(rd)[0]
         recs += [
             Record(MODEL, "module_gating", p, "decode_tok_per_s", summary(dec)[0], "tok/s", spread=summary(dec)[1], repeats=len(dec)),
@@ -633,7 +646,8 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--test-windows", type=int, default=16, help="test windows (x 128 tokens) per domain, evenly spaced over the test split")
-    ap.add_argument("--repeats", type=int, default=7, help="timing rounds (every variant and dense interleaved in each)")
+    ap.add_argument("--repeats", type=int, default=5, help="timing rounds (in each, every variant right after a dense run on the same prompt)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="decode length of each timed generation")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--plots-only", action="store_true")
@@ -679,7 +693,8 @@ def main() -> None:
             r.params["part"] = part
         write(old, path, append=False)
         write(recs, path)
-    draw(path)
+    if not args.quick:  # the plots are the full run's
+        draw(path)
 
 
 if __name__ == "__main__":
