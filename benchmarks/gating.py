@@ -5,7 +5,7 @@ and a static greedy baseline measured in the same run.
     .venv/bin/python benchmarks/gating.py --part orders     # greedy removal orders (global + per domain, ~25 min, cached)
     .venv/bin/python benchmarks/gating.py --part search     # per-domain swap searches from the static masks (~40 + ~55 min, cached)
     .venv/bin/python benchmarks/gating.py --part quality    # train gates (cached checkpoints reused, ~25 min) + perplexity
-    .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense, paired runs, 5 rounds (~20 min; needs the checkpoints)
+    .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense, paired runs, 5 rounds (~40 min for 12 variants; needs the checkpoints)
     .venv/bin/python benchmarks/gating.py --part overhead   # gate decision time vs a dense forward (~1 min)
     .venv/bin/python benchmarks/gating.py --part encoder    # MiniLM-L6 multi-task (mr, rt, tweets), task contexts (~20 min)
     .venv/bin/python benchmarks/gating.py --part encoder --encoder-init search   # per-task searched masks + full fine-tuning (~12 min)
