@@ -4,7 +4,7 @@ and a static greedy baseline measured in the same run.
     .venv/bin/python benchmarks/gating.py                   # all parts (~4 h on 2 cores from nothing; cached orders, searches and gates are reused)
     .venv/bin/python benchmarks/gating.py --part orders     # greedy removal orders (global + per domain, ~25 min, cached)
     .venv/bin/python benchmarks/gating.py --part search     # per-domain swap searches from the static masks (~40 + ~55 min, cached)
-    .venv/bin/python benchmarks/gating.py --part quality    # train gates (cached checkpoints reused, ~25 min) + perplexity
+    .venv/bin/python benchmarks/gating.py --part quality    # train gates (~25 min; cached checkpoints reused) + perplexity on the test set (~30 min)
     .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense, paired runs, 5 rounds (~40 min for 12 variants; needs the checkpoints)
     .venv/bin/python benchmarks/gating.py --part overhead   # gate decision time vs a dense forward (~1 min)
     .venv/bin/python benchmarks/gating.py --part encoder    # MiniLM-L6 multi-task (mr, rt, tweets), task contexts (~20 min)
@@ -13,8 +13,10 @@ and a static greedy baseline measured in the same run.
     .venv/bin/python benchmarks/gating.py --tables          # print the README tables from the records
 
 Domains (contexts): news, austen, wikipedia, hamlet; gates are trained on the train split of each,
-calibrated on it, and measured on the test split (16 windows of 128 tokens per domain, evenly spaced
-over the split). Every sequence's mask is decided from its first 32 tokens (the prompt) and
+calibrated on it, and measured on the test split (64 windows of 128 tokens per domain evenly spaced
+over the split, or as many as it holds: 33 for Hamlet). Each variant is also compared with static
+window by window on the same windows: the mean difference of per-window next-token loss and its
+standard error (records ``loss_delta_vs_static``, ``loss_delta_vs_static_se``). Every sequence's mask is decided from its first 32 tokens (the prompt) and
 perplexity is scored on the 96 tokens after them, for every variant.
 
 - static: the first k of the greedy removal order (``static_greedy_order``: the module whose
@@ -244,17 +246,30 @@ def gates_for(model, tok, level: float, tag: str, order, orders, args, init: str
 
 
 @torch.inference_mode()
-def evaluate(model, tests: dict, gated: bool) -> dict:  # type: ignore[no-untyped-def]
-    """Per domain: perplexity on tokens after the prompt, and the masks (B, layers, 2)."""
+def evaluate(model, tests: dict, gated: bool, chunk: int = 16) -> dict:  # type: ignore[no-untyped-def]
+    """Per domain: perplexity on the tokens after the prompt, the masks (B, layers, 2) and each
+    window's mean next-token loss (B,), for paired comparisons between variants."""
     out = {}
     for d, w in tests.items():
         if gated:
             set_context(model, domain=d)
-        logits = model(input_ids=w, use_cache=False).logits[:, PROMPT:-1].float()
-        nll = F.cross_entropy(logits.flatten(0, 1), w[:, PROMPT + 1:].flatten())
-        masks = model.model.last_gates.clone() if gated else None
-        out[d] = (math.exp(float(nll)), masks)
+        nll, masks = [], []
+        for i in range(0, len(w), chunk):
+            x = w[i:i + chunk]
+            logits = model(input_ids=x, use_cache=False).logits[:, PROMPT:-1].float()
+            nll.append(F.cross_entropy(logits.transpose(1, 2), x[:, PROMPT + 1:], reduction="none").mean(1))
+            if gated:
+                masks.append(model.model.last_gates.clone())
+        per = torch.cat(nll)
+        out[d] = (math.exp(float(per.mean())), torch.cat(masks) if gated else None, per)
     return out
+
+
+def test_windows(tok, count: int) -> dict:  # type: ignore[no-untyped-def]
+    """``count`` windows of 128 tokens per domain, evenly spaced over its test split, or as many
+    as the split holds (Hamlet's test split holds 33)."""
+    return {d: data.windows(tok, d, "test", 128, min(count, len(data.token_stream(tok, d, "test", 1 << 62)) // 128), spread=True)
+            for d in DOMAINS}
 
 
 def quality(args: argparse.Namespace, recs: list[Record]) -> None:
@@ -266,11 +281,11 @@ def quality(args: argparse.Namespace, recs: list[Record]) -> None:
     costs = module_costs(model)
     token_cost = total_token_cost(model)
     count = 4 if args.quick else args.test_windows
-    tests = {d: data.windows(tok, d, "test", 128, count, spread=True) for d in DOMAINS}  # many documents, not one opening
-    test = f"{count} x 128 spread over the test split"
+    tests = test_windows(tok, count)  # many documents, not one opening
+    test = f"up to {count} x 128 spread over the test split"
     dense = evaluate(model, tests, False)
     for d in DOMAINS:
-        recs.append(Record(MODEL, "dense", {"domain": d, "test": test}, "perplexity", dense[d][0], "ppl"))
+        recs.append(Record(MODEL, "dense", {"domain": d, "test": test, "windows": len(tests[d])}, "perplexity", dense[d][0], "ppl"))
     variants: list[tuple[str, float, str, dict]] = []
     for level in LEVELS:
         k = round(level * total)
@@ -286,14 +301,21 @@ def quality(args: argparse.Namespace, recs: list[Record]) -> None:
     if "search" in args.inits and "lowrank" in args.kinds:  # reference: the same adapters trained with nothing skipped
         variants.append(("dense-lowrank", 0.0, *gates_for(model, tok, 0.0, "lowrank", order, orders, args, "search")))
     heat: dict = {}
+    static_nll: dict = {}
     for kind, level, path, info in variants:
         with ln.applied(model, ModuleGatingConfig(checkpoint=path)):
             res = evaluate(model, tests, True)
         for d in DOMAINS:
-            ppl, masks = res[d]
+            ppl, masks, per = res[d]
             keep = masks.float()
-            p = {"domain": d, "target_sparsity": level, "variant": kind, "context": f"domain={d}", "test": test,
+            p = {"domain": d, "target_sparsity": level, "variant": kind, "context": f"domain={d}", "test": test, "windows": len(per),
                  **({"selected": info["selected"]} if info else {})}
+            if kind == "static":
+                static_nll[(level, d)] = per
+            elif (level, d) in static_nll:  # paired over the same windows: mean loss difference and its standard error
+                diff = per - static_nll[(level, d)]
+                recs += [Record(MODEL, "module_gating", p, "loss_delta_vs_static", float(diff.mean()), "nats / token"),
+                         Record(MODEL, "module_gating", p, "loss_delta_vs_static_se", float(diff.std() / math.sqrt(len(diff))), "nats / token")]
             skipped = 1 - float(keep.mean())
             flops = float(((1 - keep) * costs).sum((1, 2)).mean() / token_cost)
             recs += [
@@ -304,7 +326,9 @@ def quality(args: argparse.Namespace, recs: list[Record]) -> None:
             ]
             heat.setdefault((kind, level), {})[d] = keep.mean(0)
             print(f"{kind:14s} {level:.2f} {d:9s} ppl {ppl:8.2f} (dense {dense[d][0]:6.2f}, {100 * (ppl / dense[d][0] - 1):+6.1f}%)  "
-                  f"skipped {skipped:.3f}  flops {flops:.3f}", flush=True)
+                  f"skipped {skipped:.3f}  flops {flops:.3f}"
+                  + (f"  vs static {float((per - static_nll[(level, d)]).mean()):+.4f} nats" if kind != "static" and (level, d) in static_nll else ""),
+                  flush=True)
         if kind not in ("static", "dense-lowrank"):  # how much the domains' masks differ
             hm = heat[(kind, level)]
             maj = {d: (hm[d] > 0.5) for d in DOMAINS}
@@ -590,6 +614,8 @@ LABELS = {  # README row names
     "gates-lowrank-search-init": "lowrank (LM), searched", "dense-lowrank": "dense + adapters (LM)",
 }
 
+PAIRED = ("gates-frozen-search-init", "gates-frozen-vsearch-init", "gates-lowrank-search-init")  # rows of the paired table against static
+
 
 def _num(x: float) -> str:
     return f"{x:.1f}" if x < 1000 else f"{x:.1e}".replace("e+0", "e").replace("e+", "e")
@@ -611,6 +637,13 @@ def tables(path: Path) -> str:
         cells = [f"**{_num(x)}**" if x == b and lv > 0 else _num(x) for x, b in zip(ppl, best)]
         sk = statistics.mean(get[("module_gating", v, lv, d, "modules_skipped")] for d in DOMAINS)
         out.append(f"| {lv:.0%} | {LABELS.get(v, v)} | " + " | ".join(cells) + f" | {sk:.3f} |")
+    paired = [(lv, v) for lv, v in rows if v in PAIRED and ("module_gating", v, lv, DOMAINS[0], "loss_delta_vs_static") in get]
+    if paired:  # per-window loss differences against static on the same windows: mean ± standard error, nats per token
+        out += ["", "| skipped | variant | " + " | ".join(DOMAINS) + " | better than static |", "|---|---|" + "---|" * (len(DOMAINS) + 1)]
+        for lv, v in paired:
+            dl = [(get[("module_gating", v, lv, d, "loss_delta_vs_static")], get[("module_gating", v, lv, d, "loss_delta_vs_static_se")]) for d in DOMAINS]
+            out.append(f"| {lv:.0%} | {LABELS.get(v, v)} | " + " | ".join(f"{m:+.3f} ± {se:.3f}".replace("-", "−") for m, se in dl)
+                       + f" | {sum(m < 0 for m, _ in dl)} of {len(dl)} ({sum(m < -2 * se for m, se in dl)} by > 2 s.e.) |")
     trows = sorted({(lv, v) for (m, v, lv, d, metric) in get if metric == "decode_speedup"}, key=lambda x: (x[0], list(LABELS).index(x[1])))
     if trows:
         out += ["", "| skipped | variant | decode × dense (" + " / ".join(DOMAINS) + ") | prefill × | decode time saved (min–max) | decode weight reads skipped |",
@@ -645,7 +678,7 @@ def main() -> None:
     ap.add_argument("--lm-steps", type=int, default=120, help="batches (4 domains x 128 tokens) for the adapters of the search variant")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
-    ap.add_argument("--test-windows", type=int, default=16, help="test windows (x 128 tokens) per domain, evenly spaced over the test split")
+    ap.add_argument("--test-windows", type=int, default=64, help="test windows (x 128 tokens) per domain, evenly spaced over the test split (at most what it holds)")
     ap.add_argument("--repeats", type=int, default=5, help="timing rounds (in each, every variant right after a dense run on the same prompt)")
     ap.add_argument("--new-tokens", type=int, default=32, help="decode length of each timed generation")
     ap.add_argument("--retrain", action="store_true")
