@@ -31,11 +31,22 @@ inline float load(const uint16_t* p, int64_t j) {
   return f;
 }
 
+// kLanes independent partial sums: a single vector accumulator would make the dot one chain of
+// n / width dependent FMAs (4-cycle latency each), the longest part of a warm walk step.
+constexpr int64_t kLanes = 32;
+
 template <typename W>
 inline float dot(const float* __restrict__ x, const W* __restrict__ w, int64_t n) {
+  float acc[kLanes] = {};
+  const int64_t m = n - n % kLanes;
+  for (int64_t j = 0; j < m; j += kLanes) {
+#pragma omp simd
+    for (int64_t k = 0; k < kLanes; ++k) acc[k] += x[j + k] * load(w, j + k);
+  }
   float s = 0.f;
+  for (int64_t j = m; j < n; ++j) s += x[j] * load(w, j);
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += x[j] * load(w, j);
+  for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
   return s;
 }
 
