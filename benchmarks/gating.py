@@ -6,6 +6,7 @@ and a static greedy baseline measured in the same run.
     .venv/bin/python benchmarks/gating.py --part search     # per-domain swap searches from the static masks (~40 + ~55 min, cached)
     .venv/bin/python benchmarks/gating.py --part quality    # train gates (~25 min; cached checkpoints reused) + perplexity on the test set (~30 min)
     .venv/bin/python benchmarks/gating.py --part timing     # decode / prefill tok/s vs dense, paired runs, 5 rounds (~40 min for 12 variants; needs the checkpoints)
+    .venv/bin/python benchmarks/gating.py --part timing --inits search,vsearch --levels 0.1 --repeats 12 --new-tokens 64   # the 10% rows (~30 min)
     .venv/bin/python benchmarks/gating.py --part overhead   # gate decision time vs a dense forward (~1 min)
     .venv/bin/python benchmarks/gating.py --part encoder    # MiniLM-L6 multi-task (mr, rt, tweets), task contexts (~20 min)
     .venv/bin/python benchmarks/gating.py --part encoder --encoder-init search   # per-task searched masks + full fine-tuning (~12 min)
@@ -14,10 +15,11 @@ and a static greedy baseline measured in the same run.
 
 Domains (contexts): news, austen, wikipedia, hamlet; gates are trained on the train split of each,
 calibrated on it, and measured on the test split (64 windows of 128 tokens per domain evenly spaced
-over the split, or as many as it holds: 33 for Hamlet). Each variant is also compared with static
-window by window on the same windows: the mean difference of per-window next-token loss and its
-standard error (records ``loss_delta_vs_static``, ``loss_delta_vs_static_se``). Every sequence's mask is decided from its first 32 tokens (the prompt) and
-perplexity is scored on the 96 tokens after them, for every variant.
+over the split, or as many as it holds: 33 for Hamlet). Every sequence's mask is decided from its
+first 32 tokens (the prompt) and perplexity is scored on the 96 tokens after them, for every
+variant. Each variant is also compared with static window by window on the same windows: the mean
+difference of per-window next-token loss and its standard error (records ``loss_delta_vs_static``,
+``loss_delta_vs_static_se``).
 
 - static: the first k of the greedy removal order (``static_greedy_order``: the module whose
   removal raises the mean next-token loss on 4 x 96 calibration tokens, one window per domain,
@@ -346,7 +348,7 @@ def timing(args: argparse.Namespace, recs: list[Record]) -> None:
     costs, token_cost = module_costs(model), total_token_cost(model)
     variants: dict[str, ModuleGatingConfig | None] = {"dense": None}
     q = "-quick" if args.quick else ""
-    for level in LEVELS:
+    for level in args.levels:
         paths = {"static": cache_dir("checkpoints") / f"{MODEL}.static-{round(level * 100):02d}{q}.safetensors"}
         for init in args.inits:
             for t in args.kinds:
@@ -645,16 +647,21 @@ def tables(path: Path) -> str:
             out.append(f"| {lv:.0%} | {LABELS.get(v, v)} | " + " | ".join(f"{m:+.3f} ± {se:.3f}".replace("-", "−") for m, se in dl)
                        + f" | {sum(m < 0 for m, _ in dl)} of {len(dl)} ({sum(m < -2 * se for m, se in dl)} by > 2 s.e.) |")
     trows = sorted({(lv, v) for (m, v, lv, d, metric) in get if metric == "decode_speedup"}, key=lambda x: (x[0], list(LABELS).index(x[1])))
+    proto = {(r["params"].get("variant"), r["params"].get("target_sparsity")): (r["params"].get("timing", ""), r.get("repeats"))
+             for r in recs if r["params"].get("part") == "timing" and r["metric"] == "decode_speedup"}
     if trows:
-        out += ["", "| skipped | variant | decode × dense (" + " / ".join(DOMAINS) + ") | prefill × | decode time saved (min–max) | decode weight reads skipped |",
-                "|---|---|---|---|---|---|"]
+        out += ["", "| skipped | variant | decode × dense (" + " / ".join(DOMAINS) + ") | prefill × | decode time saved (min–max) | decode weight reads skipped"
+                " | saved / skipped (min) | new tokens × rounds |", "|---|---|---|---|---|---|---|---|"]
         for lv, v in trows:
             sp = [get[("module_gating", v, lv, d, "decode_speedup")] for d in DOMAINS]
             pf = statistics.mean(get[("module_gating", v, lv, d, "prefill_speedup")] for d in DOMAINS)
             ts = [get[("module_gating", v, lv, d, "decode_time_saved")] for d in DOMAINS]
             fl = statistics.mean(get[("module_gating", v, lv, d, "timed_decode_flops_skipped")] for d in DOMAINS)
+            ratio = min(t / get[("module_gating", v, lv, d, "timed_decode_flops_skipped")] for t, d in zip(ts, DOMAINS))
+            how, reps = proto[(v, lv)]
+            ntok = how.split(", ")[-1].split(" ")[0] if how else "?"
             out.append(f"| {lv:.0%} | {LABELS.get(v, v)} | " + " / ".join(f"{x:.2f}" for x in sp) + f" | {pf:.2f} | "
-                       f"{100 * statistics.mean(ts):.1f}% ({100 * min(ts):.1f}–{100 * max(ts):.1f}%) | {100 * fl:.1f}% |")
+                       f"{100 * statistics.mean(ts):.1f}% ({100 * min(ts):.1f}–{100 * max(ts):.1f}%) | {100 * fl:.1f}% | {ratio:.2f} | {ntok} × {reps} |")
     return "\n".join(out)
 
 
@@ -681,6 +688,8 @@ def main() -> None:
     ap.add_argument("--test-windows", type=int, default=64, help="test windows (x 128 tokens) per domain, evenly spaced over the test split (at most what it holds)")
     ap.add_argument("--repeats", type=int, default=5, help="timing rounds (in each, every variant right after a dense run on the same prompt)")
     ap.add_argument("--new-tokens", type=int, default=32, help="decode length of each timed generation")
+    ap.add_argument("--levels", default=",".join(map(str, LEVELS)),
+                    help="target sparsities to time (--part timing); the records of the other levels are kept")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--plots-only", action="store_true")
@@ -688,6 +697,7 @@ def main() -> None:
     args = ap.parse_args()
     args.kinds = tuple(k for k in args.kinds.split(",") if k)
     args.inits = tuple(k for k in args.inits.split(",") if k)
+    args.levels = tuple(float(x) for x in args.levels.split(",") if x)
     logging.basicConfig(level=logging.WARNING)
     path = OUT / ("gating_quick.jsonl" if args.quick else "gating.jsonl")
     if args.plots_only:
@@ -718,8 +728,13 @@ def main() -> None:
         {"quality": quality, "timing": timing, "overhead": overhead, "encoder": encoder}[part](args, recs)
         enc_variant = "gates-full-searched" if args.encoder_init == "search" else "gates-full"
 
-        def replaced(r: dict) -> bool:  # the encoder part replaces only its own variant (and the dense rows it remeasures)
-            return r["params"].get("part") == part and (part != "encoder" or r["params"].get("variant") in (None, enc_variant))
+        def replaced(r: dict) -> bool:  # the encoder part replaces only its own variant (and the dense rows it remeasures),
+            # the timing part only the levels it timed (and the dense rows)
+            if r["params"].get("part") != part:
+                return False
+            if part == "timing":
+                return r["params"].get("target_sparsity") in (None, *args.levels)
+            return part != "encoder" or r["params"].get("variant") in (None, enc_variant)
 
         old = [r for r in read(path) if not replaced(r)] if path.exists() else []
         for r in recs:

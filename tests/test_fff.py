@@ -38,6 +38,17 @@ def test_cmm_kernel_matches_references(depth: int, batch: int, dtype: torch.dtyp
     assert torch.allclose(K.masked_dense(x, w_in, b_in, w_out, b_out), y_ref, atol=1e-3 * (depth + 1), rtol=1e-4)
 
 
+@pytest.mark.parametrize("d", [5, 32, 64, 100, 768])  # the dot keeps 32 partial sums: no full chunk, whole chunks, chunks + a tail
+@pytest.mark.parametrize("batch", [1, 37])
+def test_cmm_kernel_matches_reference_across_widths(d: int, batch: int) -> None:
+    w_in, b_in, w_out, b_out = _tree(5, d, 24, seed=d)
+    x = torch.randn(batch, d, generator=torch.Generator().manual_seed(d + batch))
+    y_ref, nodes_ref = K.reference(x, w_in, b_in, w_out, b_out)
+    y, nodes = K.cmm(x, w_in, b_in, w_out, b_out, return_nodes=True)
+    assert torch.equal(nodes, nodes_ref)
+    assert torch.allclose(y, y_ref, atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize("activation", sorted(K.ACTIVATIONS))
 def test_cmm_activations_and_no_bias(activation: str) -> None:
     w_in, _, w_out, _ = _tree(4, 16, 12, bias=False)
