@@ -28,6 +28,7 @@ from lazyneuron.methods.gating import (
     sparsity_loss,
     static_greedy_order,
     static_predictor,
+    searched_predictor,
     swap_search,
     train_gates,
 )
@@ -326,6 +327,40 @@ def test_swap_search_with_verify_windows_accepts_by_their_loss(lm) -> None:
         assert h == pytest.approx(_loss_zeroed(lm, skip, v, 4), abs=1e-5)
     plain = swap_search(lm, w, keep, score_from=4, rounds=4, progress=False)
     assert plain.losses[0] == pytest.approx(_loss_zeroed(lm, [(j, MODULES[mi]) for j, mi in (~keep).nonzero().tolist()], w, 4), abs=1e-5)
+
+
+def test_searched_predictor_builds_context_masks_chosen_on_heldout_text(lm, tmp_path) -> None:
+    g = torch.Generator().manual_seed(7)
+    w = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    single = {(j, m): _loss_zeroed(lm, [(j, m)], w, 4) for j in range(4) for m in MODULES}
+    keep = torch.ones(4, 2, dtype=torch.bool)
+    for j, m in sorted(single, key=single.get)[-2:]:  # a poor start, so the searches have something to find
+        keep[j, MODULES.index(m)] = False
+    texts = {"a": {"search": w, "heldout": torch.randint(0, 128, (3, 16), generator=g)},
+             "b": {"search": torch.randint(0, 128, (2, 16), generator=g), "heldout": torch.randint(0, 128, (3, 16), generator=g),
+                   "verify": torch.randint(0, 128, (3, 16), generator=g)}}
+    pred, info = searched_predictor(lm, "domain", texts, keep, score_from=4, gate_tokens=4, progress=False)
+    assert info["a"]["chosen_step"] > 0  # the start was poor on this text: a searched mask generalised to the held-out windows
+    path = tmp_path / "searched.safetensors"
+    pred.save(path)
+    ids = torch.randint(0, 128, (1, 12), generator=g)
+    with ln.applied(lm, ModuleGatingConfig(checkpoint=str(path))):
+        for v, t in texts.items():
+            set_context(lm, domain=v)
+            lm(input_ids=ids)
+            got = lm.model.last_gates[0].bool()
+            assert int((~got).sum()) == 2  # as many modules skipped as the start
+            held = info[v]["heldout_loss"]
+            assert held[info[v]["chosen_step"]] == min(held) and min(held) <= held[0]  # never worse than the start on held-out text
+            skip = [(j, MODULES[mi]) for j, mi in (~got).nonzero().tolist()]
+            assert min(held) == pytest.approx(_loss_zeroed(lm, skip, t["heldout"], 4), abs=1e-5)  # the mask in the predictor is the chosen one
+        set_context(lm)
+        lm(input_ids=ids)
+        assert torch.equal(lm.model.last_gates[0].bool(), keep)  # no context: the start
+    with pytest.raises(ln.ConfigError, match="no texts"):
+        searched_predictor(lm, "domain", {}, keep, progress=False)
+    with pytest.raises(ln.ConfigError, match="heldout"):
+        searched_predictor(lm, "domain", {"a": {"search": w}}, keep, progress=False)
 
 
 def test_encoder_task_gating(tmp_path) -> None:

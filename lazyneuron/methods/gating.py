@@ -970,3 +970,41 @@ def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, 
         history.append(jcur)
         path.append(keep.clone())
     return SwapSearch(keep, history, path)
+
+
+def searched_predictor(model: nn.Module, key: str, texts: dict[str, dict[str, torch.Tensor]], keep: torch.Tensor, *, score_from: int = 0,
+                       rounds: int = 4, gate_tokens: int = 32, margin: float = 3.0, progress: bool = True) -> tuple[GatePredictor, dict[str, dict[str, Any]]]:
+    """Context-aware gates of a causal LM by search, with the base frozen: one keep mask per
+    value of the context ``key``, each with as many skipped modules as ``keep`` (layers, 2).
+
+    ``texts``: ``{value: {"search": (B, T), "heldout": (B', T), "verify": (B'', T) optional}}``
+    token windows of that context's own text. For each value, ``swap_search`` starts from ``keep``
+    on its ``search`` windows (swaps accepted on ``verify`` when given); of the start and the mask
+    after each accepted swap, the one with the lowest loss on ``heldout`` is kept, so a value whose
+    search does not generalise keeps ``keep``. The no-context row (the fallback) is ``keep``.
+    Returns the predictor (save it and load it with ``ModuleGatingConfig(checkpoint=...)``) and,
+    per value, the search and held-out losses and the chosen step."""
+    if not texts:
+        raise ConfigError(f"no texts given for context key {key!r}: pass {{value: {{'search': windows, 'heldout': windows}}}}")
+    for v, t in texts.items():
+        missing = [k for k in ("search", "heldout") if k not in t]
+        if missing:
+            raise ConfigError(f"texts[{v!r}] lacks {missing}: each context value needs 'search' and 'heldout' token windows (B, T)")
+    from ..adapters import get_adapter
+
+    n = get_adapter(model).num_layers
+    keep = keep.clone().bool()
+    masks: dict[str | None, torch.Tensor] = {None: keep}
+    info: dict[str, dict[str, Any]] = {}
+    for v, t in texts.items():
+        res = swap_search(model, t["search"], keep, score_from=score_from, rounds=rounds, verify=t.get("verify"), progress=progress,
+                          desc=f"mask search {key}={v}")
+        sel = MaskScorer(model, t["heldout"], score_from)
+        held = [sel.loss(m) for m in res.masks]
+        best = min(range(len(held)), key=held.__getitem__)
+        masks[v] = res.masks[best]
+        info[v] = {"search_loss": res.losses, "heldout_loss": held, "chosen_step": best}
+    pred = GatePredictor(model.config.hidden_size, n, {key: list(texts)}, gate_tokens=gate_tokens, model_type=model_type_of(model))
+    pred.init_masks({key: masks}, margin=margin)
+    pred.meta.update({"target_sparsity": float((~keep).float().mean()), "trained_on": "swap search per context value, chosen on held-out text"})
+    return pred.eval(), info
