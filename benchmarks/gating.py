@@ -75,7 +75,6 @@ from lazyneuron.methods.gating import (
     MODULES,
     GatePredictor,
     GateTraining,
-    MaskScorer,
     ModuleGatingConfig,
     calibrate_threshold,
     default_gates_path,
@@ -84,7 +83,7 @@ from lazyneuron.methods.gating import (
     set_context,
     static_greedy_order,
     static_predictor,
-    swap_search,
+    search_context_mask,
     total_token_cost,
     train_gates,
 )
@@ -149,14 +148,12 @@ def searched_masks(model, tok, level: float, order, args, verify: int = 0, held:
             w = data.windows(tok, d, "train", 128, args.search_windows, spread=True)
             t0 = time.perf_counter()
             v = data.windows(tok, d, "train", 128, verify, spread=True) if verify else None
-            res = swap_search(model, w, start, score_from=PROMPT, rounds=args.search_rounds, verify=v, desc=f"swap search {d} {level:.0%}")
-            sel = MaskScorer(model, data.windows(tok, d, "calibration", 128, held, spread=True), PROMPT)
-            hl = [sel.loss(m) for m in res.masks]  # the start and each accepted swap, on held-out text
-            best = min(range(len(hl)), key=hl.__getitem__)
-            info[d] = {"keep": res.masks[best].int().tolist(), "search_loss": res.losses, "heldout_loss": hl, "chosen_step": best,
-                       "accepted": best > 0, "seconds": time.perf_counter() - t0}
+            mask, r = search_context_mask(model, w, start, data.windows(tok, d, "calibration", 128, held, spread=True), verify=v,
+                                          score_from=PROMPT, rounds=args.search_rounds, desc=f"swap search {d} {level:.0%}")
+            hl, best = r["heldout_loss"], r["chosen_step"]  # held-out losses of the start and each accepted swap
+            info[d] = {"keep": mask.int().tolist(), **r, "accepted": best > 0, "seconds": time.perf_counter() - t0}
             path.write_text(json.dumps(info))
-            print(f"search {level:.2f} {d:9s}: train loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f} ({len(hl) - 1} swaps), held-out "
+            print(f"search {level:.2f} {d:9s}: train loss {r['search_loss'][0]:.4f} -> {r['search_loss'][-1]:.4f} ({len(hl) - 1} swaps), held-out "
                   + " ".join(f"{x:.4f}" for x in hl) + f" -> step {best} ({time.perf_counter() - t0:.0f} s)", flush=True)
         masks[d] = torch.tensor(info[d]["keep"]).bool()  # the start itself when no searched mask did better held out
     return masks, info

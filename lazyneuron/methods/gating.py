@@ -972,6 +972,18 @@ def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, 
     return SwapSearch(keep, history, path)
 
 
+def search_context_mask(model: nn.Module, search: torch.Tensor, keep: torch.Tensor, heldout: torch.Tensor, *, verify: torch.Tensor | None = None,
+                        score_from: int = 0, rounds: int = 4, progress: bool = True, desc: str = "mask swap search") -> tuple[torch.Tensor, dict[str, Any]]:
+    """One context's mask: ``swap_search`` from ``keep`` on ``search`` (swaps accepted on
+    ``verify`` when given), then, of the start and the mask after each accepted swap, the one with
+    the lowest loss on ``heldout``. Returns the mask and its search / held-out losses and step."""
+    res = swap_search(model, search, keep, score_from=score_from, rounds=rounds, verify=verify, progress=progress, desc=desc)
+    sel = MaskScorer(model, heldout, score_from)
+    held = [sel.loss(m) for m in res.masks]
+    best = min(range(len(held)), key=held.__getitem__)
+    return res.masks[best], {"search_loss": res.losses, "heldout_loss": held, "chosen_step": best}
+
+
 def searched_predictor(model: nn.Module, key: str, texts: dict[str, dict[str, torch.Tensor]], keep: torch.Tensor, *, score_from: int = 0,
                        rounds: int = 4, gate_tokens: int = 32, margin: float = 3.0, progress: bool = True) -> tuple[GatePredictor, dict[str, dict[str, Any]]]:
     """Context-aware gates of a causal LM by search, with the base frozen: one keep mask per
@@ -997,13 +1009,8 @@ def searched_predictor(model: nn.Module, key: str, texts: dict[str, dict[str, to
     masks: dict[str | None, torch.Tensor] = {None: keep}
     info: dict[str, dict[str, Any]] = {}
     for v, t in texts.items():
-        res = swap_search(model, t["search"], keep, score_from=score_from, rounds=rounds, verify=t.get("verify"), progress=progress,
-                          desc=f"mask search {key}={v}")
-        sel = MaskScorer(model, t["heldout"], score_from)
-        held = [sel.loss(m) for m in res.masks]
-        best = min(range(len(held)), key=held.__getitem__)
-        masks[v] = res.masks[best]
-        info[v] = {"search_loss": res.losses, "heldout_loss": held, "chosen_step": best}
+        masks[v], info[v] = search_context_mask(model, t["search"], keep, t["heldout"], verify=t.get("verify"), score_from=score_from,
+                                                rounds=rounds, progress=progress, desc=f"mask search {key}={v}")
     pred = GatePredictor(model.config.hidden_size, n, {key: list(texts)}, gate_tokens=gate_tokens, model_type=model_type_of(model))
     pred.init_masks({key: masks}, margin=margin)
     pred.meta.update({"target_sparsity": float((~keep).float().mean()), "trained_on": "swap search per context value, chosen on held-out text"})
