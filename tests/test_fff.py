@@ -23,7 +23,9 @@ def _tree(depth: int, d: int, o: int, dtype: torch.dtype = torch.float32, seed: 
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3, 6, 10])
-@pytest.mark.parametrize("batch", [1, 3, 8, 37, 130, 300])  # 2..256 tokens: level-by-level blocks of 64; 1 and > 256: lock-step chains
+# 1 token: lock-step chains; 2+ tokens, fp32: two phases over blocks of 64 (65: a last block of one
+# token); bf16: level by level for 2..256, chains above
+@pytest.mark.parametrize("batch", [1, 3, 8, 37, 65, 130, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cmm_kernel_matches_references(depth: int, batch: int, dtype: torch.dtype) -> None:
     d, o = 48, 40
@@ -38,10 +40,12 @@ def test_cmm_kernel_matches_references(depth: int, batch: int, dtype: torch.dtyp
     assert torch.allclose(K.masked_dense(x, w_in, b_in, w_out, b_out), y_ref, atol=1e-3 * (depth + 1), rtol=1e-4)
 
 
-@pytest.mark.parametrize("d", [5, 32, 64, 100, 768])  # the dot keeps 32 partial sums: no full chunk, whole chunks, chunks + a tail
-@pytest.mark.parametrize("batch", [1, 37])
-def test_cmm_kernel_matches_reference_across_widths(d: int, batch: int) -> None:
-    w_in, b_in, w_out, b_out = _tree(5, d, 24, seed=d)
+# the dot works in chunks of 32 inputs and the two-phase output in chunks of 64 columns: widths with
+# no full chunk, whole chunks, and chunks plus a tail, on both sides
+@pytest.mark.parametrize(("d", "o"), [(5, 24), (32, 64), (64, 100), (100, 7), (768, 768), (40, 130)])
+@pytest.mark.parametrize("batch", [1, 37, 300])
+def test_cmm_kernel_matches_reference_across_widths(d: int, o: int, batch: int) -> None:
+    w_in, b_in, w_out, b_out = _tree(5, d, o, seed=d)
     x = torch.randn(batch, d, generator=torch.Generator().manual_seed(d + batch))
     y_ref, nodes_ref = K.reference(x, w_in, b_in, w_out, b_out)
     y, nodes = K.cmm(x, w_in, b_in, w_out, b_out, return_nodes=True)
