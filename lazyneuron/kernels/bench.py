@@ -7,6 +7,7 @@ memory as a decode step does. Times are medians over repeats, all variants inter
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from typing import Any, Callable
@@ -82,32 +83,41 @@ CMM_QUICK = dict(dims=CMM_DIMS, batches=[1, 128], dtypes=["float32"], repeats=15
 CMM_FULL = dict(dims=CMM_DIMS, batches=[1, 8, 128, 1024], dtypes=["float32", "bfloat16"], repeats=31)
 
 
+COLD_BYTES_CMM = 256 << 20  # the copies cycled: a layer inside a stack of ~10 (BERT-base has 12)
+N_INPUTS = 16  # distinct inputs cycled: a tree never sees the same tokens twice in a row
+
+
 @torch.inference_mode()
 def measure_cmm(d: int, hidden: int, depth: int, batch: int, dtype: str, repeats: int) -> dict[str, Any]:
-    """Dense FFN (``F.linear`` -> GELU -> ``F.linear``) vs the CMM walk, both with cold weights,
-    a distinct random input per token."""
+    """Dense FFN (``F.linear`` -> GELU -> ``F.linear``) vs the CMM walk, a distinct random input
+    per token. Cold: each call takes the next of as many weight copies as fill 256 MB (a layer
+    inside a model, whose other layers run in between) and the next of 16 inputs, so the rows a
+    walk reads are not the ones the previous call on that copy left in the cache. Warm: the same
+    weights and input on every call."""
     torch.manual_seed(0)
     wdt = getattr(torch, dtype)
     esz = 2 if dtype == "bfloat16" else 4
     n = (2 << depth) - 1
-    nd = max(1, -(-COLD_BYTES // (2 * d * hidden * esz)))
-    nf = max(1, -(-COLD_BYTES // (2 * d * n * esz)))
+    nd = max(1, -(-COLD_BYTES_CMM // (2 * d * hidden * esz)))
+    nf = max(1, -(-COLD_BYTES_CMM // (2 * d * n * esz)))
     dense = [(torch.randn(hidden, d).to(wdt), torch.randn(hidden).to(wdt), torch.randn(d, hidden).to(wdt), torch.randn(d).to(wdt)) for _ in range(nd)]
     trees = [(torch.randn(n, d).to(wdt), torch.randn(n), torch.randn(n, d).to(wdt), torch.randn(d)) for _ in range(nf)]
-    x = torch.randn(batch, d)
-    xt = x.to(wdt)
+    xs = [torch.randn(batch, d) for _ in range(N_INPUTS)]
+    xts = [x.to(wdt) for x in xs]
 
     def run_dense(k: int) -> torch.Tensor:
         w1, b1, w2, b2 = dense[k % nd]
-        return F.linear(F.gelu(F.linear(xt, w1, b1)), w2, b2)
+        return F.linear(F.gelu(F.linear(xts[k % N_INPUTS], w1, b1)), w2, b2)
 
     def run_cmm(k: int) -> torch.Tensor:
         wi, bi, wo, bo = trees[k % nf]
-        return cm.cmm(x, wi, bi, wo, bo, "gelu")[0]
+        return cm.cmm(xs[k % N_INPUTS], wi, bi, wo, bo, "gelu")[0]
 
-    # cold: every call reads weights last touched > 96 MB of traffic ago (a layer inside a model);
-    # warm: the same weights again and again (they stay in the 32 MB L3), reported beside it
-    fns = {"torch": run_dense, "cmm": run_cmm, "torch_warm": lambda k: run_dense(0), "cmm_warm": lambda k: run_cmm(0)}
+    # each cold call takes the next (copy, input) pair over the whole run, not the k-th of its block;
+    # warm, reported beside cold: the same weights and input again and again (the rows stay cached)
+    calls = {"torch": itertools.count(), "cmm": itertools.count()}
+    fns = {"torch": lambda k: run_dense(next(calls["torch"])), "cmm": lambda k: run_cmm(next(calls["cmm"])),
+           "torch_warm": lambda k: run_dense(0), "cmm_warm": lambda k: run_cmm(0)}
     for f in fns.values():
         for k in range(max(nd, nf)):
             f(k)
