@@ -3,6 +3,8 @@ the FastFeedForward method on BERT and GPT-2, checkpoints and layer-wise distill
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import tiny_bert, tiny_causal_lm
@@ -230,3 +232,33 @@ def test_layerwise_distillation_reduces_error() -> None:
     assert set(errs) == set(paths)
     assert errs[paths[0]] < 0.7 * err0
     assert all(isinstance(x, FFFBlock) for p, x in ln.surgery.lazy_modules(m) if p.endswith("intermediate"))
+
+
+def test_hugepage_copy_keeps_values_and_aligns() -> None:
+    big = torch.randn(8191, 80)  # 2.6 MB: at least one 2 MiB page
+    for t in (big, big.to(torch.bfloat16), torch.randn(10)):
+        h = K.hugepage_copy(t)
+        assert h.dtype == t.dtype and h.shape == t.shape and h.is_contiguous() and torch.equal(h, t)
+    h = K.hugepage_copy(big)
+    if K.available() and sys.platform.startswith("linux"):
+        assert h.data_ptr() != big.data_ptr() and h.data_ptr() % (2 << 20) == 0
+        h[0, 0] = 1e9  # a copy, not a view
+        assert big[0, 0] != 1e9
+    assert torch.equal(K.hugepage_copy(big[:, :40]), big[:, :40])  # non-contiguous input: a contiguous copy
+
+
+def test_fff_layer_use_hugepages_changes_nothing_but_placement() -> None:
+    torch.manual_seed(0)
+    layer = FFFLayer(80, 80, depth=12, routing="hard").eval()  # 8191 x 80 floats: 2.6 MB per tree
+    x = torch.randn(37, 80)
+    with torch.no_grad():
+        y0 = layer(x)
+    assert layer.use_hugepages() is layer
+    assert isinstance(layer.w_in, torch.nn.Parameter) and layer.w_in.requires_grad
+    if K.available() and sys.platform.startswith("linux"):
+        assert layer.w_in.data_ptr() % (2 << 20) == 0 and layer.w_out.data_ptr() % (2 << 20) == 0
+    with torch.no_grad():
+        assert torch.equal(layer(x), y0)
+    layer.train()  # still trainable
+    layer(x).square().mean().backward()
+    assert layer.w_in.grad is not None and torch.isfinite(layer.w_in.grad).all()

@@ -81,6 +81,18 @@ def available() -> bool:
 _EMPTY = torch.empty(0)
 
 
+def hugepage_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in 2 MiB-aligned memory marked for transparent huge pages, where the C++
+    extension is built and the OS has them (Linux with THP ``madvise`` or ``always``); ``t``
+    itself otherwise. A CMM walk reads rows scattered over the whole tree, so with 4 KiB pages
+    nearly every row it reads is a TLB miss; :class:`~lazyneuron.methods.fff.FFFLayer` moves its
+    trees here for inference."""
+    ext = extension("cmm")
+    if ext is None or t.device.type != "cpu" or not hasattr(ext, "hugepage_copy"):
+        return t
+    return ext.hugepage_copy(t)
+
+
 def cmm(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
         activation: str = "gelu", return_nodes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fast walk for any number of tokens; fp32 or bf16 weights, float32 output.

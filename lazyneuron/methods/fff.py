@@ -144,6 +144,18 @@ class FFFLayer(nn.Module):
             y = y.to(x.dtype)
         return y.view(*shape[:-1], self.d_out)
 
+    def use_hugepages(self) -> FFFLayer:
+        """Move the trees into memory backed by 2 MiB pages (:func:`lazyneuron.kernels.cmm.hugepage_copy`),
+        for inference: a walk's scattered row reads then rarely miss the TLB. Values, shapes and
+        parameters are unchanged; training still works. Done by ``FastFeedForward`` and
+        :func:`load_fff`; a no-op without the C++ extension or outside Linux."""
+        with torch.no_grad():
+            for name in ("w_in", "w_out"):
+                p = getattr(self, name)
+                if p.device.type == "cpu":
+                    p.data = K.hugepage_copy(p.data)
+        return self
+
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, depth={self.depth}, nodes={self.n_nodes}, activation={self.activation}, routing={self.routing}"
 
@@ -305,6 +317,7 @@ class FastFeedForward(Method):
             return Passthrough(module)
         fff = self._layers[path]
         fff.eval()
+        fff.use_hugepages()
         return FFFBlock(module, fff)
 
     def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
@@ -384,7 +397,7 @@ def load_fff(path: str | os.PathLike, model: nn.Module | None = None) -> dict[st
                 raise ConfigError(f"FFF checkpoint {path!r} names {p!r}, which this model does not have; it was made for another model") from None
             if dims[0].shape[1] != layer.d_in or dims[2].shape[0] != layer.d_out:
                 raise ConfigError(f"FFF checkpoint {path!r}: {p!r} is {layer.d_in}->{layer.d_out} but the model's FFN is {dims[0].shape[1]}->{dims[2].shape[0]}")
-        out[p] = layer
+        out[p] = layer.use_hugepages()
     return out
 
 
