@@ -82,9 +82,9 @@ _EMPTY = torch.empty(0)
 
 
 def hugepage_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` in 2 MiB-aligned memory marked for transparent huge pages, where the C++
-    extension is built and the OS has them (Linux with THP ``madvise`` or ``always``); ``t``
-    itself otherwise. A CMM walk reads rows scattered over the whole tree, so with 4 KiB pages
+    """A contiguous copy of ``t`` in 2 MiB-aligned memory marked for transparent huge pages (they
+    back it on Linux with THP in ``madvise`` or ``always`` mode); a plain contiguous copy for
+    tensors under 2 MiB or outside Unix; ``t`` itself when the C++ extension is not built. A CMM walk reads rows scattered over the whole tree, so with 4 KiB pages
     nearly every row it reads is a TLB miss; :class:`~lazyneuron.methods.fff.FFFLayer` moves its
     trees here for inference."""
     ext = extension("cmm")
