@@ -88,7 +88,7 @@ def hugepage_copy(t: torch.Tensor) -> torch.Tensor:
     nearly every row it reads is a TLB miss; :class:`~lazyneuron.methods.fff.FFFLayer` moves its
     trees here for inference."""
     ext = extension("cmm")
-    if ext is None or t.device.type != "cpu" or not hasattr(ext, "hugepage_copy"):
+    if ext is None or t.device.type != "cpu":
         return t
     return ext.hugepage_copy(t)
 

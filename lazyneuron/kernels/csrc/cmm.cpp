@@ -60,30 +60,6 @@ inline float dot(const float* __restrict__ x, const W* __restrict__ w, int64_t n
   return s;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-template <>
-inline float dot<float>(const float* __restrict__ x, const float* __restrict__ w, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(w + j), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(w + j + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 16), _mm256_loadu_ps(w + j + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 24), _mm256_loadu_ps(w + j + 24), a3);
-  }
-  for (; j + 8 <= n; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(w + j), a0);
-  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; j < n; ++j) s += x[j] * w[j];
-  return s;
-}
-#endif
-
 template <typename W>
 inline void axpy(float* __restrict__ y, const W* __restrict__ w, float v, int64_t n) {
 #pragma omp simd
@@ -105,9 +81,15 @@ inline void axpy<float>(float* __restrict__ y, const float* __restrict__ w, floa
 }
 #endif
 
-
 #if defined(__AVX2__) && defined(__FMA__)
 #define LN_FAST_F32 1
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 // A dot product that also prefetches (prefetcht2) two lines of another row per 32 floats: the
 // prefetches of a later token's row are spread across this token's arithmetic instead of issued
 // in one burst that fills the miss buffers and stalls the loads the arithmetic needs.
@@ -126,6 +108,12 @@ inline float dot_pf(const float* __restrict__ x, const float* __restrict__ w, in
   float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   for (; j < n; ++j) s += x[j] * w[j];
   return s;
+}
+
+// the plain dot (the single-token chains) is the same loop with nothing to prefetch
+template <>
+inline float dot<float>(const float* __restrict__ x, const float* __restrict__ w, int64_t n) {
+  return dot_pf(x, w, n, nullptr, 0);
 }
 #endif
 
