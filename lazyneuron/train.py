@@ -9,7 +9,9 @@ averaged, rank 0 writes checkpoints.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import datetime
 import json
 import logging
 import math
@@ -28,13 +30,34 @@ CHECKPOINT_FORMAT = "lazyneuron.train/1"
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
+    """(rank, world size); initialises the process group when launched by torchrun, and tears it
+    down at exit (see :func:`shutdown`)."""
     n = int(os.environ.get("WORLD_SIZE", "1"))
     if n > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(shutdown)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def shutdown(timeout_s: float = 60.0) -> None:
+    """End the process group cleanly: wait until every rank is here, then destroy it.
+
+    A rank that leaves while another still holds open connections (rank 0 writing the
+    checkpoint, say) can abort in the communication library's teardown; waiting for all of them
+    first closes that window. Registered at exit by :func:`world`; safe to call more than once.
+    A rank that never arrives (it crashed) is waited for ``timeout_s`` at most."""
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except RuntimeError as e:  # a peer is gone; still release what this rank holds
+        log.warning("process group teardown: %s", e)
+    dist.destroy_process_group()
 
 
 def is_main() -> bool:

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lazyneuron.train import fit, world
+from lazyneuron.train import fit, shutdown, world
 
 
 def gates(out: Path, rank: int) -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     assert n == 2, n
     if len(sys.argv) > 2 and sys.argv[2] == "gates":
         gates(out, rank)
-        torch.distributed.destroy_process_group()
+        shutdown()
         return
     torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
     m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -40,7 +40,7 @@ def main() -> None:
     data = [(x, x @ w) for x in (torch.randn(8, 8, generator=g) for _ in range(10))]
     fit(m, lambda mod, b: ((mod(b[0]) - b[1]) ** 2).mean(), data, epochs=2, lr=1e-2, checkpoint=out / "ckpt.safetensors", progress=False)
     torch.save(torch.cat([p.detach().flatten() for p in m.parameters()]), out / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

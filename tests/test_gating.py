@@ -4,14 +4,10 @@ per sequence, batches with mixed masks, contexts, checkpoints, training, the sta
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_causal_lm
+from conftest import tiny_causal_lm, torchrun_worker
 
 import lazyneuron as ln
 from lazyneuron.bench.decode import lean_generate
@@ -34,7 +30,6 @@ from lazyneuron.methods.gating import (
 )
 from lazyneuron.tasks import TextClassifier
 
-HERE = Path(__file__).parent
 SKIP = [(1, "attn"), (2, "mlp"), (0, "attn")]
 
 
@@ -395,10 +390,7 @@ def test_encoder_task_gating(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_gate_training_under_torchrun_two_processes(tmp_path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521", str(HERE / "ddp_worker.py"), str(tmp_path), "gates"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun_worker(tmp_path, 29521, "gates")
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert torch.equal(w0, w1)

@@ -3,21 +3,15 @@ and the text classifier's checkpoints."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import tiny_bert, torchrun_worker
 from torch import nn
 
 import lazyneuron as ln
 from lazyneuron.tasks import TextClassifier
 from lazyneuron.train import fit
-
-HERE = Path(__file__).parent
 
 
 def _problem(seed: int = 0):
@@ -91,10 +85,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path) -> None:
 
 def test_torchrun_two_processes_on_cpu(tmp_path) -> None:
     """DDP (gloo) with 2 processes: both ranks end with the same weights, rank 0 writes the checkpoint."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(HERE / "ddp_worker.py"), str(tmp_path)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun_worker(tmp_path, 29517)
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert torch.equal(w0, w1)
