@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import datetime
 import json
 import logging
 import math
 import os
 import random
+import sys
 from typing import Any, Callable, Sequence
 
 import torch
@@ -35,29 +35,34 @@ def world() -> tuple[int, int]:
     n = int(os.environ.get("WORLD_SIZE", "1"))
     if n > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        atexit.register(shutdown)
+        atexit.register(_shutdown_at_exit)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def shutdown(timeout_s: float = 60.0) -> None:
+def shutdown() -> None:
     """End the process group cleanly: wait until every rank is here, then destroy it.
 
-    A rank that leaves while another still holds open connections (rank 0 writing the
-    checkpoint, say) can abort in the communication library's teardown; waiting for all of them
-    first closes that window. Registered at exit by :func:`world`; safe to call more than once.
-    A rank that never arrives (it crashed) is waited for ``timeout_s`` at most."""
+    A rank that leaves while another still holds open connections (rank 0 writing the checkpoint,
+    say) can abort in the communication library's teardown; waiting for all of them first closes
+    that window. :func:`world` registers this to run at exit; safe to call more than once. The
+    wait is bounded by the process group's timeout."""
     if not dist.is_initialized():
         return
-    try:
-        if dist.get_backend() == "gloo":
-            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
-        else:
-            dist.barrier()
-    except RuntimeError as e:  # a peer is gone; still release what this rank holds
-        log.warning("process group teardown: %s", e)
+    dist.barrier()
     dist.destroy_process_group()
+
+
+def _shutdown_at_exit() -> None:
+    if getattr(sys, "last_value", None) is not None:
+        # leaving on an uncaught exception: the peers may be inside a gradient all-reduce, which a
+        # barrier from this rank would be paired with; leave as before and let the launcher stop them
+        return
+    try:
+        shutdown()
+    except Exception as e:  # a peer is gone: nothing left to end cleanly
+        log.warning("process group teardown at exit: %s", e)
 
 
 def is_main() -> bool:

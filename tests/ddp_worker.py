@@ -1,5 +1,6 @@
 """Launched by test_train.py under `torch.distributed.run --nproc_per_node 2`."""
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -30,8 +31,21 @@ def main() -> None:
     rank, n = world()
     assert n == 2, n
     if len(sys.argv) > 2 and sys.argv[2] == "gates":
-        gates(out, rank)
-        shutdown()
+        gates(out, rank)  # the process group is ended by the teardown world() registered at exit
+        return
+    if len(sys.argv) > 2 and sys.argv[2] == "fail":
+        # rank 1 fails mid-training while rank 0 waits in the gradient all-reduce: the run must
+        # stop with the error, not hang in the teardown
+        m = nn.Linear(8, 3)
+        data = [torch.randn(4, 8) for _ in range(8)]
+
+        def loss(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if rank == 1 and next(calls) == 2:
+                raise ValueError("boom on rank 1")
+            return mod(x).pow(2).mean()
+
+        calls = itertools.count()
+        fit(m, loss, data, epochs=2, progress=False)
         return
     torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
     m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))

@@ -92,6 +92,13 @@ def test_torchrun_two_processes_on_cpu(tmp_path) -> None:
     assert (tmp_path / "ckpt.safetensors").exists()
 
 
+def test_torchrun_rank_failing_mid_training_stops_the_run(tmp_path) -> None:
+    """A rank raising while its peer waits in the all-reduce: the run ends with the error (the
+    teardown at exit must not pair a barrier with that all-reduce and hang)."""
+    err = torchrun_worker(tmp_path, 29519, "fail", timeout=120, fails=True)
+    assert "boom on rank 1" in err
+
+
 def test_classifier_checkpoint_round_trip(tmp_path) -> None:
     enc = tiny_bert()
     clf = TextClassifier(enc, 2).eval()
