@@ -18,13 +18,13 @@ from torch import nn
 LLAMA_LIKE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
 
 
-def torchrun_worker(out: Path, port: int, *args: str, timeout: int = 300, fails: bool = False) -> str:
-    """Run tests/ddp_worker.py under `torch.distributed.run --nproc_per_node 2` on CPU and return
-    its error output; unless it is meant to fail, a failure shows every rank's error output
-    (without DDP's advice)."""
+def torchrun_worker(out: Path, *args: str, timeout: int = 300, fails: bool = False) -> str:
+    """Run tests/ddp_worker.py under `torch.distributed.run --standalone --nproc_per_node 2` on CPU
+    (a free port each time) and return its error output. Unless the run is meant to fail, a
+    failure shows every rank's error output (without DDP's advice)."""
     here = Path(__file__).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(here / "ddp_worker.py"), str(out), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(here / "ddp_worker.py"), str(out), *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if fails:
         assert res.returncode != 0, "the run was meant to fail"

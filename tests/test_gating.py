@@ -390,7 +390,7 @@ def test_encoder_task_gating(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_gate_training_under_torchrun_two_processes(tmp_path) -> None:
-    torchrun_worker(tmp_path, 29521, "gates")
+    torchrun_worker(tmp_path, "gates")
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert torch.equal(w0, w1)

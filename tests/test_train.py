@@ -85,7 +85,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path) -> None:
 
 def test_torchrun_two_processes_on_cpu(tmp_path) -> None:
     """DDP (gloo) with 2 processes: both ranks end with the same weights, rank 0 writes the checkpoint."""
-    torchrun_worker(tmp_path, 29517)
+    torchrun_worker(tmp_path)
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert torch.equal(w0, w1)
@@ -95,7 +95,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path) -> None:
 def test_torchrun_rank_failing_mid_training_stops_the_run(tmp_path) -> None:
     """A rank raising while its peer waits in the all-reduce: the run ends with the error (the
     teardown at exit must not pair a barrier with that all-reduce and hang)."""
-    err = torchrun_worker(tmp_path, 29519, "fail", timeout=120, fails=True)
+    err = torchrun_worker(tmp_path, "fail", timeout=120, fails=True)
     assert "boom on rank 1" in err
 
 
