@@ -1,4 +1,5 @@
-"""Launched by test_train.py under `torch.distributed.run --nproc_per_node 2`."""
+"""Launched under `torch.distributed.run --nproc_per_node 2` by conftest.torchrun_worker (the tests
+in test_train.py and test_gating.py)."""
 
 import itertools
 import sys

@@ -3,7 +3,6 @@ and the text classifier's checkpoints."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from conftest import tiny_bert, torchrun_worker
