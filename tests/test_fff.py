@@ -192,6 +192,7 @@ def test_fff_checkpoint_round_trip_and_errors(tmp_path) -> None:
     with torch.no_grad():
         for x in m.modules():
             if isinstance(x, FFFBlock):
+                assert x.fff.w_out.data_ptr() == x.fff.w_in.data_ptr() + 4 * x.fff.d_in  # packed by apply_
                 x.fff.w_out.add_(0.05)  # "trained": differs from the dense initialisation
     y = m(ids).last_hidden_state
     path = tmp_path / "fff.safetensors"
@@ -247,18 +248,29 @@ def test_hugepage_copy_keeps_values_and_aligns() -> None:
     assert torch.equal(K.hugepage_copy(big[:, :40]), big[:, :40])  # non-contiguous input: a contiguous copy
 
 
-def test_fff_layer_use_hugepages_changes_nothing_but_placement() -> None:
+def test_fff_layer_pack_for_inference_changes_nothing_but_layout() -> None:
     torch.manual_seed(0)
-    layer = FFFLayer(80, 80, depth=12, routing="hard").eval()  # 8191 x 80 floats: 2.6 MB per tree
+    layer = FFFLayer(80, 48, depth=12, routing="hard").eval()  # 8191 x 128 floats: 4.2 MB
     x = torch.randn(37, 80)
+    w_in, w_out = layer.w_in.detach().clone(), layer.w_out.detach().clone()
     with torch.no_grad():
-        y0 = layer(x)
-    assert layer.use_hugepages() is layer
+        y0, n0 = K.cmm(x, layer.w_in, layer.b_in, layer.w_out, layer.b_out, "gelu", return_nodes=True)
+    assert layer.pack_for_inference() is layer
     assert isinstance(layer.w_in, torch.nn.Parameter) and layer.w_in.requires_grad
+    assert torch.equal(layer.w_in, w_in) and torch.equal(layer.w_out, w_out)
+    # one buffer: node n's output row right after its input row
+    assert layer.w_in.stride() == (128, 1) and layer.w_out.stride() == (128, 1)
+    assert layer.w_out.data_ptr() == layer.w_in.data_ptr() + 80 * 4
     if K.available() and sys.platform.startswith("linux"):
-        assert layer.w_in.data_ptr() % (2 << 20) == 0 and layer.w_out.data_ptr() % (2 << 20) == 0
+        assert layer.w_in.data_ptr() % (2 << 20) == 0
     with torch.no_grad():
-        assert torch.equal(layer(x), y0)
-    layer.train()  # still trainable
+        y1, n1 = K.cmm(x, layer.w_in, layer.b_in, layer.w_out, layer.b_out, "gelu", return_nodes=True)
+        assert torch.equal(n1, n0) and torch.equal(y1, y0)
+        ref, _ = K.reference(x, layer.w_in, layer.b_in, layer.w_out, layer.b_out, "gelu")
+        assert torch.allclose(y1, ref, atol=1e-4)
+    layer.train()  # still trainable, and the optimizer updates the packed views in place
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
     layer(x).square().mean().backward()
     assert layer.w_in.grad is not None and torch.isfinite(layer.w_in.grad).all()
+    opt.step()
+    assert not torch.equal(layer.w_in, w_in) and layer.w_in.stride() == (128, 1)

@@ -93,7 +93,9 @@ def measure_cmm(d: int, hidden: int, depth: int, batch: int, dtype: str, repeats
     per token. Cold: each call takes the next of as many weight copies as fill 256 MB (a layer
     inside a model, whose other layers run in between) and the next of 16 inputs, so the rows a
     walk reads are not the ones the previous call on that copy left in the cache. Warm: the same
-    weights and input on every call. Weights of both sit on 2 MiB pages where the OS has them."""
+    weights and input on every call. Weights of both sit on 2 MiB pages where the OS has them; the
+    trees are laid out as :meth:`FFFLayer.pack_for_inference` keeps them (each node's input and
+    output rows side by side)."""
     torch.manual_seed(0)
     wdt = getattr(torch, dtype)
     esz = 2 if dtype == "bfloat16" else 4
@@ -104,7 +106,8 @@ def measure_cmm(d: int, hidden: int, depth: int, batch: int, dtype: str, repeats
     # the dense weights get the same, so the comparison is like for like
     hp = cm.hugepage_copy
     dense = [(hp(torch.randn(hidden, d).to(wdt)), torch.randn(hidden).to(wdt), hp(torch.randn(d, hidden).to(wdt)), torch.randn(d).to(wdt)) for _ in range(nd)]
-    trees = [(hp(torch.randn(n, d).to(wdt)), torch.randn(n), hp(torch.randn(n, d).to(wdt)), torch.randn(d)) for _ in range(nf)]
+    packed = [hp(torch.randn(n, 2 * d).to(wdt)) for _ in range(nf)]
+    trees = [(t[:, :d], torch.randn(n), t[:, d:], torch.randn(d)) for t in packed]
     xs = [torch.randn(batch, d) for _ in range(N_INPUTS)]
     xts = [x.to(wdt) for x in xs]
 

@@ -144,16 +144,19 @@ class FFFLayer(nn.Module):
             y = y.to(x.dtype)
         return y.view(*shape[:-1], self.d_out)
 
-    def use_hugepages(self) -> FFFLayer:
-        """Move the trees into memory backed by 2 MiB pages (:func:`lazyneuron.kernels.cmm.hugepage_copy`),
-        for inference: a walk's scattered row reads then rarely miss the TLB. Values, shapes and
-        parameters are unchanged; training still works. Done by ``FastFeedForward`` and
-        :func:`load_fff`; a no-op without the C++ extension or outside Linux."""
+    def pack_for_inference(self) -> FFFLayer:
+        """Lay the trees out for the CMM walk: each node's input row and output row side by side in
+        one buffer (a walk reads both rows of every node it visits) on 2 MiB pages
+        (:func:`lazyneuron.kernels.cmm.hugepage_copy`), so a walk's scattered reads rarely miss the
+        TLB. ``w_in`` and ``w_out`` become strided views of that buffer: values, shapes and
+        parameters are unchanged and training still works. Done by ``FastFeedForward`` and
+        :func:`load_fff`; CPU trees of one dtype only (otherwise nothing changes)."""
+        if self.w_in.device.type != "cpu" or self.w_in.dtype != self.w_out.dtype:
+            return self
         with torch.no_grad():
-            for name in ("w_in", "w_out"):
-                p = getattr(self, name)
-                if p.device.type == "cpu":
-                    p.data = K.hugepage_copy(p.data)
+            buf = K.hugepage_copy(torch.cat([self.w_in.data, self.w_out.data], 1))
+            self.w_in.data = buf[:, : self.d_in]
+            self.w_out.data = buf[:, self.d_in :]
         return self
 
     def extra_repr(self) -> str:
@@ -317,7 +320,7 @@ class FastFeedForward(Method):
             return Passthrough(module)
         fff = self._layers[path]
         fff.eval()
-        fff.use_hugepages()
+        fff.pack_for_inference()
         return FFFBlock(module, fff)
 
     def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
@@ -397,7 +400,7 @@ def load_fff(path: str | os.PathLike, model: nn.Module | None = None) -> dict[st
                 raise ConfigError(f"FFF checkpoint {path!r} names {p!r}, which this model does not have; it was made for another model") from None
             if dims[0].shape[1] != layer.d_in or dims[2].shape[0] != layer.d_out:
                 raise ConfigError(f"FFF checkpoint {path!r}: {p!r} is {layer.d_in}->{layer.d_out} but the model's FFN is {dims[0].shape[1]}->{dims[2].shape[0]}")
-        out[p] = layer.use_hugepages()
+        out[p] = layer.pack_for_inference()
     return out
 
 
