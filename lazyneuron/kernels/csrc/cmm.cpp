@@ -225,7 +225,8 @@ void walk_levels(const float* x, const W* win, const float* bin, const W* wout, 
 // input row only (the decision chain needs nothing else), input rows prefetched `ahead` tokens
 // later in (level, token) order. Outputs: every token's nodes are then known, so its output is
 // built in registers, 64 columns at a time over its depth+1 output rows (y is written once, not
-// read and written at every level), the next token's output rows prefetched meanwhile.
+// read and written at every level); unless the tree is packed, a later token's output rows are
+// prefetched meanwhile.
 void walk_two_phase(const float* x, const float* win, const float* bin, const float* wout, const float* bout, float* y, int64_t* nodes,
                     int64_t T, int64_t d, int64_t o, int64_t li, int64_t lo, int64_t depth, int64_t act, int64_t block, int64_t ahead) {
   const int64_t blocks = (T + block - 1) / block;
@@ -256,13 +257,18 @@ void walk_two_phase(const float* x, const float* win, const float* bin, const fl
       if (nodes)
         for (int64_t k = 0; k < nt; ++k)
           for (int64_t l = 0; l < L; ++l) nodes[(t0 + k) * L + l] = path[k * L + l];
-      // outputs: the rows of the token 2 places later are prefetched, a few lines per step
-      for (int64_t k = 0; k < std::min<int64_t>(2, nt); ++k)
-        for (int64_t l = 0; l < L; ++l) prefetch_full(wout + path[k * L + l] * lo, o);
+      // outputs. Rows apart from the input rows: those of the token 2 places later are prefetched,
+      // a few lines per step. Packed trees (each output row right after its node's input row, as
+      // FFFLayer keeps them): none; the hardware brings them in after the input rows, and in one
+      // process software prefetch there cost 2-8% at 8-128 tokens
+      const bool packed = wout == win + d && lo == li;
+      if (!packed)
+        for (int64_t k = 0; k < std::min<int64_t>(2, nt); ++k)
+          for (int64_t l = 0; l < L; ++l) prefetch_full(wout + path[k * L + l] * lo, o);
       for (int64_t k = 0; k < nt; ++k) {
         const int64_t* p = &path[k * L];
         const float* c = &coef[k * L];
-        const int64_t* pn = k + 2 < nt ? &path[(k + 2) * L] : nullptr;
+        const int64_t* pn = !packed && k + 2 < nt ? &path[(k + 2) * L] : nullptr;
         float* yk = y + (t0 + k) * o;
         int64_t j = 0;
         // prefetch cursor over the later token's output rows: row r, byte offset q
