@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/fff.py                 # full run (~45 min on 2 cores; resumes from cached checkpoints)
     .venv/bin/python benchmarks/fff.py --quick         # smoke run (tiny training, kernel quick grid)
     .venv/bin/python benchmarks/fff.py --kernels-only  # the layer-level CMM grid alone (a few minutes)
+    python benchmarks/fff.py --kernels-only --device cuda  # the same grid on a GPU (Triton walk vs cuBLAS)
 
 Steps (checkpoints cached under $LAZYNEURON_CACHE/checkpoints, so a rerun skips finished work):
 1. dense baseline: MiniLM-L6 + mean-pool head fine-tuned on the MR train split;
@@ -14,7 +15,8 @@ Steps (checkpoints cached under $LAZYNEURON_CACHE/checkpoints, so a rerun skips 
 4. layer-level CMM vs dense FFN (``lazyneuron bench-kernels --kernel cmm``, full grid).
 
 Writes benchmarks/results/fff.jsonl, benchmarks/results/kernels_cmm.jsonl and the plots
-fff_accuracy_vs_depth.png, fff_kernel_speedup.png.
+fff_accuracy_vs_depth.png, fff_kernel_speedup.png (on a GPU: kernels_cmm_cuda.jsonl and
+fff_kernel_speedup_cuda.png).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def main() -> None:
     ap.add_argument("--fff-lr", type=float, default=1e-4)
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--kernels-only", action="store_true", help="only the layer-level CMM grid (kernels_cmm.jsonl and its plot)")
+    ap.add_argument("--device", default="cpu", help="the kernel grid's device: cpu, or cuda (the Triton walk; writes kernels_cmm_cuda.jsonl)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -157,11 +160,15 @@ def main() -> None:
 
 
 def kernels(args: argparse.Namespace) -> None:
-    krecs = kbench.run("cmm", quick=args.quick, progress=True)
-    write(krecs, OUT / "kernels_cmm.jsonl", append=False)
+    gpu = args.device != "cpu"
+    krecs = kbench.run("cmm", quick=args.quick, progress=True, device=args.device)
+    write(krecs, OUT / ("kernels_cmm_cuda.jsonl" if gpu else "kernels_cmm.jsonl"), append=False)
     kr = [{"model": "cmm-layer", "method": f"d_model={r['d_model']} depth={r['depth']} {r['dtype']}", "params": {"batch": r["batch"], "dtype": r["dtype"]},
            "metric": "speedup_vs_torch", "value": r["speedup_vs_torch"]} for r in krecs]
-    plots.xy(kr, OUT / "fff_kernel_speedup.png", "batch", "speedup_vs_torch", "", "CMM tree walk vs dense F.linear FFN (same run)")
+    if gpu:
+        plots.xy(kr, OUT / "fff_kernel_speedup_cuda.png", "batch", "speedup_vs_torch", "", f"CMM walk (Triton) vs dense FFN (cuBLAS), {krecs[0]['device']}")
+    else:
+        plots.xy(kr, OUT / "fff_kernel_speedup.png", "batch", "speedup_vs_torch", "", "CMM tree walk vs dense F.linear FFN (same run)")
     sys.stdout.write(kbench.table(krecs) + "\n")
 
 

@@ -83,6 +83,7 @@ def _add_kernel_parser(sub: Any) -> None:
                        epilog="example: lazyneuron bench-kernels --quick --json")
     s.add_argument("--kernel", default="sparse_gemv", choices=["sparse_gemv", "cmm"])
     s.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
+    s.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N for the CMM walk on a GPU (needs Triton)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--out", help="append records to this JSON-lines file")
 
@@ -183,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "bench-kernels":
         from .kernels import bench as kbench
 
-        recs = kbench.run(args.kernel, quick=args.quick, progress=not args.json)
+        recs = kbench.run(args.kernel, quick=args.quick, progress=not args.json, device=args.device)
         if args.out:
             from .bench import write
 

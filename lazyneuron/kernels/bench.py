@@ -7,6 +7,7 @@ memory as a decode step does. Times are medians over repeats, all variants inter
 
 from __future__ import annotations
 
+import functools
 import itertools
 import statistics
 import time
@@ -15,7 +16,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from . import cmm as cm
+from . import cmm_gpu
 from . import sparse_gemv as sg
 
 SHAPES = [(576, 1536), (1536, 576), (2048, 5632), (5632, 2048), (4096, 11008), (11008, 4096)]
@@ -140,18 +143,125 @@ def measure_cmm(d: int, hidden: int, depth: int, batch: int, dtype: str, repeats
     }
 
 
+GPU_COLD_BYTES = 1 << 30  # copies cycled on a GPU: far beyond its L2 (50 MB on an H100)
+GPU_CALLS = 20  # calls per timed sample
+
+
+@torch.inference_mode()
+def measure_cmm_gpu(d: int, hidden: int, depth: int, batch: int, dtype: str, repeats: int, device: str = "cuda") -> dict[str, Any]:
+    """:func:`measure_cmm` on a GPU: the dense FFN in torch (cuBLAS, TF32 off so fp32 stays fp32)
+    against the Triton walk, distinct random inputs per token. A sample is ``GPU_CALLS`` calls,
+    its time divided by the calls; cold samples take a different weight copy and input for each
+    call (copies fill 1 GB, far beyond the L2), warm ones one copy throughout. Two timings: calls
+    replayed from a CUDA graph (the GPU's time, as a deployment with graphs or ``torch.compile``
+    sees it; the headline ``speedup_vs_torch``) and plain eager calls, whose launch overheads on
+    the host can exceed the GPU work at small batches (``*_eager``)."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    wdt = getattr(torch, dtype)
+    esz = 2 if dtype == "bfloat16" else 4
+    n = (2 << depth) - 1
+    nd = max(GPU_CALLS, -(-GPU_COLD_BYTES // (2 * d * hidden * esz)))
+    nf = max(GPU_CALLS, -(-GPU_COLD_BYTES // (2 * d * n * esz)))
+    dense = [(torch.randn(hidden, d, device=dev).to(wdt), torch.randn(hidden, device=dev).to(wdt), torch.randn(d, hidden, device=dev).to(wdt),
+              torch.randn(d, device=dev).to(wdt)) for _ in range(nd)]
+    packed = [torch.randn(n, 2 * d, device=dev).to(wdt) for _ in range(nf)]
+    trees = [(t[:, :d], torch.randn(n, device=dev), t[:, d:], torch.randn(d, device=dev)) for t in packed]
+    xs = [torch.randn(batch, d, device=dev) for _ in range(N_INPUTS)]
+    xts = [x.to(wdt) for x in xs]
+
+    def run_dense(k: int) -> torch.Tensor:
+        w1, b1, w2, b2 = dense[k % nd]
+        return F.linear(F.gelu(F.linear(xts[k % N_INPUTS], w1, b1)), w2, b2)
+
+    def run_cmm(k: int) -> torch.Tensor:
+        wi, bi, wo, bo = trees[k % nf]
+        return cm.cmm(xs[k % N_INPUTS], wi, bi, wo, bo, "gelu")[0]
+
+    runs = {"torch": run_dense, "cmm": run_cmm}
+    counters = {k: itertools.count() for k in runs}
+
+    def eager(name: str, warm: bool) -> Callable[[], None]:
+        def f() -> None:
+            for _ in range(GPU_CALLS):
+                runs[name](0 if warm else next(counters[name]))
+        return f
+
+    def graphed(name: str, warm: bool) -> Callable[[], None]:
+        calls = [0 if warm else i for i in range(GPU_CALLS)]  # cold: GPU_CALLS distinct copies and inputs
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up before capture, as CUDA graphs require
+            for k in calls:
+                runs[name](k)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for k in calls:
+                runs[name](k)
+        return g.replay
+
+    def sample(f: Callable[[], None]) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        start.record()
+        f()
+        end.record()
+        end.synchronize()
+        wall = time.perf_counter() - t0  # eager: the host's launches count, as a user waits for them
+        return max(wall, start.elapsed_time(end) / 1e3) / GPU_CALLS
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        fns: dict[str, Callable[[], None]] = {}
+        for name in runs:
+            for _ in range(3):
+                eager(name, False)()
+            fns[name] = graphed(name, False)
+            fns[f"{name}_warm"] = graphed(name, True)
+            fns[f"{name}_eager"] = eager(name, False)
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(max(5, repeats // 3)):
+            for name, f in fns.items():
+                samples[name].append(sample(f))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    return {
+        "kernel": "cmm", "d_model": d, "dense_width": hidden, "depth": depth, "nodes": n, "nodes_evaluated": depth + 1, "batch": batch, "dtype": dtype,
+        "time_torch_us": t["torch"] * 1e6, "time_cmm_us": t["cmm"] * 1e6, "speedup_vs_torch": t["torch"] / t["cmm"],
+        "time_torch_warm_us": t["torch_warm"] * 1e6, "time_cmm_warm_us": t["cmm_warm"] * 1e6, "speedup_vs_torch_warm": t["torch_warm"] / t["cmm_warm"],
+        "time_torch_eager_us": t["torch_eager"] * 1e6, "time_cmm_eager_us": t["cmm_eager"] * 1e6,
+        "speedup_vs_torch_eager": t["torch_eager"] / t["cmm_eager"], "timing": "cuda graph (headline), eager",
+        "us_per_token_cmm": t["cmm"] * 1e6 / batch, "flop_ratio": hidden / (depth + 1), "fast_path": cmm_gpu.available(dev),
+        "device": f"cuda: {torch.cuda.get_device_name(dev)}",
+    }
+
+
 KERNELS = ("sparse_gemv", "cmm")
 
 
-def run(kernel: str = "sparse_gemv", quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+def run(kernel: str = "sparse_gemv", quick: bool = False, progress: bool = True, device: str = "cpu") -> list[dict[str, Any]]:
+    """The kernel's grid of cases (``quick``: a subset in under a minute). ``device``: "cpu", or a
+    CUDA device for the CMM walk (the Triton kernel against cuBLAS)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; available: {list(KERNELS)}")
     from ..bench.records import environment
 
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        if kernel != "cmm":
+            raise ConfigError(f"kernel {kernel!r} runs on the CPU only; drop --device {device} or use --kernel cmm")
+        if not cmm_gpu.available(dev):
+            raise ConfigError(f"device {device!r}: the GPU CMM walk needs a CUDA device visible to torch and Triton installed "
+                             f"(cuda available: {torch.cuda.is_available()}); use --device cpu")
     if kernel == "cmm":
         c = CMM_QUICK if quick else CMM_FULL
+        measure_fn: Callable[..., dict[str, Any]] = measure_cmm if dev.type == "cpu" else functools.partial(measure_cmm_gpu, device=device)
         cases: list[tuple[Callable[..., dict[str, Any]], tuple[Any, ...]]] = [
-            (measure_cmm, (d, h, dep, b, dt, c["repeats"])) for dt in c["dtypes"] for (d, h, dep) in c["dims"] for b in c["batches"]]
+            (measure_fn, (d, h, dep, b, dt, c["repeats"])) for dt in c["dtypes"] for (d, h, dep) in c["dims"] for b in c["batches"]]
     else:
         p = QUICK if quick else FULL
         cases = [(measure, (i, o, b, s, d, p["repeats"])) for d in p["dtypes"] for (i, o) in p["shapes"] for b in p["batches"] for s in p["sparsities"]]
@@ -161,17 +271,21 @@ def run(kernel: str = "sparse_gemv", quick: bool = False, progress: bool = True)
 
         it = tqdm(cases, desc=kernel, unit="case")
     env = environment()
-    return [{**fn(*args), "device": env["device"], "git_sha": env["git_sha"]} for fn, args in it]
+    return [{"device": env["device"], **fn(*args), "git_sha": env["git_sha"]} for fn, args in it]
 
 
 def table(recs: list[dict[str, Any]]) -> str:
     if recs and recs[0].get("kernel") == "cmm":
         head = (f"{'d_model':>7} {'width':>6} {'depth':>5} {'batch':>5} {'dtype':>8} {'dense us':>9} {'cmm us':>8} {'us/token':>8} {'x torch':>8}"
                 f" {'warm x':>7}")
+        eager = "speedup_vs_torch_eager" in recs[0]  # GPU records: CUDA-graph timings, then eager calls
+        if eager:
+            head += f" {'eager x':>7}"
         lines = [head, "-" * len(head)]
         for r in recs:
-            lines.append(f"{r['d_model']:>7} {r['dense_width']:>6} {r['depth']:>5} {r['batch']:>5} {r['dtype']:>8} {r['time_torch_us']:>9.0f} "
-                         f"{r['time_cmm_us']:>8.1f} {r['us_per_token_cmm']:>8.2f} {r['speedup_vs_torch']:>8.1f} {r.get('speedup_vs_torch_warm', float('nan')):>7.1f}")
+            lines.append(f"{r['d_model']:>7} {r['dense_width']:>6} {r['depth']:>5} {r['batch']:>5} {r['dtype']:>8} {r['time_torch_us']:>9.1f} "
+                         f"{r['time_cmm_us']:>8.1f} {r['us_per_token_cmm']:>8.2f} {r['speedup_vs_torch']:>8.1f} {r.get('speedup_vs_torch_warm', float('nan')):>7.1f}"
+                         + (f" {r['speedup_vs_torch_eager']:>7.1f}" if eager else ""))
         return "\n".join(lines)
     head = f"{'shape':>12} {'batch':>5} {'dtype':>8} {'s':>4} {'skipped':>7} {'torch us':>9} {'own us':>8} {'sparse us':>9} {'x torch':>8} {'x own':>6} {'% ideal':>7}"
     lines = [head, "-" * len(head)]

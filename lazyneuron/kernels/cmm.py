@@ -42,8 +42,8 @@ def reference(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_
     """Pure-torch walk, level by level. x (T, d_in) -> (y (T, d_out) float32, nodes (T, D+1))."""
     depth = depth_of(w_in.shape[0])
     xf = x.float()
-    node = torch.zeros(x.shape[0], dtype=torch.long)
-    y = torch.zeros(x.shape[0], w_out.shape[1]) if b_out is None else b_out.float().expand(x.shape[0], -1).clone()
+    node = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    y = torch.zeros(x.shape[0], w_out.shape[1], device=x.device) if b_out is None else b_out.float().expand(x.shape[0], -1).clone()
     visited = []
     f = act_fn(activation)
     for _ in range(depth + 1):
@@ -58,8 +58,8 @@ def path_mask(a: torch.Tensor) -> torch.Tensor:
     """(T, N) pre-activations of all nodes -> (T, N) 0/1 mask of the nodes on each token's path."""
     depth = depth_of(a.shape[1])
     mask = torch.zeros_like(a)
-    node = torch.zeros(a.shape[0], dtype=torch.long)
-    rows = torch.arange(a.shape[0])
+    node = torch.zeros(a.shape[0], dtype=torch.long, device=a.device)
+    rows = torch.arange(a.shape[0], device=a.device)
     for _ in range(depth + 1):
         mask[rows, node] = 1.0
         node = 2 * node + 1 + (a[rows, node] > 0).long()
@@ -93,14 +93,47 @@ def hugepage_copy(t: torch.Tensor) -> torch.Tensor:
     return ext.hugepage_copy(t)
 
 
+def _check_shapes(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None) -> int:
+    """The checks the compiled CPU walk makes, for the other paths; returns the depth."""
+    if x.dim() != 2 or w_in.dim() != 2 or w_out.dim() != 2:
+        raise ValueError(f"cmm: x must be (tokens, d) and the weights 2-d, got x {tuple(x.shape)}, w_in {tuple(w_in.shape)}, w_out {tuple(w_out.shape)}")
+    if w_in.shape[1] != x.shape[1]:
+        raise ValueError(f"cmm: w_in is {tuple(w_in.shape)} but x has {x.shape[1]} features")
+    if w_out.shape[0] != w_in.shape[0]:
+        raise ValueError(f"cmm: w_out has {w_out.shape[0]} rows, w_in {w_in.shape[0]}")
+    if w_in.stride(1) != 1 or w_out.stride(1) != 1:
+        raise ValueError("cmm: weights must be 2-d with contiguous rows (stride 1 along features); call .contiguous() on them once")
+    if b_in is not None and b_in.numel() != w_in.shape[0]:
+        raise ValueError(f"cmm: b_in has {b_in.numel()} entries for {w_in.shape[0]} nodes")
+    if b_out is not None and b_out.numel() != w_out.shape[1]:
+        raise ValueError(f"cmm: b_out has {b_out.numel()} entries for {w_out.shape[1]} outputs")
+    return depth_of(w_in.shape[0])
+
+
 def cmm(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
         activation: str = "gelu", return_nodes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fast walk for any number of tokens; fp32 or bf16 weights, float32 output.
 
-    Returns (y, nodes visited (T, D+1) when ``return_nodes`` else None). Falls back to
-    :func:`reference` when the extension is unavailable."""
+    Returns (y, nodes visited (T, D+1) when ``return_nodes`` else None). CPU tensors take the
+    compiled walk, CUDA tensors the Triton walk (:mod:`.cmm_gpu`); either falls back to
+    :func:`reference` on the tensors' device when its kernel is unavailable."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    tensors = {"x": x, "w_in": w_in, "b_in": b_in, "w_out": w_out, "b_out": b_out}
+    devices = {k: t.device for k, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"cmm: the input and the tree must be on one device, got {', '.join(f'{k} on {v}' for k, v in devices.items())}; "
+                         "move the layer to the input's device (module.to(x.device))")
+    if x.device.type != "cpu":
+        from . import cmm_gpu
+
+        depth = _check_shapes(x, w_in, b_in, w_out, b_out)
+        if cmm_gpu.available(x.device) and max(x.shape[-1], w_out.shape[1]) <= cmm_gpu.MAX_WIDTH:
+            return cmm_gpu.cmm(x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(), w_in,
+                               None if b_in is None else b_in.float().contiguous(), w_out, None if b_out is None else b_out.float().contiguous(),
+                               depth, ACTIVATIONS[activation], return_nodes)
+        y, nodes = reference(x, w_in, b_in, w_out, b_out, activation)
+        return y, nodes if return_nodes else None
     ext = extension("cmm")
     if ext is None:
         y, nodes = reference(x, w_in, b_in, w_out, b_out, activation)

@@ -1,0 +1,107 @@
+"""The CMM walk on CUDA GPUs (Triton): one program per token, the D+1 levels in a loop.
+
+At each level the program loads its node's input row and output row together (the output row's
+address is known before the dot, so both reads are in flight at once), reduces the dot, adds
+``act(a) * w_out[n]`` into the token's output held in registers and moves to the child. A token
+reads 2 (D+1) rows and nothing else, the same as the CPU walk. Imported lazily: Triton and a GPU
+are optional; :func:`lazyneuron.kernels.cmm.cmm` falls back to the pure-torch reference on the
+tensors' device where this is unavailable.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+MAX_WIDTH = 16384  # a row is held in registers; wider layers take the reference
+
+
+@functools.lru_cache(maxsize=None)
+def _triton() -> Any | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+
+        return triton
+    except Exception:  # not installed, or no usable backend
+        return None
+
+
+def available(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available() and _triton() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def act_fn(a, ACT: tl.constexpr):
+        # 0 gelu (erf), 1 gelu (tanh), 2 relu, 3 silu, 4 identity: as the CPU kernel
+        if ACT == 0:
+            h = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+        elif ACT == 1:
+            u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+            h = 0.5 * a * (2.0 * tl.sigmoid(2.0 * u))
+        elif ACT == 2:
+            h = tl.maximum(a, 0.0)
+        elif ACT == 3:
+            h = a * tl.sigmoid(a)
+        else:
+            h = a
+        return h
+
+    @triton.jit
+    def walk(x_ptr, wi_ptr, bi_ptr, wo_ptr, bo_ptr, y_ptr, nodes_ptr, d_in, d_out, s_wi, s_wo,
+             DEPTH: tl.constexpr, ACT: tl.constexpr, HAS_BI: tl.constexpr, HAS_BO: tl.constexpr, NODES: tl.constexpr,
+             BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        ci = tl.arange(0, BLOCK_I)
+        mi = ci < d_in
+        co = tl.arange(0, BLOCK_O)
+        mo = co < d_out
+        x = tl.load(x_ptr + t * d_in + ci, mask=mi, other=0.0).to(tl.float32)
+        if HAS_BO:
+            y = tl.load(bo_ptr + co, mask=mo, other=0.0).to(tl.float32)
+        else:
+            y = tl.zeros([BLOCK_O], dtype=tl.float32)
+        n = t * 0
+        for lvl in tl.static_range(DEPTH + 1):
+            w = tl.load(wi_ptr + n * s_wi + ci, mask=mi, other=0.0).to(tl.float32)
+            wo = tl.load(wo_ptr + n * s_wo + co, mask=mo, other=0.0).to(tl.float32)
+            a = tl.sum(x * w, axis=0)
+            if HAS_BI:
+                a += tl.load(bi_ptr + n).to(tl.float32)
+            if NODES:
+                tl.store(nodes_ptr + t * (DEPTH + 1) + lvl, n)
+            y += act_fn(a, ACT) * wo
+            n = 2 * n + 1 + (a > 0).to(tl.int64)
+        tl.store(y_ptr + t * d_out + co, y, mask=mo)
+
+    return walk
+
+
+def cmm(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
+        depth: int, act: int, return_nodes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x (T, d_in) float32 contiguous, w_in (N, d_in) and w_out (N, d_out) with contiguous rows (fp32
+    or bf16), biases float32 or None, all on one CUDA device -> (y (T, d_out) float32, nodes)."""
+    import triton
+
+    T, d_in = x.shape
+    d_out = w_out.shape[1]
+    y = torch.empty(T, d_out, device=x.device, dtype=torch.float32)
+    nodes = torch.empty(T, depth + 1, device=x.device, dtype=torch.int64) if return_nodes else None
+    if T == 0:
+        return y, nodes
+    bi = triton.next_power_of_2(d_in)
+    bo = triton.next_power_of_2(d_out)
+    warps = 4 if max(bi, bo) <= 1024 else 8 if max(bi, bo) <= 4096 else 16
+    with torch.cuda.device(x.device):
+        _kernel()[(T,)](x, w_in, b_in if b_in is not None else x, w_out, b_out if b_out is not None else x, y,
+                        nodes if nodes is not None else y, d_in, d_out, w_in.stride(0), w_out.stride(0),
+                        DEPTH=depth, ACT=act, HAS_BI=b_in is not None, HAS_BO=b_out is not None, NODES=return_nodes,
+                        BLOCK_I=bi, BLOCK_O=bo, num_warps=warps)
+    return y, nodes
