@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cmm_gpu
 from ._build import extension
 
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3, "identity": 4}
@@ -103,6 +104,8 @@ def _check_shapes(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None
         raise ValueError(f"cmm: w_out has {w_out.shape[0]} rows, w_in {w_in.shape[0]}")
     if w_in.stride(1) != 1 or w_out.stride(1) != 1:
         raise ValueError("cmm: weights must be 2-d with contiguous rows (stride 1 along features); call .contiguous() on them once")
+    if (b_in is not None and not b_in.is_contiguous()) or (b_out is not None and not b_out.is_contiguous()):
+        raise ValueError("cmm: biases must be contiguous; call .contiguous() on them once")
     if b_in is not None and b_in.numel() != w_in.shape[0]:
         raise ValueError(f"cmm: b_in has {b_in.numel()} entries for {w_in.shape[0]} nodes")
     if b_out is not None and b_out.numel() != w_out.shape[1]:
@@ -119,19 +122,17 @@ def cmm(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: t
     :func:`reference` on the tensors' device when its kernel is unavailable."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
-    tensors = {"x": x, "w_in": w_in, "b_in": b_in, "w_out": w_out, "b_out": b_out}
-    devices = {k: t.device for k, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"cmm: the input and the tree must be on one device, got {', '.join(f'{k} on {v}' for k, v in devices.items())}; "
+    dev = x.device
+    if w_in.device != dev or w_out.device != dev or (b_in is not None and b_in.device != dev) or (b_out is not None and b_out.device != dev):
+        tensors = {"x": x, "w_in": w_in, "b_in": b_in, "w_out": w_out, "b_out": b_out}
+        raise ValueError(f"cmm: the input and the tree must be on one device, got {', '.join(f'{k} on {t.device}' for k, t in tensors.items() if t is not None)}; "
                          "move the layer to the input's device (module.to(x.device))")
-    if x.device.type != "cpu":
-        from . import cmm_gpu
-
+    if dev.type != "cpu":  # checked here, each call: a few microseconds of the launch overhead
         depth = _check_shapes(x, w_in, b_in, w_out, b_out)
-        if cmm_gpu.available(x.device) and max(x.shape[-1], w_out.shape[1]) <= cmm_gpu.MAX_WIDTH:
+        if cmm_gpu.available(dev) and max(x.shape[1], w_out.shape[1]) <= cmm_gpu.MAX_WIDTH:
             return cmm_gpu.cmm(x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(), w_in,
-                               None if b_in is None else b_in.float().contiguous(), w_out, None if b_out is None else b_out.float().contiguous(),
-                               depth, ACTIVATIONS[activation], return_nodes)
+                               b_in if b_in is None or b_in.dtype == torch.float32 else b_in.float(), w_out,
+                               b_out if b_out is None or b_out.dtype == torch.float32 else b_out.float(), depth, ACTIVATIONS[activation], return_nodes)
         y, nodes = reference(x, w_in, b_in, w_out, b_out, activation)
         return y, nodes if return_nodes else None
     ext = extension("cmm")
