@@ -101,3 +101,26 @@ def test_gpu_benchmark_errors_name_the_fix() -> None:
     if not cmm_gpu.available(torch.device("cuda")):
         with pytest.raises(ConfigError, match="needs a CUDA device.*--device cpu"):
             bench.run("cmm", quick=True, progress=False, device="cuda")
+
+
+@cuda
+def test_fast_feedforward_applied_on_gpu_matches_cpu() -> None:
+    import lazyneuron as ln
+    from conftest import tiny_bert
+    from lazyneuron.methods.fff import FastFeedForwardConfig
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    m_cpu = tiny_bert()
+    m_gpu = tiny_bert().cuda()
+    m_gpu.load_state_dict(m_cpu.state_dict())
+    torch.manual_seed(0)
+    ln.apply_(m_cpu, FastFeedForwardConfig(depth=4))
+    torch.manual_seed(0)
+    ln.apply_(m_gpu, FastFeedForwardConfig(depth=4))
+    with torch.no_grad():
+        y_cpu = m_cpu(ids).last_hidden_state
+        y_gpu = m_gpu(ids.cuda()).last_hidden_state
+    assert all(p.is_cuda for p in m_gpu.parameters())
+    assert torch.allclose(y_gpu.cpu(), y_cpu, atol=1e-3, rtol=1e-3)
+    ln.revert_(m_gpu)
+    assert all(p.is_cuda for p in m_gpu.parameters())

@@ -101,18 +101,24 @@ def test_cmm_accepts_row_strided_weights(batch: int) -> None:
     y, nodes = K.cmm(x, pi, b_in, po, b_out, return_nodes=True)
     y_ref, nodes_ref = K.reference(x, w_in, b_in, w_out, b_out)
     assert torch.allclose(y, y_ref, atol=1e-3, rtol=1e-4) and torch.equal(nodes, nodes_ref)
-    with pytest.raises(RuntimeError, match="contiguous rows"):
+    with pytest.raises(ValueError, match="contiguous rows"):
         K.cmm(x, w_in.t().contiguous().t(), b_in, w_out, b_out)
 
 
 def test_cmm_rejects_bad_shapes() -> None:
     w_in, b_in, w_out, b_out = _tree(3, 16, 8)
-    with pytest.raises((RuntimeError, ValueError)):
+    with pytest.raises(ValueError, match="15 features"):
         K.cmm(torch.randn(2, 15), w_in, b_in, w_out, b_out)
     with pytest.raises(ValueError, match="full binary tree"):
         K.cmm(torch.randn(2, 16), w_in[:-1], None, w_out[:-1], None)
     with pytest.raises(ValueError, match="activation"):
         K.cmm(torch.randn(2, 16), w_in, b_in, w_out, b_out, "tanh")
+    with pytest.raises(ValueError, match="b_out has 7 entries for 8 outputs"):
+        K.cmm(torch.randn(2, 16), w_in, b_in, w_out, b_out[:-1])
+    with pytest.raises(ValueError, match="share a dtype"):
+        K.cmm(torch.randn(2, 16), w_in, b_in, w_out.bfloat16(), b_out)
+    y, _ = K.cmm(torch.randn(2, 16), w_in, b_in, w_out, b_out)  # a good call after the failed checks
+    assert y.shape == (2, 8)
 
 
 def test_fff_layer_paths_agree() -> None:

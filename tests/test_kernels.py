@@ -49,8 +49,17 @@ def test_cats_mlp_matches_reference(batch: int, thr: float) -> None:
 
 
 def test_kernel_rejects_bad_shapes() -> None:
-    with pytest.raises(RuntimeError, match="rows"):
+    """Bad input comes back as a ValueError naming the problem (the kernels report it without a
+    C++ exception, which some compiler / torch pairings turn into a crash), and the next good call
+    works."""
+    with pytest.raises(ValueError, match="10 features but wt has 11 rows"):
         K.sparse_gemv(torch.randn(1, 10), torch.randn(11, 5), None, None, torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="bad bias"):
+        K.sparse_gemv(torch.randn(1, 10), torch.randn(10, 5), torch.randn(4), None, torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="cats_mlp: bad up_w"):
+        K.cats_mlp(torch.randn(2, 8), torch.randn(2, 16), torch.randn(16, 9), torch.randn(16, 8), 0.1)
+    y, rows = K.sparse_gemv(torch.randn(1, 10), torch.randn(10, 5), None, None, torch.tensor([0.0]))
+    assert y.shape == (1, 5) and rows == 10
 
 
 def test_large_batch_falls_back_to_reference() -> None:

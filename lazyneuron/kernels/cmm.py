@@ -94,6 +94,20 @@ def hugepage_copy(t: torch.Tensor) -> torch.Tensor:
     return ext.hugepage_copy(t)
 
 
+# the compiled walk's input checks, by number (cmm.cpp reports no text: see LN_CHECK there)
+_KERNEL_ERRORS = {
+    1: "x must be contiguous float32 (tokens, d)",
+    2: "weights must be 2-d with contiguous rows (stride 1 along features); call .contiguous() on them once",
+    3: "w_in and w_out must share a dtype; convert both with .to(dtype)",
+    4: "w_in's width differs from x's features",
+    5: "w_out and w_in have different numbers of rows",
+    6: "the tree's node count does not match its depth",
+    7: "b_in must be float32 with one entry per node",
+    8: "b_out must be float32 with one entry per output",
+    9: "weights must be float32 or bfloat16",
+}
+
+
 def _check_shapes(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None) -> int:
     """The checks the compiled CPU walk makes, for the other paths; returns the depth."""
     if x.dim() != 2 or w_in.dim() != 2 or w_out.dim() != 2:
@@ -143,5 +157,9 @@ def cmm(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: t
     xc = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     bi = _EMPTY if b_in is None else b_in if b_in.dtype == torch.float32 else b_in.float()
     bo = _EMPTY if b_out is None else b_out if b_out.dtype == torch.float32 else b_out.float()
-    y, nodes = ext.cmm(xc, w_in, bi, w_out, bo, depth, ACTIVATIONS[activation], return_nodes)
+    res = ext.cmm(xc, w_in, bi, w_out, bo, depth, ACTIVATIONS[activation], return_nodes)
+    if not res:  # an input check failed in the kernel, which reports only its number
+        _check_shapes(xc, w_in, b_in, w_out, b_out)  # raises with the shapes named, if that is what it was
+        raise ValueError(f"cmm: {_KERNEL_ERRORS.get(ext.last_error(), 'bad input')}")
+    y, nodes = res
     return y, nodes if return_nodes else None

@@ -31,6 +31,26 @@ def available() -> bool:
 _EMPTY = torch.empty(0)
 
 
+def _kernel_error(code: int, x: torch.Tensor, w: torch.Tensor) -> str:
+    """The message for a failed input check of the compiled kernels (sparse_gemv.cpp reports its
+    number only: see LN_CHECK there)."""
+    return {
+        1: f"x must be (B, in) contiguous float32, got {tuple(x.shape)} {x.dtype}",
+        2: f"batch must be in [1, {MAX_BATCH}], got {x.shape[0] if x.dim() else 0}",
+        3: "wt must be (in, out) contiguous; call .contiguous() on it once",
+        4: f"wt must be float32 or bfloat16, got {w.dtype}",
+        5: f"x has {x.shape[-1]} features but wt has {w.shape[0]} rows",
+        6: "bad bias: float32, contiguous, one entry per output",
+        7: "bad centre: float32, contiguous, one entry per input",
+        8: "bad threshold: float32, contiguous, one value or one per input",
+        9: f"x must be (B, d) contiguous float32, got {tuple(x.shape)} {x.dtype}",
+        10: "g must be (B, F) float32, contiguous, one row per row of x",
+        11: f"batch must be <= {MAX_BATCH}",
+        12: f"bad up_w: (F, d) contiguous float32 with d = {x.shape[-1]} and F = g's width, got {tuple(w.shape)} {w.dtype}",
+        13: "bad down_wt: (F, out) contiguous float32",
+    }.get(code, "bad input")
+
+
 def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, centre: torch.Tensor | None, threshold: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Fast path for (B <= MAX_BATCH, in) float32 inputs; returns (y float32, rows read).
 
@@ -39,13 +59,16 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, ce
     ext = extension("sparse_gemv")
     if ext is None or x.shape[0] > MAX_BATCH:
         return reference(x, wt, bias, centre, threshold), wt.shape[0]
-    return ext.sparse_gemv(
+    y, rows = ext.sparse_gemv(
         x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(),
         wt,
         _EMPTY if bias is None else bias,
         _EMPTY if centre is None else centre,
         threshold,
     )
+    if y is None:  # an input check failed in the kernel, which reports only its number
+        raise ValueError(f"sparse_gemv: {_kernel_error(ext.last_error(), x, wt)}")
+    return y, rows
 
 
 def cats_reference(x: torch.Tensor, g: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -59,4 +82,7 @@ def cats_mlp(x: torch.Tensor, g: torch.Tensor, up_w: torch.Tensor, down_wt: torc
     ext = extension("sparse_gemv")
     if ext is None or x.shape[0] > MAX_BATCH:
         return cats_reference(x, g, up_w, down_wt, threshold), up_w.shape[0]
-    return ext.cats_mlp(x.float().contiguous(), g.float().contiguous(), up_w, down_wt, float(threshold))
+    y, active = ext.cats_mlp(x.float().contiguous(), g.float().contiguous(), up_w, down_wt, float(threshold))
+    if y is None:
+        raise ValueError(f"cats_mlp: {_kernel_error(ext.last_error(), x, up_w)}")
+    return y, active

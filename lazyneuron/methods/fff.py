@@ -74,7 +74,10 @@ class FFFLayer(nn.Module):
         others are split in half by their alignment with it: neurons that fire with it go to
         the right (pre-activation > 0) subtree. Nodes left without a neuron reuse their
         parent's neuron with a zero output row. Distillation then fits the tree (``train``)."""
-        w1, w2 = w1.detach().float(), w2.detach().float()
+        # placed on the CPU (a one-time search); FastFeedForward moves the layer to the model's device
+        w1, w2 = w1.detach().float().cpu(), w2.detach().float().cpu()
+        b1 = None if b1 is None else b1.detach().cpu()
+        b2 = None if b2 is None else b2.detach().cpu()
         F_, d_in = w1.shape
         layer = cls(d_in, w2.shape[0], depth, activation, bias=b1 is not None or b2 is not None, **kw)
         n = layer.n_nodes
@@ -320,6 +323,9 @@ class FastFeedForward(Method):
             return Passthrough(module)
         fff = self._layers[path]
         fff.eval()
+        p = next(module.parameters(), None)
+        if p is not None:  # a model on a GPU gets its trees there (the Triton walk), in the FFN's float dtype or fp32
+            fff.to(device=p.device)
         fff.pack_for_inference()
         return FFFBlock(module, fff)
 

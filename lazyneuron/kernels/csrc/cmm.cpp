@@ -24,12 +24,25 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#include <string>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
 
 namespace {
+
+// Bad input is reported without C++ exceptions or string streams: in some environments (seen with
+// torch 2.11+cu130 and GCC 13) an extension's std::ostringstream, and so any TORCH_CHECK message,
+// crashes the process. A failed check records its number and the function returns an empty result;
+// the Python wrapper raises ValueError with the message for that number.
+thread_local int64_t g_error = 0;
+#define LN_CHECK(cond, code) \
+  if (!(cond)) {             \
+    g_error = (code);        \
+    return {};               \
+  }
+int64_t last_error() { return g_error; }
 
 constexpr int64_t kGroup = 4;  // tokens walked in lock-step by one thread
 
@@ -315,22 +328,22 @@ void walk_two_phase(const float* x, const float* win, const float* bin, const fl
 
 std::vector<torch::Tensor> cmm(torch::Tensor x, torch::Tensor w_in, torch::Tensor b_in, torch::Tensor w_out, torch::Tensor b_out,
                                int64_t depth, int64_t act, bool return_nodes) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "cmm: x must be contiguous float32 (tokens, d)");
-  TORCH_CHECK(w_in.dim() == 2 && w_out.dim() == 2 && w_in.stride(1) == 1 && w_out.stride(1) == 1 && w_in.stride(0) >= w_in.size(1) &&
-              w_out.stride(0) >= w_out.size(1), "cmm: weights must be 2-d with contiguous rows");
-  TORCH_CHECK(w_in.scalar_type() == w_out.scalar_type(), "cmm: w_in and w_out must share a dtype");
+  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), 1);
+  LN_CHECK(w_in.dim() == 2 && w_out.dim() == 2 && w_in.stride(1) == 1 && w_out.stride(1) == 1 && w_in.stride(0) >= w_in.size(1) &&
+              w_out.stride(0) >= w_out.size(1), 2);
+  LN_CHECK(w_in.scalar_type() == w_out.scalar_type(), 3);
   const int64_t T = x.size(0), d = x.size(1), N = w_in.size(0), o = w_out.size(1), li = w_in.stride(0), lo = w_out.stride(0);
-  TORCH_CHECK(w_in.size(1) == d, "cmm: w_in is (N, ", w_in.size(1), ") but x has ", d, " features");
-  TORCH_CHECK(w_out.size(0) == N, "cmm: w_out has ", w_out.size(0), " rows, w_in ", N);
-  TORCH_CHECK(depth >= 0 && N == (int64_t(2) << depth) - 1, "cmm: depth ", depth, " needs ", (int64_t(2) << depth) - 1, " nodes, got ", N);
+  LN_CHECK(w_in.size(1) == d, 4);
+  LN_CHECK(w_out.size(0) == N, 5);
+  LN_CHECK(depth >= 0 && N == (int64_t(2) << depth) - 1, 6);
   const float* bi = nullptr;
   const float* bo = nullptr;
   if (b_in.numel()) {
-    TORCH_CHECK(b_in.numel() == N && b_in.scalar_type() == torch::kFloat32 && b_in.is_contiguous(), "cmm: b_in must be float32 (N,)");
+    LN_CHECK(b_in.numel() == N && b_in.scalar_type() == torch::kFloat32 && b_in.is_contiguous(), 7);
     bi = b_in.data_ptr<float>();
   }
   if (b_out.numel()) {
-    TORCH_CHECK(b_out.numel() == o && b_out.scalar_type() == torch::kFloat32 && b_out.is_contiguous(), "cmm: b_out must be float32 (out,)");
+    LN_CHECK(b_out.numel() == o && b_out.scalar_type() == torch::kFloat32 && b_out.is_contiguous(), 8);
     bo = b_out.data_ptr<float>();
   }
   auto y = torch::empty({T, o}, x.options());
@@ -361,7 +374,7 @@ std::vector<torch::Tensor> cmm(torch::Tensor x, torch::Tensor w_in, torch::Tenso
     // bf16 weights (half the bytes per row): 2..256 tokens level by level in blocks of 64 with
     // rows prefetched 2 tokens ahead (1.4-2x faster than the lock-step chains at 8-128 tokens);
     // one token, or many (whose lower levels share more rows): the chains
-    TORCH_CHECK(w_in.scalar_type() == torch::kBFloat16, "cmm: weights must be float32 or bfloat16");
+    LN_CHECK(w_in.scalar_type() == torch::kBFloat16, 9);
     const uint16_t* wi = reinterpret_cast<const uint16_t*>(w_in.data_ptr<at::BFloat16>());
     const uint16_t* wo = reinterpret_cast<const uint16_t*>(w_out.data_ptr<at::BFloat16>());
     if (T >= 2 && T <= 256)
@@ -401,6 +414,7 @@ torch::Tensor hugepage_copy(torch::Tensor t) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("last_error", &last_error, "the number of the last failed input check");
   m.def("cmm", &cmm, "fast feedforward tree walk (conditional matrix multiplication)");
   m.def("hugepage_copy", &hugepage_copy, "a copy in 2 MiB-aligned memory marked for transparent huge pages");
 }

@@ -15,9 +15,22 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
+
+// Bad input is reported without C++ exceptions or string streams: in some environments (seen with
+// torch 2.11+cu130 and GCC 13) an extension's std::ostringstream, and so any TORCH_CHECK message,
+// crashes the process. A failed check records its number and the function returns an empty result;
+// the Python wrapper raises ValueError with the message for that number.
+thread_local int64_t g_error = 0;
+#define LN_CHECK(cond, code) \
+  if (!(cond)) {             \
+    g_error = (code);        \
+    return {};               \
+  }
+int64_t last_error() { return g_error; }
 
 constexpr int64_t kMaxBatch = 16;
 constexpr int64_t kTile = 2048;  // output columns per task: an 8 KB fp32 accumulator row stays in L1
@@ -112,15 +125,15 @@ void run(const float* x, const W* wt, const float* bias, const float* centre, co
 // thr: (1) or (in) fp32. Returns (y (B, out) fp32, number of rows read).
 std::tuple<torch::Tensor, int64_t> sparse_gemv(torch::Tensor x, torch::Tensor wt, torch::Tensor bias, torch::Tensor centre,
                                                torch::Tensor thr) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be (B, in) contiguous float32");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxBatch, "batch must be in [1, ", kMaxBatch, "], got ", x.size(0));
-  TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous(), "wt must be (in, out) contiguous");
-  TORCH_CHECK(wt.scalar_type() == torch::kFloat32 || wt.scalar_type() == torch::kBFloat16, "wt must be float32 or bfloat16");
+  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), 1);
+  LN_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxBatch, 2);
+  LN_CHECK(wt.dim() == 2 && wt.is_contiguous(), 3);
+  LN_CHECK(wt.scalar_type() == torch::kFloat32 || wt.scalar_type() == torch::kBFloat16, 4);
   const int64_t B = x.size(0), in = x.size(1), out = wt.size(1);
-  TORCH_CHECK(wt.size(0) == in, "x has ", in, " features but wt has ", wt.size(0), " rows");
-  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == out && bias.scalar_type() == torch::kFloat32 && bias.is_contiguous()), "bad bias");
-  TORCH_CHECK(centre.numel() == 0 || (centre.numel() == in && centre.scalar_type() == torch::kFloat32 && centre.is_contiguous()), "bad centre");
-  TORCH_CHECK((thr.numel() == 1 || thr.numel() == in) && thr.scalar_type() == torch::kFloat32 && thr.is_contiguous(), "bad threshold");
+  LN_CHECK(wt.size(0) == in, 5);
+  LN_CHECK(bias.numel() == 0 || (bias.numel() == out && bias.scalar_type() == torch::kFloat32 && bias.is_contiguous()), 6);
+  LN_CHECK(centre.numel() == 0 || (centre.numel() == in && centre.scalar_type() == torch::kFloat32 && centre.is_contiguous()), 7);
+  LN_CHECK((thr.numel() == 1 || thr.numel() == in) && thr.scalar_type() == torch::kFloat32 && thr.is_contiguous(), 8);
   auto y = torch::empty({B, out}, x.options());
   int64_t n_active = 0;
   const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
@@ -138,11 +151,11 @@ std::tuple<torch::Tensor, int64_t> sparse_gemv(torch::Tensor x, torch::Tensor wt
 // g: (B, F) the activated gate (computed densely by the caller); up_w: (F, d) rows contiguous;
 // down_wt: (F, d_out) input-channel-major. Reads the up and down rows of active neurons only.
 std::tuple<torch::Tensor, int64_t> cats_mlp(torch::Tensor x, torch::Tensor g, torch::Tensor up_w, torch::Tensor down_wt, double thr) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be (B, d) contiguous float32");
-  TORCH_CHECK(g.dim() == 2 && g.scalar_type() == torch::kFloat32 && g.is_contiguous() && g.size(0) == x.size(0), "g must be (B, F) float32");
-  TORCH_CHECK(x.size(0) <= kMaxBatch, "batch must be <= ", kMaxBatch);
-  TORCH_CHECK(up_w.scalar_type() == torch::kFloat32 && up_w.is_contiguous() && up_w.size(0) == g.size(1) && up_w.size(1) == x.size(1), "bad up_w");
-  TORCH_CHECK(down_wt.scalar_type() == torch::kFloat32 && down_wt.is_contiguous() && down_wt.size(0) == g.size(1), "bad down_wt");
+  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), 9);
+  LN_CHECK(g.dim() == 2 && g.scalar_type() == torch::kFloat32 && g.is_contiguous() && g.size(0) == x.size(0), 10);
+  LN_CHECK(x.size(0) <= kMaxBatch, 11);
+  LN_CHECK(up_w.scalar_type() == torch::kFloat32 && up_w.is_contiguous() && up_w.size(0) == g.size(1) && up_w.size(1) == x.size(1), 12);
+  LN_CHECK(down_wt.scalar_type() == torch::kFloat32 && down_wt.is_contiguous() && down_wt.size(0) == g.size(1), 13);
   const int64_t B = x.size(0), d = x.size(1), F = g.size(1), out = down_wt.size(1);
   const float* xp = x.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
@@ -179,6 +192,7 @@ std::tuple<torch::Tensor, int64_t> cats_mlp(torch::Tensor x, torch::Tensor g, to
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("last_error", &last_error, "the number of the last failed input check");
   m.def("sparse_gemv", &sparse_gemv, "sparse-input GEMV reading only the weight rows of active input channels");
   m.def("cats_mlp", &cats_mlp, "CATS MLP reading only the up / down rows of active neurons");
   m.attr("max_batch") = kMaxBatch;
