@@ -136,19 +136,8 @@ def cmm(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: t
     :func:`reference` on the tensors' device when its kernel is unavailable."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
-    dev = x.device
-    if w_in.device != dev or w_out.device != dev or (b_in is not None and b_in.device != dev) or (b_out is not None and b_out.device != dev):
-        tensors = {"x": x, "w_in": w_in, "b_in": b_in, "w_out": w_out, "b_out": b_out}
-        raise ValueError(f"cmm: the input and the tree must be on one device, got {', '.join(f'{k} on {t.device}' for k, t in tensors.items() if t is not None)}; "
-                         "move the layer to the input's device (module.to(x.device))")
-    if dev.type != "cpu":  # checked here, each call: a few microseconds of the launch overhead
-        depth = _check_shapes(x, w_in, b_in, w_out, b_out)
-        if cmm_gpu.available(dev) and max(x.shape[1], w_out.shape[1]) <= cmm_gpu.MAX_WIDTH:
-            return cmm_gpu.cmm(x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(), w_in,
-                               b_in if b_in is None or b_in.dtype == torch.float32 else b_in.float(), w_out,
-                               b_out if b_out is None or b_out.dtype == torch.float32 else b_out.float(), depth, ACTIVATIONS[activation], return_nodes)
-        y, nodes = reference(x, w_in, b_in, w_out, b_out, activation)
-        return y, nodes if return_nodes else None
+    if not (x.is_cpu and w_in.is_cpu and w_out.is_cpu and (b_in is None or b_in.is_cpu) and (b_out is None or b_out.is_cpu)):
+        return _cmm_device(x, w_in, b_in, w_out, b_out, activation, return_nodes)
     ext = extension("cmm")
     if ext is None:
         y, nodes = reference(x, w_in, b_in, w_out, b_out, activation)
@@ -162,4 +151,21 @@ def cmm(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: t
         _check_shapes(xc, w_in, b_in, w_out, b_out)  # raises with the shapes named, if that is what it was
         raise ValueError(f"cmm: {_KERNEL_ERRORS.get(ext.last_error(), 'bad input')}")
     y, nodes = res
+    return y, nodes if return_nodes else None
+
+
+def _cmm_device(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
+                activation: str, return_nodes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`cmm` for tensors not all on the CPU: one device, then the Triton walk or the reference there."""
+    dev = x.device
+    if w_in.device != dev or w_out.device != dev or (b_in is not None and b_in.device != dev) or (b_out is not None and b_out.device != dev):
+        tensors = {"x": x, "w_in": w_in, "b_in": b_in, "w_out": w_out, "b_out": b_out}
+        raise ValueError(f"cmm: the input and the tree must be on one device, got {', '.join(f'{k} on {t.device}' for k, t in tensors.items() if t is not None)}; "
+                         "move the layer to the input's device (module.to(x.device))")
+    depth = _check_shapes(x, w_in, b_in, w_out, b_out)  # each call: a few microseconds of the launch overhead
+    if cmm_gpu.available(dev) and max(x.shape[1], w_out.shape[1]) <= cmm_gpu.MAX_WIDTH:
+        return cmm_gpu.cmm(x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(), w_in,
+                           b_in if b_in is None or b_in.dtype == torch.float32 else b_in.float(), w_out,
+                           b_out if b_out is None or b_out.dtype == torch.float32 else b_out.float(), depth, ACTIVATIONS[activation], return_nodes)
+    y, nodes = reference(x, w_in, b_in, w_out, b_out, activation)
     return y, nodes if return_nodes else None
