@@ -57,7 +57,7 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, ce
     Falls back to :func:`reference` (rows read = all) when the extension is unavailable.
     """
     ext = extension("sparse_gemv")
-    if ext is None or x.shape[0] > MAX_BATCH:
+    if ext is None or x.shape[0] > MAX_BATCH or not (x.is_cpu and wt.is_cpu):  # a CPU kernel: other devices take the reference
         return reference(x, wt, bias, centre, threshold), wt.shape[0]
     y, rows = ext.sparse_gemv(
         x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(),
@@ -80,7 +80,7 @@ def cats_reference(x: torch.Tensor, g: torch.Tensor, up_w: torch.Tensor, down_wt
 def cats_mlp(x: torch.Tensor, g: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
     """Fast CATS MLP for (B <= MAX_BATCH) float32; returns (y, active neurons read)."""
     ext = extension("sparse_gemv")
-    if ext is None or x.shape[0] > MAX_BATCH:
+    if ext is None or x.shape[0] > MAX_BATCH or not (x.is_cpu and up_w.is_cpu):
         return cats_reference(x, g, up_w, down_wt, threshold), up_w.shape[0]
     y, active = ext.cats_mlp(x.float().contiguous(), g.float().contiguous(), up_w, down_wt, float(threshold))
     if y is None:
