@@ -96,6 +96,8 @@ def test_gpu_benchmark_errors_name_the_fix() -> None:
     from lazyneuron.errors import ConfigError
     from lazyneuron.kernels import bench
 
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        bench.run("cmm", quick=True, progress=False, device="gpu")
     with pytest.raises(ConfigError, match="CPU only.*--kernel cmm"):
         bench.run("sparse_gemv", quick=True, progress=False, device="cuda")
     if not cmm_gpu.available(torch.device("cuda")):

@@ -256,7 +256,10 @@ def run(kernel: str = "sparse_gemv", quick: bool = False, progress: bool = True,
         raise ValueError(f"unknown kernel {kernel!r}; available: {list(KERNELS)}")
     from ..bench.records import environment
 
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type != "cpu":
         if kernel != "cmm":
             raise ConfigError(f"kernel {kernel!r} runs on the CPU only; drop --device {device} or use --kernel cmm")
