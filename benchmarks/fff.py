@@ -159,16 +159,23 @@ def main() -> None:
         kernels(args)
 
 
+def kernel_plot(krecs: list[dict]) -> Path:
+    """The layer-level speed-ups against batch (log scale), one line per dims and dtype; GPU records
+    (``kernels_cmm_cuda.jsonl``) get their own file."""
+    gpu = krecs[0]["device"].startswith("cuda")
+    kr = [{"model": "cmm-layer", "method": f"d_model={r['d_model']} depth={r['depth']} {r['dtype']}", "params": {"batch": r["batch"], "dtype": r["dtype"]},
+           "metric": "speedup_vs_torch", "value": r["speedup_vs_torch"]} for r in krecs]
+    if gpu:
+        return plots.xy(kr, OUT / "fff_kernel_speedup_cuda.png", "batch", "speedup_vs_torch", "",
+                        f"CMM walk (Triton) vs dense FFN (cuBLAS), {krecs[0]['device']}, CUDA graphs", logx=True)
+    return plots.xy(kr, OUT / "fff_kernel_speedup.png", "batch", "speedup_vs_torch", "", "CMM tree walk vs dense F.linear FFN (same run, cold)", logx=True)
+
+
 def kernels(args: argparse.Namespace) -> None:
     gpu = args.device != "cpu"
     krecs = kbench.run("cmm", quick=args.quick, progress=True, device=args.device)
     write(krecs, OUT / ("kernels_cmm_cuda.jsonl" if gpu else "kernels_cmm.jsonl"), append=False)
-    kr = [{"model": "cmm-layer", "method": f"d_model={r['d_model']} depth={r['depth']} {r['dtype']}", "params": {"batch": r["batch"], "dtype": r["dtype"]},
-           "metric": "speedup_vs_torch", "value": r["speedup_vs_torch"]} for r in krecs]
-    if gpu:
-        plots.xy(kr, OUT / "fff_kernel_speedup_cuda.png", "batch", "speedup_vs_torch", "", f"CMM walk (Triton) vs dense FFN (cuBLAS), {krecs[0]['device']}")
-    else:
-        plots.xy(kr, OUT / "fff_kernel_speedup.png", "batch", "speedup_vs_torch", "", "CMM tree walk vs dense F.linear FFN (same run)")
+    kernel_plot(krecs)
     sys.stdout.write(kbench.table(krecs) + "\n")
 
 

@@ -93,7 +93,8 @@ def per_layer(records: list[dict[str, Any]], out: str | os.PathLike, metric: str
     return _save(fig, ax, out, bool(series))
 
 
-def xy(records: list[dict[str, Any]], out: str | os.PathLike, x_param: str, y_metric: str, group_param: str, title: str = "", logy: bool = False) -> Path:
+def xy(records: list[dict[str, Any]], out: str | os.PathLike, x_param: str, y_metric: str, group_param: str, title: str = "", logy: bool = False,
+       logx: bool = False) -> Path:
     """One line per ``group_param`` value (comma-separated names: per combination): ``y_metric``
     against ``params[x_param]``."""
     plt = _plt()
@@ -111,6 +112,8 @@ def xy(records: list[dict[str, Any]], out: str | os.PathLike, x_param: str, y_me
     ax.set_ylabel(y_metric)
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log", base=2)
     ax.set_title(title)
     return _save(fig, ax, out, bool(series))
 
