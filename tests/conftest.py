@@ -102,6 +102,17 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 24), generator=g)
 
 
+def fff_tree(depth: int, d: int, o: int, dtype: torch.dtype = torch.float32, seed: int = 0, bias: bool = True, device: str = "cpu"):
+    """Random FFF tree weights (w_in, b_in, w_out, b_out) of the given depth and widths, on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    n = (2 << depth) - 1
+    w_in = torch.randn(n, d, generator=g).to(dtype)
+    w_out = torch.randn(n, o, generator=g).to(dtype)
+    b_in = torch.randn(n, generator=g) if bias else None
+    b_out = torch.randn(o, generator=g) if bias else None
+    return tuple(None if t is None else t.to(device) for t in (w_in, b_in, w_out, b_out))
+
+
 def calib_batches(n: int = 6, seq: int = 32, vocab: int = 128, seed: int = 2) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (1, seq), generator=g) for _ in range(n)]

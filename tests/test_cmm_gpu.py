@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fff_tree
 
 from lazyneuron.kernels import cmm as K
 from lazyneuron.kernels import cmm_gpu
@@ -14,13 +15,7 @@ cuda = pytest.mark.skipif(not cmm_gpu.available(torch.device("cuda")), reason="n
 
 
 def _tree(depth: int, d: int, o: int, dtype: torch.dtype = torch.float32, seed: int = 0, bias: bool = True, device: str = "cuda"):
-    g = torch.Generator().manual_seed(seed)
-    n = (2 << depth) - 1
-    w_in = torch.randn(n, d, generator=g).to(dtype)
-    w_out = torch.randn(n, o, generator=g).to(dtype)
-    b_in = torch.randn(n, generator=g) if bias else None
-    b_out = torch.randn(o, generator=g) if bias else None
-    return tuple(None if t is None else t.to(device) for t in (w_in, b_in, w_out, b_out))
+    return fff_tree(depth, d, o, dtype, seed, bias, device)
 
 
 def test_cmm_refuses_mixed_devices() -> None:

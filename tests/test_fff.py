@@ -7,21 +7,14 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_causal_lm
+from conftest import fff_tree, tiny_bert, tiny_causal_lm
 
 import lazyneuron as ln
 from lazyneuron.kernels import cmm as K
 from lazyneuron.methods.fff import FastFeedForward, FastFeedForwardConfig, FFFBlock, FFFLayer, distill_layers, load_fff, save_fff
 
 
-def _tree(depth: int, d: int, o: int, dtype: torch.dtype = torch.float32, seed: int = 0, bias: bool = True):
-    g = torch.Generator().manual_seed(seed)
-    n = (2 << depth) - 1
-    w_in = torch.randn(n, d, generator=g).to(dtype)
-    w_out = torch.randn(n, o, generator=g).to(dtype)
-    b_in = torch.randn(n, generator=g) if bias else None
-    b_out = torch.randn(o, generator=g) if bias else None
-    return w_in, b_in, w_out, b_out
+_tree = fff_tree
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3, 6, 10])

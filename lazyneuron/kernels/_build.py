@@ -28,7 +28,8 @@ def extension(name: str) -> Any | None:
 
         from ..paths import cache_dir
 
-        tag = hashlib.sha1(src.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+        headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # included by the sources
+        tag = hashlib.sha1(src.read_bytes() + headers + torch.__version__.encode()).hexdigest()[:12]
         build = cache_dir("kernels", f"{name}-{tag}")
         return cpp_extension.load(
             name=f"lazyneuron_{name}_{tag}",

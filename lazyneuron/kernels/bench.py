@@ -90,28 +90,29 @@ COLD_BYTES_CMM = 256 << 20  # the copies cycled: a layer inside a stack of ~10 (
 N_INPUTS = 16  # distinct inputs cycled: a tree never sees the same tokens twice in a row
 
 
-@torch.inference_mode()
-def measure_cmm(d: int, hidden: int, depth: int, batch: int, dtype: str, repeats: int) -> dict[str, Any]:
-    """Dense FFN (``F.linear`` -> GELU -> ``F.linear``) vs the CMM walk, a distinct random input
-    per token. Cold: each call takes the next of as many weight copies as fill 256 MB (a layer
-    inside a model, whose other layers run in between) and the next of 16 inputs, so the rows a
-    walk reads are not the ones the previous call on that copy left in the cache. Warm: the same
-    weights and input on every call. Weights of both sit on 2 MiB pages where the OS has them; the
-    trees are laid out as :meth:`FFFLayer.pack_for_inference` keeps them (each node's input and
-    output rows side by side)."""
+def _cmm_case(d: int, hidden: int, depth: int, batch: int, dtype: str, cold_bytes: int, min_copies: int, device: str,
+              place: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Callable[[int], torch.Tensor], Callable[[int], torch.Tensor], int, int]:
+    """The two calls a CMM benchmark compares, each taking call index k: the dense FFN
+    (``F.linear`` -> GELU -> ``F.linear``) on the k-th of as many weight copies as fill
+    ``cold_bytes`` (at least ``min_copies``), and the walk on the k-th packed tree, both on the
+    k-th of ``N_INPUTS`` random inputs (distinct per token). ``place`` puts each weight where the
+    benchmark wants it (2 MiB pages on the CPU). Returns (dense, cmm, nodes per tree, copies of the
+    more numerous kind)."""
     torch.manual_seed(0)
+    dev = torch.device(device)
     wdt = getattr(torch, dtype)
     esz = 2 if dtype == "bfloat16" else 4
     n = (2 << depth) - 1
-    nd = max(1, -(-COLD_BYTES_CMM // (2 * d * hidden * esz)))
-    nf = max(1, -(-COLD_BYTES_CMM // (2 * d * n * esz)))
-    # both on 2 MiB pages where the OS has them: FFFLayer keeps its trees there for inference, and
-    # the dense weights get the same, so the comparison is like for like
-    hp = cm.hugepage_copy
-    dense = [(hp(torch.randn(hidden, d).to(wdt)), torch.randn(hidden).to(wdt), hp(torch.randn(d, hidden).to(wdt)), torch.randn(d).to(wdt)) for _ in range(nd)]
-    packed = [hp(torch.randn(n, 2 * d).to(wdt)) for _ in range(nf)]
-    trees = [(t[:, :d], torch.randn(n), t[:, d:], torch.randn(d)) for t in packed]
-    xs = [torch.randn(batch, d) for _ in range(N_INPUTS)]
+    nd = max(min_copies, -(-cold_bytes // (2 * d * hidden * esz)))
+    nf = max(min_copies, -(-cold_bytes // (2 * d * n * esz)))
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=dev)
+
+    dense = [(place(rand(hidden, d).to(wdt)), rand(hidden).to(wdt), place(rand(d, hidden).to(wdt)), rand(d).to(wdt)) for _ in range(nd)]
+    packed = [place(rand(n, 2 * d).to(wdt)) for _ in range(nf)]
+    trees = [(t[:, :d], rand(n), t[:, d:], rand(d)) for t in packed]
+    xs = [rand(batch, d) for _ in range(N_INPUTS)]
     xts = [x.to(wdt) for x in xs]
 
     def run_dense(k: int) -> torch.Tensor:
@@ -122,13 +123,29 @@ def measure_cmm(d: int, hidden: int, depth: int, batch: int, dtype: str, repeats
         wi, bi, wo, bo = trees[k % nf]
         return cm.cmm(xs[k % N_INPUTS], wi, bi, wo, bo, "gelu")[0]
 
+    return run_dense, run_cmm, n, max(nd, nf)
+
+
+@torch.inference_mode()
+def measure_cmm(d: int, hidden: int, depth: int, batch: int, dtype: str, repeats: int) -> dict[str, Any]:
+    """Dense FFN (``F.linear`` -> GELU -> ``F.linear``) vs the CMM walk, a distinct random input
+    per token. Cold: each call takes the next of as many weight copies as fill 256 MB (a layer
+    inside a model, whose other layers run in between) and the next of 16 inputs, so the rows a
+    walk reads are not the ones the previous call on that copy left in the cache. Warm: the same
+    weights and input on every call. Weights of both sit on 2 MiB pages where the OS has them; the
+    trees are laid out as :meth:`FFFLayer.pack_for_inference` keeps them (each node's input and
+    output rows side by side)."""
+    # both on 2 MiB pages where the OS has them: FFFLayer keeps its trees there for inference, and
+    # the dense weights get the same, so the comparison is like for like
+    run_dense, run_cmm, n, copies = _cmm_case(d, hidden, depth, batch, dtype, COLD_BYTES_CMM, 1, "cpu", cm.hugepage_copy)
+
     # each cold call takes the next (copy, input) pair over the whole run, not the k-th of its block;
     # warm, reported beside cold: the same weights and input again and again (the rows stay cached)
     calls = {"torch": itertools.count(), "cmm": itertools.count()}
     fns = {"torch": lambda k: run_dense(next(calls["torch"])), "cmm": lambda k: run_cmm(next(calls["cmm"])),
            "torch_warm": lambda k: run_dense(0), "cmm_warm": lambda k: run_cmm(0)}
     for f in fns.values():
-        for k in range(max(nd, nf)):
+        for k in range(copies):
             f(k)
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(5):
@@ -158,26 +175,7 @@ def measure_cmm_gpu(d: int, hidden: int, depth: int, batch: int, dtype: str, rep
     sees it; the headline ``speedup_vs_torch``) and plain eager calls, whose launch overheads on
     the host can exceed the GPU work at small batches (``*_eager``)."""
     dev = torch.device(device)
-    torch.manual_seed(0)
-    wdt = getattr(torch, dtype)
-    esz = 2 if dtype == "bfloat16" else 4
-    n = (2 << depth) - 1
-    nd = max(GPU_CALLS, -(-GPU_COLD_BYTES // (2 * d * hidden * esz)))
-    nf = max(GPU_CALLS, -(-GPU_COLD_BYTES // (2 * d * n * esz)))
-    dense = [(torch.randn(hidden, d, device=dev).to(wdt), torch.randn(hidden, device=dev).to(wdt), torch.randn(d, hidden, device=dev).to(wdt),
-              torch.randn(d, device=dev).to(wdt)) for _ in range(nd)]
-    packed = [torch.randn(n, 2 * d, device=dev).to(wdt) for _ in range(nf)]
-    trees = [(t[:, :d], torch.randn(n, device=dev), t[:, d:], torch.randn(d, device=dev)) for t in packed]
-    xs = [torch.randn(batch, d, device=dev) for _ in range(N_INPUTS)]
-    xts = [x.to(wdt) for x in xs]
-
-    def run_dense(k: int) -> torch.Tensor:
-        w1, b1, w2, b2 = dense[k % nd]
-        return F.linear(F.gelu(F.linear(xts[k % N_INPUTS], w1, b1)), w2, b2)
-
-    def run_cmm(k: int) -> torch.Tensor:
-        wi, bi, wo, bo = trees[k % nf]
-        return cm.cmm(xs[k % N_INPUTS], wi, bi, wo, bo, "gelu")[0]
+    run_dense, run_cmm, n, _ = _cmm_case(d, hidden, depth, batch, dtype, GPU_COLD_BYTES, GPU_CALLS, device, lambda t: t)
 
     runs = {"torch": run_dense, "cmm": run_cmm}
     counters = {k: itertools.count() for k in runs}

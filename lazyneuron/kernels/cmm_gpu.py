@@ -111,7 +111,7 @@ def _kernel() -> Any:
 
 
 def cmm(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
-        depth: int, act: int, return_nodes: bool, spec: bool | None = None, warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        depth: int, act: int, return_nodes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x (T, d_in) float32 contiguous, w_in (N, d_in) and w_out (N, d_out) with contiguous rows (fp32
     or bf16), biases float32 or None, all on one CUDA device -> (y (T, d_out) float32, nodes)."""
     T, d_in = x.shape
@@ -127,10 +127,8 @@ def cmm(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: t
     # GPU is full and bandwidth counts: read only the chosen row, one warp per token. Measured on an
     # H100 at BERT-base dims (CUDA graphs, cold): 5.6 against 7.0 us at 1 token, 9.9 against 12.7 at
     # 128; at 1024 tokens 14.9 us for the plain walk on one warp against 23.6 speculative on four
-    if spec is None:
-        spec = T <= 256
-    if warps is None:
-        warps = min(16, (4 if spec else 1) * scale)
+    spec = T <= 256
+    warps = min(16, (4 if spec else 1) * scale)
     with torch.cuda.device(x.device):
         _kernel()[(T,)](x, w_in, b_in if b_in is not None else x, w_out, b_out if b_out is not None else x, y,
                         nodes if nodes is not None else y, d_in, d_out, w_in.stride(0), w_out.stride(0),

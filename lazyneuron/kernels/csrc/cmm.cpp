@@ -24,25 +24,14 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#include <string>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
 
-namespace {
+#include "ln_check.h"
 
-// Bad input is reported without C++ exceptions or string streams: in some environments (seen with
-// torch 2.11+cu130 and GCC 13) an extension's std::ostringstream, and so any TORCH_CHECK message,
-// crashes the process. A failed check records its number and the function returns an empty result;
-// the Python wrapper raises ValueError with the message for that number.
-thread_local int64_t g_error = 0;
-#define LN_CHECK(cond, code) \
-  if (!(cond)) {             \
-    g_error = (code);        \
-    return {};               \
-  }
-int64_t last_error() { return g_error; }
+namespace {
 
 constexpr int64_t kGroup = 4;  // tokens walked in lock-step by one thread
 

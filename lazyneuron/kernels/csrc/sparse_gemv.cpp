@@ -15,22 +15,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <string>
 #include <vector>
 
-namespace {
+#include "ln_check.h"
 
-// Bad input is reported without C++ exceptions or string streams: in some environments (seen with
-// torch 2.11+cu130 and GCC 13) an extension's std::ostringstream, and so any TORCH_CHECK message,
-// crashes the process. A failed check records its number and the function returns an empty result;
-// the Python wrapper raises ValueError with the message for that number.
-thread_local int64_t g_error = 0;
-#define LN_CHECK(cond, code) \
-  if (!(cond)) {             \
-    g_error = (code);        \
-    return {};               \
-  }
-int64_t last_error() { return g_error; }
+namespace {
 
 constexpr int64_t kMaxBatch = 16;
 constexpr int64_t kTile = 2048;  // output columns per task: an 8 KB fp32 accumulator row stays in L1
