@@ -18,8 +18,7 @@ _tree = fff_tree
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3, 6, 10])
-# 1 token: lock-step chains; 2+ tokens, fp32: two phases over blocks of 64 (65: a last block of one
-# token); bf16: level by level for 2..256, chains above
+# 1 token: lock-step chains; 2+ tokens: two phases over blocks of 64 (65: a last block of one token)
 @pytest.mark.parametrize("batch", [1, 3, 8, 37, 65, 130, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cmm_kernel_matches_references(depth: int, batch: int, dtype: torch.dtype) -> None:
@@ -36,11 +35,13 @@ def test_cmm_kernel_matches_references(depth: int, batch: int, dtype: torch.dtyp
 
 
 # the dot works in chunks of 32 inputs and the two-phase output in chunks of 64 columns: widths with
-# no full chunk, whole chunks, and chunks plus a tail, on both sides
+# no full chunk, whole chunks, and chunks plus a tail, on both sides; bf16 rows are widened in the
+# same chunks
 @pytest.mark.parametrize(("d", "o"), [(5, 24), (32, 64), (64, 100), (100, 7), (768, 768), (40, 130)])
 @pytest.mark.parametrize("batch", [1, 37, 300])
-def test_cmm_kernel_matches_reference_across_widths(d: int, o: int, batch: int) -> None:
-    w_in, b_in, w_out, b_out = _tree(5, d, o, seed=d)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cmm_kernel_matches_reference_across_widths(d: int, o: int, batch: int, dtype: torch.dtype) -> None:
+    w_in, b_in, w_out, b_out = _tree(5, d, o, dtype, seed=d)
     x = torch.randn(batch, d, generator=torch.Generator().manual_seed(d + batch))
     y_ref, nodes_ref = K.reference(x, w_in, b_in, w_out, b_out)
     y, nodes = K.cmm(x, w_in, b_in, w_out, b_out, return_nodes=True)
@@ -83,10 +84,11 @@ def test_cmm_distinct_rows_give_distinct_paths() -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 37, 300])
-def test_cmm_accepts_row_strided_weights(batch: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cmm_accepts_row_strided_weights(batch: int, dtype: torch.dtype) -> None:
     """A packed layout (each node's input and output rows side by side in one buffer) is read
     through row strides, no copy: the same result as contiguous weights."""
-    w_in, b_in, w_out, b_out = _tree(6, 48, 40)
+    w_in, b_in, w_out, b_out = _tree(6, 48, 40, dtype)
     packed = torch.cat([w_in, w_out], 1)
     pi, po = packed[:, :48], packed[:, 48:]
     assert not pi.is_contiguous() and pi.stride(0) == 88
