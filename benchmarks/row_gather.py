@@ -5,7 +5,8 @@ read).
     .venv/bin/python benchmarks/row_gather.py        # ~1 min on 2 cores
 
 Reads rows of 768 floats (the input rows of a BERT-base tree, every other 3 KB of a 512 MB buffer
-on 2 MiB pages, as packed trees are laid out) at random, each as the walk's dot product with an
+on 2 MiB pages, as packed trees are laid out), and rows half as long (384 floats: the same rows'
+bytes in bf16, or a MiniLM tree's), at random, each as the walk's dot product with an
 input, with: no software prefetch; the whole row of the read `ahead` places later prefetched
 (prefetcht2, as the walk does; prefetcht0 for comparison); only its first lines prefetched. Also
 the buffer read front to back, whole nodes, where the hardware prefetchers stream. 1 and 2 threads.
@@ -53,9 +54,9 @@ static inline float dot(const float* x, const float* w, int n) {
 
 // mode 0: no prefetch; 1: prefetcht2 of `lines` lines of the row `ahead` reads later; 2: the same
 // with prefetcht0; 3: whole 6 KB nodes in order, one stream (the hardware prefetches). Returns ns per row per thread (best of 7).
-double gather(int mode, int ahead, int lines, int threads) {
+double gather(int mode, int ahead, int lines, int threads, int d) {
   const size_t bytes = size_t(512) << 20;
-  const int d = 768, stride = 2 * d, steps = 4096;
+  const int stride = 2 * d, steps = 4096;
   void* p = nullptr;
   if (posix_memalign(&p, 2 << 20, bytes)) return -1;
   madvise(p, bytes, MADV_HUGEPAGE);
@@ -95,23 +96,25 @@ double gather(int mode, int ahead, int lines, int threads) {
 
 
 def main() -> None:
-    build = cache_dir("kernels", "row_gather")
-    ext = cpp_extension.load_inline("lazyneuron_row_gather", cpp_sources=SRC, functions=["gather"], build_directory=str(build),
+    build = cache_dir("kernels", "row_gather2")
+    ext = cpp_extension.load_inline("lazyneuron_row_gather2", cpp_sources=SRC, functions=["gather"], build_directory=str(build),
                                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     env = environment()
-    cases = [("random, no prefetch", 0, 0, 0), ("random, whole row prefetched 8 ahead (t2)", 1, 8, 48),
-             ("random, whole row prefetched 16 ahead (t2)", 1, 16, 48), ("random, whole row prefetched 16 ahead (t0)", 2, 16, 48),
-             ("random, first 4 lines prefetched 16 ahead (t2)", 1, 16, 4), ("in order, 6 KB nodes whole, no prefetch", 3, 0, 0)]
     recs = []
-    print(f"{'pattern':<48} {'threads':>7} {'ns/row':>7} {'GB/s':>6}")
-    for threads in (1, 2):
-        for name, mode, ahead, lines in cases:
-            ns = ext.gather(mode, ahead, lines, threads)
-            row = 6144 if mode == 3 else 3072
-            gbs = threads * row / ns
-            print(f"{name:<48} {threads:>7} {ns:>7.0f} {gbs:>6.1f}", flush=True)
-            recs.append({"benchmark": "row_gather", "pattern": name, "threads": threads, "row_bytes": row, "ns_per_row_per_thread": ns,
-                         "gb_per_s": gbs, "device": env["device"], "git_sha": env["git_sha"], "torch": torch.__version__})
+    print(f"{'pattern':<48} {'row B':>6} {'threads':>7} {'ns/row':>7} {'GB/s':>6}")
+    for d in (768, 384):
+        full = d * 4 // 64  # lines per row
+        cases = [("random, no prefetch", 0, 0, 0), ("random, whole row prefetched 8 ahead (t2)", 1, 8, full),
+                 ("random, whole row prefetched 16 ahead (t2)", 1, 16, full), ("random, whole row prefetched 16 ahead (t0)", 2, 16, full),
+                 ("random, first 4 lines prefetched 16 ahead (t2)", 1, 16, 4), ("in order, whole nodes, no prefetch", 3, 0, 0)]
+        for threads in (1, 2):
+            for name, mode, ahead, lines in cases:
+                ns = ext.gather(mode, ahead, lines, threads, d)
+                row = d * 4 * (2 if mode == 3 else 1)
+                gbs = threads * row / ns
+                print(f"{name:<48} {row:>6} {threads:>7} {ns:>7.0f} {gbs:>6.1f}", flush=True)
+                recs.append({"benchmark": "row_gather", "pattern": name, "threads": threads, "row_bytes": row, "ns_per_row_per_thread": ns,
+                             "gb_per_s": gbs, "device": env["device"], "git_sha": env["git_sha"], "torch": torch.__version__})
     write(recs, OUT / "row_gather.jsonl", append=False)
 
 
