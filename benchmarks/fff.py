@@ -10,8 +10,8 @@ Steps (checkpoints cached under $LAZYNEURON_CACHE/checkpoints, so a rerun skips 
 2. per FFF depth: every FFN replaced by an FFF initialised from its neurons, layer-wise distilled
    to the dense FFN outputs (MR train sentences), then fine-tuned end to end with cross-entropy +
    distillation from the dense fine-tuned model, on the inference (hard) path;
-3. MR test accuracy of each; encoder throughput (sentences/s) dense vs FFF at batch 1 and 32,
-   interleaved in one process, medians of repeats;
+3. MR test accuracy of each, and of the deepest with its trees stored in bf16; encoder throughput
+   (sentences/s) dense vs FFF at batch 1 and 32, interleaved in one process, medians of repeats;
 4. layer-level CMM vs dense FFN (``lazyneuron bench-kernels --kernel cmm``, full grid).
 
 Writes benchmarks/results/fff.jsonl, benchmarks/results/kernels_cmm.jsonl and the plots
@@ -139,13 +139,28 @@ def main() -> None:
             recs.extend(r for r in previous if r.get("metric") == "distill_rel_error" and r.get("params", {}).get("depth") == depth)
         print(f"FFF depth {depth}: test accuracy {acc:.4f} ({100 * acc / dense_acc:.1f}% of dense)", flush=True)
         write(recs, OUT / "fff.jsonl", append=False)
+    # the deepest trees stored in bf16 (tree_dtype="bfloat16"): the same trained trees, rounded
+    d16 = max(converted)
+    clf16 = copy.deepcopy(converted[d16])
+    for f in fff_layers(clf16).values():
+        f.set_tree_dtype(torch.bfloat16)
+    acc16 = tasks.accuracy(clf16, test)
+    p16 = {"task": "mr", "depth": d16, "nodes": (2 << d16) - 1, "evaluated_per_token": d16 + 1, "tree_dtype": "bfloat16"}
+    recs.append(Record(MODEL, "fast_feedforward", p16, "accuracy_mr", acc16, "fraction"))
+    recs.append(Record(MODEL, "fast_feedforward", p16, "accuracy_retention", acc16 / dense_acc, "fraction of dense"))
+    print(f"FFF depth {d16}, bf16 trees: test accuracy {acc16:.4f} ({100 * acc16 / dense_acc:.1f}% of dense)", flush=True)
     # encoder throughput, dense vs each FFF, interleaved
     sizes = {1: tasks.make_batches(tok, test_rows[::8], 1), 32: tasks.make_batches(tok, test_rows[::2], 32, seed=0)}
-    models = {"dense": dense, **{f"fff_d{d}": m for d, m in converted.items()}}
+    models = {"dense": dense, **{f"fff_d{d}": m for d, m in converted.items()}, f"fff_d{d16}_bf16": clf16}
     tp = throughput(models, sizes, 3 if args.quick else 5)
     for (name, bs), xs in tp.items():
         med, iqr = summary(xs)
-        meth, p = ("dense", {"task": "mr"}) if name == "dense" else ("fast_feedforward", {"task": "mr", "depth": int(name[5:])})
+        if name == "dense":
+            meth, p = "dense", {"task": "mr"}
+        else:
+            meth, p = "fast_feedforward", {"task": "mr", "depth": int(name[5:].split("_")[0])}
+            if name.endswith("_bf16"):
+                p["tree_dtype"] = "bfloat16"
         recs.append(Record(MODEL, meth, {**p, "batch": bs}, "encoder_sentences_per_s", med, "sentences/s", spread=iqr, repeats=len(xs)))
         if name != "dense":
             ratios = [a / b for a, b in zip(xs, tp[("dense", bs)])]
@@ -154,6 +169,7 @@ def main() -> None:
             print(f"{name} batch {bs}: {med:.1f} sentences/s, {rmed:.2f}x dense", flush=True)
     write(recs, OUT / "fff.jsonl", append=False)
     rd = [r if isinstance(r, dict) else r.to_dict() for r in recs]
+    rd = [r for r in rd if "tree_dtype" not in r.get("params", {})]  # the plot: fp32 trees by depth
     plots.xy(rd, OUT / "fff_accuracy_vs_depth.png", "depth", "accuracy_mr", "task", "MiniLM-L6 on MR: test accuracy of the FFF model vs tree depth")
     if not args.skip_kernels:
         kernels(args)

@@ -172,6 +172,45 @@ def test_fff_method_apply_revert(kind: str) -> None:
     assert torch.equal(out(), dense)
 
 
+def test_fff_bf16_trees_match_fp32_trees_and_round_trip(tmp_path) -> None:
+    """tree_dtype=bfloat16: the trees are stored in bf16 (packed, biases fp32), the output is the
+    fp32 trees' output within bf16 rounding of the weights, exactly the fp32 walk over the
+    bf16-rounded trees, and training, saving and revert_ still work."""
+    m = tiny_bert()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    dense = m(ids).last_hidden_state
+    ln.apply_(m, FastFeedForwardConfig(depth=4))
+    y32 = m(ids).last_hidden_state
+    ln.revert_(m)
+    rep = ln.apply_(m, FastFeedForwardConfig(depth=4, tree_dtype="bfloat16"))[0]
+    assert rep.summary["tree_dtype"] == "bfloat16"
+    blocks = [x for x in m.modules() if isinstance(x, FFFBlock)]
+    for b in blocks:
+        f = b.fff
+        assert f.w_in.dtype == f.w_out.dtype == torch.bfloat16 and f.b_in.dtype == torch.float32
+        assert f.w_out.data_ptr() == f.w_in.data_ptr() + 2 * f.d_in  # still packed
+    y16 = m(ids).last_hidden_state
+    assert not torch.equal(y16, y32) and torch.allclose(y16, y32, atol=0.05)
+    f = blocks[0].fff
+    x = torch.randn(9, f.d_in)
+    ref, _ = K.reference(x, f.w_in.float(), f.b_in, f.w_out.float(), f.b_out, f.activation)
+    assert torch.allclose(f(x), ref, atol=1e-5)
+    f.train()  # training on bf16 trees runs in the input's dtype and reaches the bf16 parameters
+    f.forward_train(x).sum().backward()
+    assert f.w_in.grad is not None and f.w_in.grad.dtype == torch.bfloat16
+    f.eval()
+    path = tmp_path / "fff16.safetensors"
+    save_fff(m, path)
+    ln.revert_(m)
+    assert torch.equal(m(ids).last_hidden_state, dense)
+    ln.apply_(m, FastFeedForwardConfig(depth=4, checkpoint=str(path), tree_dtype="bfloat16"))
+    assert torch.equal(m(ids).last_hidden_state, y16)
+    with pytest.raises(ln.ConfigError, match="tree_dtype"):
+        FastFeedForwardConfig(tree_dtype="float16")
+    with pytest.raises(ln.ConfigError, match="float16"):
+        f.set_tree_dtype(torch.float16)
+
+
 def test_fff_refuses_gated_mlp() -> None:
     with pytest.raises(ln.ConfigError, match="gated"):
         ln.apply_(tiny_causal_lm("llama"), FastFeedForwardConfig(depth=3))

@@ -127,11 +127,11 @@ class FFFLayer(nn.Module):
         return torch.cat(levels, 1)
 
     def forward_train(self, x2: torch.Tensor) -> torch.Tensor:
-        a = x2 @ self.w_in.t()
+        a = x2 @ self.w_in.to(x2.dtype).t()  # trees stored in bf16 for inference train in the input's dtype
         if self.b_in is not None:
             a = a + self.b_in
         weight = self.reach_probability(a) if self.routing == "soft" else K.path_mask(a.detach())
-        y = (K.act_fn(self.activation)(a) * weight) @ self.w_out
+        y = (K.act_fn(self.activation)(a) * weight) @ self.w_out.to(x2.dtype)
         return y + self.b_out if self.b_out is not None else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +146,20 @@ class FFFLayer(nn.Module):
                 self.nodes_touched += int(nodes.numel())
             y = y.to(x.dtype)
         return y.view(*shape[:-1], self.d_out)
+
+    def set_tree_dtype(self, dtype: torch.dtype) -> FFFLayer:
+        """Store the two trees (``w_in``, ``w_out``) in ``dtype`` (``torch.float32`` or
+        ``torch.bfloat16``); the biases stay fp32 and the walk computes in fp32 either way. bf16
+        halves the trees' memory and the bytes a walk reads. Re-packs if the trees were packed."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ConfigError(f"FFF tree dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
+        if self.w_in.dtype == dtype and self.w_out.dtype == dtype:
+            return self
+        packed = self.w_in.device.type == "cpu" and self.w_in.stride(0) == self.d_in + self.d_out
+        with torch.no_grad():
+            self.w_in.data = self.w_in.data.to(dtype).contiguous()
+            self.w_out.data = self.w_out.data.to(dtype).contiguous()
+        return self.pack_for_inference() if packed else self
 
     def pack_for_inference(self) -> FFFLayer:
         """Lay the trees out for the CMM walk: each node's input row and output row side by side in
@@ -172,7 +186,9 @@ class FastFeedForwardConfig(MethodConfig):
     """``depth``: tree depth (``2**(depth+1) - 1`` neurons, ``depth + 1`` evaluated per token);
     ``checkpoint``: safetensors file of trained FFF layers (from :func:`save_fff`); without it the
     layers are initialised from the dense neurons and need training (``lazyneuron.train``);
-    ``activation``: ``auto`` takes the model's own FFN activation."""
+    ``activation``: ``auto`` takes the model's own FFN activation; ``tree_dtype``: how the trees
+    are stored for inference, ``float32`` or ``bfloat16`` (half the memory and half the bytes a
+    walk reads; the walk still computes in fp32, and the rest of the model is untouched)."""
 
     name: ClassVar[str] = "fast_feedforward"
     targets: tuple[str, ...] = ("mlp",)
@@ -180,6 +196,7 @@ class FastFeedForwardConfig(MethodConfig):
     activation: str = "auto"
     checkpoint: str = ""
     routing: str = "soft"
+    tree_dtype: str = "float32"
 
     def validate(self) -> None:
         super().validate()
@@ -187,6 +204,7 @@ class FastFeedForwardConfig(MethodConfig):
             raise ConfigError(f"FastFeedForwardConfig.depth={self.depth!r} is invalid; use an integer in 0..20")
         self._check_choice("activation", ("auto",) + tuple(K.ACTIVATIONS))
         self._check_choice("routing", ("soft", "hard"))
+        self._check_choice("tree_dtype", ("float32", "bfloat16"))
         if self.targets != ("mlp",):
             raise ConfigError(f"fast_feedforward replaces whole feed-forward blocks; targets must be ('mlp',), got {self.targets}")
 
@@ -324,8 +342,10 @@ class FastFeedForward(Method):
         fff = self._layers[path]
         fff.eval()
         p = next(module.parameters(), None)
-        if p is not None:  # a model on a GPU gets its trees there (the Triton walk), in the FFN's float dtype or fp32
+        if p is not None:  # a model on a GPU gets its trees there (the Triton walk)
             fff.to(device=p.device)
+        assert isinstance(cfg, FastFeedForwardConfig)
+        fff.set_tree_dtype(getattr(torch, cfg.tree_dtype))
         fff.pack_for_inference()
         return FFFBlock(module, fff)
 
@@ -339,7 +359,8 @@ class FastFeedForward(Method):
             dense *= 2  # output.dense has as many weights as intermediate.dense
         per_token = (f.d_in + f.d_out) * (f.depth + 1)
         return {"modules": len(blocks), "depth": f.depth, "nodes": f.n_nodes, "evaluated_per_token": f.depth + 1,
-                "ffn_weight_reads_per_token": f"{per_token} of {dense} ({100 * per_token / dense:.2f}%)"}
+                "ffn_weight_reads_per_token": f"{per_token} of {dense} ({100 * per_token / dense:.2f}%)",
+                "tree_dtype": str(f.w_in.dtype).removeprefix("torch.")}
 
     @classmethod
     def demo_configs(cls) -> list[MethodConfig]:
