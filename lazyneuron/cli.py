@@ -121,6 +121,28 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def _demo_configs(model_name: str, model: Any) -> tuple[list[Any], list[str]]:
+    """Every registered method's demo settings for this model, less those that do not apply to it
+    (each of those becomes a note saying why)."""
+    from .adapters import get_adapter
+    from .config import method_for, registry
+    from .errors import ConfigError
+
+    adapter = get_adapter(model)
+    cfgs, skipped = [], []
+    for meth in registry().values():
+        for c in meth.demo_configs(model_name):
+            try:
+                if not method_for(c).resolve(model, adapter, c):
+                    raise ConfigError(f"its targets {list(c.targets)} match no module of this {adapter.model_type} model")
+            except ConfigError as e:
+                params = ",".join(f"{k}={v}" for k, v in c.to_dict().items() if k in ("rule", "sparsity", "criterion"))
+                skipped.append(f"{c.name}{' ' + params if params else ''}: not run on {model_name}: {e}")
+                continue
+            cfgs.append(c)
+    return cfgs, skipped
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:  # the CLI shows its own progress bars; the 0.3 s weight-loading bar is noise here
@@ -227,11 +249,10 @@ def _run(args: argparse.Namespace) -> int:
             if args.new_tokens:
                 s.new_tokens = args.new_tokens
             cfgs = _configs(args.method)
-        else:
-            from .config import registry
-
-            cfgs = [c for meth in registry().values() for c in meth.demo_configs()]
         model, tok = models.load(args.model)
+        skipped: list[str] = []
+        if args.cmd == "demo":
+            cfgs, skipped = _demo_configs(args.model, model)
         cal = None
         if args.cmd == "bench" and args.calibration:
             from .calibration import Calibration
@@ -243,10 +264,19 @@ def _run(args: argparse.Namespace) -> int:
 
             out = Path(args.out)
             path = write(recs, out / "demo.jsonl", append=False)
-            png = plots.pareto([r.to_dict() for r in recs], out / "pareto.png")
-            sys.stdout.write(f"\n{args.model}, batch 1 decode ({s.new_tokens} new tokens, lean loop), perplexity on {s.corpus} test windows\n")
+            from .adapters import get_adapter
+            from .config import registry
+
+            causal = get_adapter(model).causal_lm
+            metrics = {} if causal else {"speed_metric": "encode_speedup_b1", "quality_metric": "state_rel_error"}
+            png = plots.pareto([r.to_dict() for r in recs], out / "pareto.png", **metrics)
+            if causal:
+                sys.stdout.write(f"\n{args.model}, batch 1 decode ({s.new_tokens} new tokens, lean loop), perplexity on {s.corpus} test windows\n")
+            else:
+                sys.stdout.write(f"\n{args.model} (encoder), tokens/s of forwards at batch 1 ({s.prompt_tokens} tokens) and on one {s.prefill_tokens}-token "
+                                 f"sequence, output states against dense on {s.corpus} test windows\n")
             sys.stdout.write(runner.table(recs, corpus=s.corpus) + "\n")
-            notes = [n for meth in registry().values() for n in meth.demo_notes()]
+            notes = skipped + [n for meth in registry().values() for n in meth.demo_notes(args.model)]
             for n in notes:
                 sys.stdout.write(f"note: {n}\n")
             sys.stdout.write(f"\nrecords: {path}\nplot:    {png}\n")

@@ -6,7 +6,7 @@ import pytest
 
 import torch
 import torch.nn.functional as F
-from conftest import tiny_causal_lm
+from conftest import calib_batches, tiny_bert, tiny_causal_lm
 
 import lazyneuron as ln
 from lazyneuron.bench import Record, read, write
@@ -72,3 +72,63 @@ def test_spread_windows_are_disjoint_fixed_and_cover_the_split(monkeypatch) -> N
     assert all(b - a >= 240 for a, b in zip(starts, starts[1:])) and starts[-1] + 240 <= 1000
     with pytest.raises(ln.LazyNeuronError, match="fewer than"):
         data.windows(None, "news", "train", 300, 4, spread=True)
+
+
+def test_bench_on_an_encoder_times_forwards_and_scores_output_states(monkeypatch) -> None:
+    """An encoder (no next-token logits) is benched by forward tokens/s and by how close its output
+    states stay to the dense model's; windows longer than its positions are cut to fit."""
+    from lazyneuron import data
+    from lazyneuron.bench import BenchSettings, run
+    from lazyneuron.methods import FastFeedForwardConfig
+
+    monkeypatch.setattr(data, "token_stream", lambda tok, c, s, n: [3 + i * 7 % 120 for i in range(n)])
+    m = tiny_bert()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    s = BenchSettings(prompt_tokens=8, prefill_tokens=200, batches=(1, 2), repeats=1, ppl_windows=2, ppl_length=100)
+    recs = run("tiny-bert", m, None, [FastFeedForwardConfig(depth=3)], s, progress=False)
+    got = {(r.method, r.metric): r.value for r in recs}
+    assert {("dense", k) for k in ("encode_tps_b1", "encode_tps_b2", "encode_tps_long", "embedding_cosine", "state_rel_error")} <= got.keys()
+    assert got[("dense", "embedding_cosine")] == pytest.approx(1.0) and got[("dense", "state_rel_error")] == pytest.approx(0.0, abs=1e-6)
+    assert ("fast_feedforward", "encode_speedup_b1") in got and ("fast_feedforward", "encode_speedup_long") in got
+    assert -1 <= got[("fast_feedforward", "embedding_cosine")] < 0.9999 and got[("fast_feedforward", "state_rel_error")] > 0
+    assert 0 < got[("fast_feedforward", "compute_skipped")] < 1
+    assert not any(isinstance(x, ln.LazyModule) for x in m.modules())
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+    t = table(recs)
+    assert "emb. cosine" in t and "fast_feedforward" in t and "perplexity" not in t
+
+
+def test_bench_calibration_serves_every_setting_of_a_method(monkeypatch) -> None:
+    """Settings of one method that observe different modules (SCAP's input histograms, CATS's gates)
+    share one calibration pass, and it covers them all: each applies with it."""
+    from lazyneuron import data
+    from lazyneuron.bench.runner import BenchSettings, build_variants
+    from lazyneuron.methods import ActivationSparsityConfig as C
+
+    monkeypatch.setattr(data, "texts", lambda corpus, split: calib_batches(8))
+    m = tiny_causal_lm("llama")
+    cfgs = [C(rule="scap", sparsity=0.5), C(rule="teal", sparsity=0.5), C(rule="cats", sparsity=0.5)]
+    variants = build_variants(m, None, cfgs, BenchSettings(calib_texts=8), progress=False)
+    assert [v.name for v in variants] == ["dense", "activation_sparsity#1", "activation_sparsity#2", "activation_sparsity#3"]
+    for v in variants[1:]:
+        ln.apply_(m, v.configs, v.calibration)
+        ln.revert_(m)
+
+
+def test_demo_skips_settings_that_do_not_apply_and_says_why() -> None:
+    from lazyneuron.cli import _demo_configs
+
+    cfgs, skipped = _demo_configs("tiny-bert", tiny_bert())
+    rules = {getattr(c, "rule", None) for c in cfgs if c.name == "activation_sparsity"}
+    assert rules == {"scap", "teal"}  # CATS needs a gated MLP
+    assert any("cats" in n and "gated" in n for n in skipped)
+    assert not any(getattr(c, "checkpoint", "") for c in cfgs)  # no trained exits / gates / trees of this model
+
+
+def test_table_labels_tell_settings_apart() -> None:
+    recs = [Record("m", "activation_sparsity", {"rule": r, "sparsity": 0.5, "allocation": "auto", "backend": "auto", "targets": ["mlp_in"]},
+                   "decode_tps_b1", 1.0, "tokens/s") for r in ("scap", "teal")]
+    recs.append(Record("m", "module_gating", {"checkpoint": "/x/y/m.gates-frozen-25.safetensors", "threshold": float("nan")}, "decode_tps_b1", 1.0, "tokens/s"))
+    t = table(recs)
+    assert "activation_sparsity rule=scap,sparsity=0.5" in t and "activation_sparsity rule=teal,sparsity=0.5" in t
+    assert "module_gating checkpoint=m.gates-frozen-25 " in t and "threshold" not in t and "backend" not in t

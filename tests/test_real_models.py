@@ -51,6 +51,29 @@ def test_bench_json_on_smollm2(capsys) -> None:
     assert all(r["device"] and r["git_sha"] for r in recs)
 
 
+def test_bench_json_on_minilm_encoder(capsys) -> None:
+    assert main(["bench", "--model", "minilm-l6", "--quick", "--json", "--repeats", "2", "--method", "fast_feedforward:depth=4"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    got = {(r["method"], r["metric"]): r["value"] for r in recs}
+    assert {("dense", "encode_tps_b1"), ("dense", "encode_tps_long"), ("fast_feedforward", "encode_speedup_b1"),
+            ("fast_feedforward", "embedding_cosine"), ("fast_feedforward", "compute_skipped")} <= got.keys()
+    assert got[("dense", "embedding_cosine")] == pytest.approx(1.0)
+    assert got[("fast_feedforward", "compute_skipped")] > 0.2  # the FFNs' weight reads, nearly all skipped
+
+
+def test_demo_on_the_default_model_and_on_an_encoder(tmp_path, capsys) -> None:
+    """The README's first command, quick: every activation-sparsity rule gets a row on SmolLM2
+    (one calibration pass serves them all); on the MiniLM encoder the rules that need a gated MLP
+    are left out with a note, and the table reports forwards and output states."""
+    assert main(["demo", "--quick", "--out", str(tmp_path / "lm")]) == 0
+    out = capsys.readouterr().out
+    assert all(f"activation_sparsity rule={r},sparsity=0.5" in out for r in ("scap", "teal", "cats")) and "perplexity" in out
+    assert (tmp_path / "lm" / "demo.jsonl").exists() and (tmp_path / "lm" / "pareto.png").exists()
+    assert main(["demo", "--model", "minilm-l6", "--quick", "--out", str(tmp_path / "enc")]) == 0
+    out = capsys.readouterr().out
+    assert "emb. cosine" in out and "activation_sparsity rule=scap" in out and "rule=cats: not run on minilm-l6" in out
+
+
 def test_hf_generate_reported_next_to_lean_loop(capsys) -> None:
     from lazyneuron.bench import BenchSettings, run
 

@@ -1,4 +1,5 @@
-"""Quality: perplexity on fixed windows, agreement with the dense model, classification accuracy."""
+"""Quality: perplexity on fixed windows, agreement with the dense model, classification accuracy;
+for encoders, how close the output states stay to the dense model's."""
 
 from __future__ import annotations
 
@@ -68,6 +69,36 @@ def agreement(model: nn.Module, windows: torch.Tensor, reference: list[tuple[tor
         kl += (ref.exp() * (ref - lp)).sum().item()
         n += w.numel()
     return {"top1_agreement": match / n, "kl": kl / n}
+
+
+def encoder_states(model: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """(length, width) float32 output states of an encoder for one window: ``last_hidden_state``,
+    or ``logits`` for a model with a head."""
+    out = model(input_ids=w.unsqueeze(0))
+    h = getattr(out, "last_hidden_state", None)
+    if h is None:
+        h = out.logits
+    return h[0].float()
+
+
+@torch.inference_mode()
+def reference_states(model: nn.Module, windows: torch.Tensor) -> list[torch.Tensor]:
+    """The dense encoder's output states per window, the reference for :func:`state_fidelity`."""
+    return [encoder_states(model, w) for w in windows]
+
+
+@torch.inference_mode()
+def state_fidelity(model: nn.Module, windows: torch.Tensor, reference: list[torch.Tensor]) -> dict[str, float]:
+    """How close an encoder's outputs stay to the dense model's: the mean cosine similarity of the
+    mean-pooled window embeddings (what a sentence-embedding model returns) and the relative error
+    of the per-token states, ||h - h_dense|| / ||h_dense|| over all tokens."""
+    cos, num, den = 0.0, 0.0, 0.0
+    for w, ref in zip(windows, reference):
+        h = encoder_states(model, w)
+        cos += F.cosine_similarity(h.mean(0), ref.mean(0), dim=0).item()
+        num += (h - ref).pow(2).sum().item()
+        den += ref.pow(2).sum().item()
+    return {"embedding_cosine": cos / len(reference), "state_rel_error": math.sqrt(num / max(den, 1e-30))}
 
 
 @torch.inference_mode()

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from .. import data
+from ..adapters import get_adapter
 from ..api import applied, calibrate
 from ..calibration import Calibration
 from ..config import MethodConfig, method_for
 from .accounting import skipped_fraction, tracking
-from .quality import agreement, perplexity, reference_logprobs
+from .quality import agreement, perplexity, reference_logprobs, reference_states, state_fidelity
 from .records import Record
-from .timing import Variant, decode_tps, hf_generate_tps, interleave, prefill_tps, summary
+from .timing import Variant, decode_tps, encode_tps, hf_generate_tps, interleave, prefill_tps, summary
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +46,29 @@ def build_variants(model: nn.Module, tok: Any, configs: Sequence[MethodConfig], 
     cal = calibration
     if need and cal is None:
         texts = data.texts(s.corpus, "calibration")[: s.calib_texts]
-        # one calibration per method kind serves all of its settings
-        uniq = list({c.name: c for c in need}.values())
-        cal = calibrate(model, texts, uniq, tok, max_length=512, progress=progress)
+        # one pass over the texts observes what every setting needs (settings of one method may
+        # target different modules, or need other statistics: SCAP's histograms, CATS's gates)
+        cal = calibrate(model, texts, need, tok, max_length=512, progress=progress)
     for c in configs:
         variants.append(Variant(c.name, c, cal, {k: v for k, v in c.to_dict().items() if k not in ("method",)}))
+    counts = {n: sum(v.name == n for v in variants) for n in {v.name for v in variants}}
     for i, v in enumerate(variants):  # unique names when one method appears at several settings
-        if sum(w.name == v.name for w in variants) > 1:
+        if counts[v.name] > 1:
             v.name = f"{v.name}#{i}"
     return variants
 
 
 def run(model_name: str, model: nn.Module, tok: Any, configs: Sequence[MethodConfig], s: BenchSettings | None = None, *, progress: bool = True,
         calibration: Calibration | None = None) -> list[Record]:
-    """Time and score the dense model and every config on the same model, in this process."""
+    """Time and score the dense model and every config on the same model, in this process. A
+    causal LM: decode and prefill tokens/s, perplexity and agreement with the dense model's
+    next-token predictions. An encoder: tokens/s of whole forwards and how close its output states
+    stay to the dense model's (:func:`run_encoder`)."""
     s = s or BenchSettings()
     torch.manual_seed(0)
     variants = build_variants(model, tok, configs, s, progress, calibration)
+    if not get_adapter(model).causal_lm:
+        return run_encoder(model_name, model, tok, variants, s, progress=progress)
     stream = data.token_stream(tok, s.corpus, "test", max(s.prompt_tokens * max(s.batches), s.prefill_tokens))
     prompts = {b: torch.tensor(stream[: s.prompt_tokens * b]).view(b, s.prompt_tokens) for b in s.batches}
     pre = torch.tensor(stream[: s.prefill_tokens]).view(1, -1)
@@ -85,18 +92,7 @@ def run(model_name: str, model: nn.Module, tok: Any, configs: Sequence[MethodCon
         def rec(metric: str, value: float, unit: str, **kw: Any) -> None:
             recs.append(Record(model_name, meth, dict(v.params), metric, float(value), unit, **kw))
 
-        for k, xs in times[v.name].items():
-            if k.startswith("hf_generate") and v.configs is not None:
-                continue
-            med, iqr = summary(xs)
-            rec(k, med, "tokens/s", spread=iqr, repeats=len(xs))
-            if v.configs is None:
-                dense[k] = med
-            elif k in dense:
-                # speedup from paired samples: ratio per repeat, then the median
-                ratios = [a / b for a, b in zip(xs, times["dense"][k])]
-                rmed, riqr = summary(ratios)
-                rec(k.replace("_tps", "_speedup"), rmed, "x dense", spread=riqr, repeats=len(ratios))
+        _paired(recs, rec, times, v, dense)
         rec(f"ppl_{s.corpus}", ppl, "perplexity")
         if v.configs is None:
             dense["ppl"] = ppl
@@ -108,16 +104,101 @@ def run(model_name: str, model: nn.Module, tok: Any, configs: Sequence[MethodCon
     return recs
 
 
+def _paired(recs: list[Record], rec: Any, times: dict[str, dict[str, list[float]]], v: Variant, dense: dict[str, float]) -> None:
+    """tokens/s records of one variant, and for a method its speed-up over dense from paired samples."""
+    for k, xs in times[v.name].items():
+        if k.startswith("hf_generate") and v.configs is not None:
+            continue
+        med, iqr = summary(xs)
+        rec(k, med, "tokens/s", spread=iqr, repeats=len(xs))
+        if v.configs is None:
+            dense[k] = med
+        elif k in dense:
+            ratios = [a / b for a, b in zip(xs, times["dense"][k])]  # ratio per repeat, then the median
+            rmed, riqr = summary(ratios)
+            rec(k.replace("_tps", "_speedup"), rmed, "x dense", spread=riqr, repeats=len(ratios))
+
+
+def run_encoder(model_name: str, model: nn.Module, tok: Any, variants: list[Variant], s: BenchSettings, *, progress: bool = True) -> list[Record]:
+    """:func:`run` for an encoder (BERT, MiniLM): tokens/s of one forward over ``batches`` x
+    ``prompt_tokens`` and over one sequence of ``prefill_tokens`` (``encode_tps_b{n}``,
+    ``encode_tps_long``), and on ``ppl_windows`` windows of the corpus the cosine similarity of the
+    mean-pooled embeddings to the dense model's and the relative error of the per-token states."""
+    limit = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 1 << 30)
+    long_len, win_len = min(s.prefill_tokens, limit), min(s.ppl_length, limit)
+    plen = min(s.prompt_tokens, limit)
+    stream = data.token_stream(tok, s.corpus, "test", max(plen * max(s.batches), long_len))
+    seqs = {b: torch.tensor(stream[: plen * b]).view(b, plen) for b in s.batches}
+    long = torch.tensor(stream[:long_len]).view(1, -1)
+    measures = {f"encode_tps_b{b}": (lambda m, b=b: encode_tps(m, seqs[b])) for b in s.batches}
+    measures["encode_tps_long"] = lambda m: encode_tps(m, long)
+    times = interleave(model, variants, measures, repeats=s.repeats, progress=progress)
+
+    wins = data.windows(tok, s.corpus, "test", win_len, s.ppl_windows)
+    ref = reference_states(model, wins)
+    recs: list[Record] = []
+    dense: dict[str, float] = {}
+    for v in variants:
+        meth = "dense" if v.configs is None else v.configs.name if isinstance(v.configs, MethodConfig) else "+".join(c.name for c in v.configs)
+        with applied(model, v.configs, v.calibration):
+            with tracking(model):
+                fid = state_fidelity(model, wins, ref)
+            skipped = skipped_fraction(model)
+
+        def rec(metric: str, value: float, unit: str, **kw: Any) -> None:
+            recs.append(Record(model_name, meth, dict(v.params), metric, float(value), unit, **kw))
+
+        _paired(recs, rec, times, v, dense)
+        rec("embedding_cosine", fid["embedding_cosine"], "cosine to dense")
+        rec("state_rel_error", fid["state_rel_error"], "relative L2 error")
+        rec("compute_skipped", skipped, "fraction of linear weight reads")
+    return recs
+
+
+_KEY_PARAMS = ("rule", "sparsity", "criterion", "threshold", "depth")  # shown even at their defaults
+
+
+def _label(method: str, params: dict[str, Any]) -> str:
+    """A table row's name: the method and the settings that tell its rows apart (those that differ
+    from the method's defaults, the key ones first; a checkpoint by its file name)."""
+    from pathlib import Path
+
+    from ..config import registry
+
+    cls = getattr(registry().get(method), "config_cls", None)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING} if cls else {}
+    p = {}
+    for k, v in params.items():
+        if k in ("targets", "include", "exclude", "overrides", "layer", "batch") or v in ((), [], None, "") or v != v:  # v != v: NaN
+            continue
+        if k in defaults and v == defaults[k] and k not in _KEY_PARAMS:
+            continue
+        p[k] = Path(v).name.removesuffix(".safetensors") if k == "checkpoint" else v
+    keys = [k for k in _KEY_PARAMS if k in p] + sorted(k for k in p if k not in _KEY_PARAMS)
+    fmt = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in p.items()}
+    return method + (" " + ",".join(f"{k}={fmt[k]}" for k in keys) if keys else "")
+
+
 def table(records: list[dict[str, Any]] | list[Record], batch: int = 1, corpus: str = "news") -> str:
     """The demo table: one row per method setting."""
     rows: dict[str, dict[str, Any]] = {}
     for r in records:
         d = r.to_dict() if isinstance(r, Record) else r
-        p = {k: v for k, v in d["params"].items() if k not in ("targets", "include", "exclude", "overrides") and v not in ((), [], None)}
-        key = d["method"] + (" " + ",".join(f"{k}={v}" for k, v in sorted(p.items())) if p else "")
-        rows.setdefault(key, {})[d["metric"]] = d["value"]
+        rows.setdefault(_label(d["method"], d["params"]), {})[d["metric"]] = d["value"]
+    if any("encode_tps_long" in d for d in rows.values()):  # an encoder's records
+        cols = [
+            ("method", 56, lambda k, d: k),
+            (f"tok/s b{batch}", 10, lambda k, d: f"{d.get(f'encode_tps_b{batch}', float('nan')):.0f}"),
+            ("speedup", 8, lambda k, d: f"{d.get(f'encode_speedup_b{batch}', 1.0):.2f}x"),
+            ("long tok/s", 10, lambda k, d: f"{d.get('encode_tps_long', float('nan')):.0f}"),
+            ("speedup", 8, lambda k, d: f"{d.get('encode_speedup_long', 1.0):.2f}x"),
+            ("emb. cosine", 11, lambda k, d: f"{d.get('embedding_cosine', float('nan')):.4f}"),
+            ("state err", 9, lambda k, d: f"{d.get('state_rel_error', float('nan')):.3f}"),
+            ("skipped", 8, lambda k, d: f"{100 * d.get('compute_skipped', 0.0):.0f}%"),
+        ]
+        return _render(rows, cols)
     cols = [
-        ("method", 44, lambda k, d: k),
+        ("method", 56, lambda k, d: k),
         ("decode tok/s", 12, lambda k, d: f"{d.get(f'decode_tps_b{batch}', float('nan')):.1f}"),
         ("speedup", 8, lambda k, d: f"{d.get(f'decode_speedup_b{batch}', 1.0):.2f}x"),
         ("prefill tok/s", 13, lambda k, d: f"{d.get('prefill_tps', float('nan')):.0f}"),
@@ -125,6 +206,10 @@ def table(records: list[dict[str, Any]] | list[Record], batch: int = 1, corpus: 
         ("Δ ppl", 8, lambda k, d: f"{d.get('ppl_delta_pct', 0.0):+.1f}%"),
         ("skipped", 8, lambda k, d: f"{100 * d.get('compute_skipped', 0.0):.0f}%"),
     ]
+    return _render(rows, cols)
+
+
+def _render(rows: dict[str, dict[str, Any]], cols: list[tuple[str, int, Any]]) -> str:
     lines = ["  ".join(n.ljust(w) if i == 0 else n.rjust(w) for i, (n, w, _) in enumerate(cols))]
     lines.append("  ".join("-" * w for _, w, _ in cols))
     for k, d in rows.items():

@@ -46,6 +46,14 @@ def prefill_tps(model: nn.Module, ids: torch.Tensor) -> float:
     return ids.numel() / (time.perf_counter() - t0)
 
 
+@torch.inference_mode()
+def encode_tps(model: nn.Module, ids: torch.Tensor) -> float:
+    """Tokens/s of one encoder forward over ``ids`` (batch, length)."""
+    t0 = time.perf_counter()
+    model(input_ids=ids)
+    return ids.numel() / (time.perf_counter() - t0)
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     import inspect
 

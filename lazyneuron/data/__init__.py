@@ -212,7 +212,7 @@ def token_stream(tokenizer: Any, corpus: str, split: str, max_tokens: int) -> li
     ids: list[int] = []
     sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
     for d in texts(corpus, split):
-        ids += tokenizer(d, add_special_tokens=False)["input_ids"] + sep
+        ids += tokenizer(d, add_special_tokens=False, verbose=False)["input_ids"] + sep  # a long document is fine here: windows are cut below
         if len(ids) >= max_tokens:
             break
     return ids[:max_tokens]

@@ -32,7 +32,7 @@ from ..config import MethodConfig, register
 from ..errors import ConfigError
 from ..kernels import sparse_gemv as K
 from ..surgery import LazyModule, filter_paths
-from .base import Method
+from .base import DEMO_MODEL, Method
 
 RULES = ("scap", "teal", "cats")
 
@@ -395,6 +395,8 @@ class ActivationSparsity(Method):
         assert isinstance(cfg, ActivationSparsityConfig)
         if cfg.rule == "cats":
             paths = filter_paths(adapter.paths("mlp"), cfg.include, cfg.exclude)
+            if not paths and not adapter.paths("mlp"):
+                raise ConfigError(f"rule='cats' needs gated MLPs (gate_proj, up_proj, down_proj); this {adapter.model_type} model has none. Use rule='scap' or 'teal'")
             for p in paths:
                 m = model.get_submodule(p)
                 if not all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
@@ -487,5 +489,5 @@ class ActivationSparsity(Method):
         return {"modules": len(paths), "expected_weights_skipped": expect / total if total else 0.0}
 
     @classmethod
-    def demo_configs(cls) -> list[MethodConfig]:
+    def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
         return [ActivationSparsityConfig(rule=r, sparsity=0.5) for r in ("scap", "teal", "cats")]

@@ -12,6 +12,8 @@ from ..config import MethodConfig
 from ..errors import ConfigError
 from ..surgery import filter_paths
 
+DEMO_MODEL = "smollm2-135m"  # the model `lazyneuron demo` runs when none is named
+
 
 class Observer(Protocol):
     def update(self, x: torch.Tensor) -> None: ...  # x: the module's input (..., features)
@@ -58,12 +60,13 @@ class Method:
         raise NotImplementedError
 
     @classmethod
-    def demo_configs(cls) -> list[MethodConfig]:
-        """The settings ``lazyneuron demo`` runs (empty when the method needs a trained checkpoint)."""
+    def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
+        """The settings ``lazyneuron demo`` runs on the built-in model ``model_name`` (empty when
+        the method needs a trained checkpoint of that model and there is none)."""
         return [cls.config_cls()]
 
     @classmethod
-    def demo_notes(cls) -> list[str]:
+    def demo_notes(cls, model_name: str = DEMO_MODEL) -> list[str]:
         """Lines the demo prints under its table (for example how to make a missing checkpoint)."""
         return []
 

@@ -44,7 +44,7 @@ from ..config import MethodConfig, register
 from ..errors import ConfigError
 from ..paths import cache_dir
 from ..surgery import LazyModule
-from .base import Method, stack_path
+from .base import DEMO_MODEL, Method, stack_path
 
 CRITERIA = ("entropy", "max_prob", "patience", "learned")
 CHECKPOINT_FORMAT = "lazyneuron.exits/1"
@@ -428,19 +428,22 @@ class EarlyExit(Method):
         return {"exits_after_layers": self._heads.layers, "criterion": cfg.criterion, "threshold": cfg.threshold}
 
     @classmethod
-    def demo_configs(cls) -> list[MethodConfig]:
-        path = default_lm_exits_path("smollm2-135m")
+    def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
+        path = default_lm_exits_path(model_name)
         if not path.exists():
             return []
         t = json.loads(path.with_suffix(".thresholds.json").read_text()) if path.with_suffix(".thresholds.json").exists() else {}
         return [EarlyExitConfig(criterion="learned", threshold=float(t.get("learned", 0.9)), checkpoint=str(path))]
 
     @classmethod
-    def demo_notes(cls) -> list[str]:
-        if default_lm_exits_path("smollm2-135m").exists():
+    def demo_notes(cls, model_name: str = DEMO_MODEL) -> list[str]:
+        if default_lm_exits_path(model_name).exists():
             return []
+        if model_name != DEMO_MODEL:
+            return [f"early_exit: no trained exit heads for {model_name} ({default_lm_exits_path(model_name)}); "
+                    f"`python benchmarks/early_exit.py` trains them for {DEMO_MODEL}."]
         return ["early_exit: needs trained exit heads for the demo model; `python benchmarks/early_exit.py` trains them "
-                f"(a few minutes) into {default_lm_exits_path('smollm2-135m')}, after which the demo adds the early-exit row."]
+                f"(a few minutes) into {default_lm_exits_path(model_name)}, after which the demo adds the early-exit row."]
 
 
 def default_lm_exits_path(model_name: str) -> "os.PathLike[str] | Any":

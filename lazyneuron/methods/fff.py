@@ -33,7 +33,7 @@ from ..config import MethodConfig, register
 from ..errors import ConfigError
 from ..kernels import cmm as K
 from ..surgery import LazyModule, filter_paths
-from .base import Method
+from .base import DEMO_MODEL, Method
 
 CHECKPOINT_FORMAT = "lazyneuron.fff/1"
 
@@ -363,14 +363,29 @@ class FastFeedForward(Method):
                 "tree_dtype": str(f.w_in.dtype).removeprefix("torch.")}
 
     @classmethod
-    def demo_configs(cls) -> list[MethodConfig]:
-        return []  # needs a trained checkpoint; see demo_notes
+    def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
+        path = default_fff_path(model_name)  # untrained trees lose the model's quality: a trained checkpoint only
+        return [FastFeedForwardConfig(checkpoint=str(path))] if path.exists() else []
 
     @classmethod
-    def demo_notes(cls) -> list[str]:
-        return ["fast_feedforward: needs a trained FFF checkpoint of the model (untrained trees lose the model's quality); "
-                "make one for MiniLM-L6 with `python benchmarks/fff.py` and apply it with "
-                "`fast_feedforward:checkpoint=benchmarks/results/...safetensors`."]
+    def demo_notes(cls, model_name: str = DEMO_MODEL) -> list[str]:
+        path = default_fff_path(model_name)
+        if path.exists():
+            return []
+        if model_name == DEMO_MODEL:
+            return [f"fast_feedforward: converts plain two-layer FFNs (BERT, GPT-2), and {DEMO_MODEL}'s are gated, so it has no row here; "
+                    "`python benchmarks/fff.py --encoder` distils trees for the MiniLM-L6 encoder, after which "
+                    "`lazyneuron demo --model minilm-l6` adds the FFF row."]
+        return [f"fast_feedforward: needs trained FFF trees of {model_name} at {path} (untrained trees lose the model's quality); "
+                "`python benchmarks/fff.py --encoder` makes them for minilm-l6 (layer-wise distillation, minutes), "
+                "and `lazyneuron.methods.fff.distill_layers` + `save_fff` for any BERT- or GPT-2-style model."]
+
+
+def default_fff_path(model_name: str) -> Any:
+    """Where the demo looks for trained FFF trees of a built-in model (``save_fff`` format)."""
+    from ..paths import cache_dir
+
+    return cache_dir("checkpoints") / f"{model_name}.fff.safetensors"
 
 
 # -- checkpoints --------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from ..adapters import ModelAdapter, model_type_of
 from ..config import MethodConfig, register
 from ..errors import ConfigError
 from ..surgery import LazyModule
-from .base import Method, stack_path
+from .base import DEMO_MODEL, Method, stack_path
 
 log = logging.getLogger(__name__)
 MODULES = ("attn", "mlp")
@@ -562,20 +562,23 @@ class ModuleGating(Method):
                 "target_sparsity": p.meta.get("target_sparsity"), "lora": bool(self._lora)}
 
     @classmethod
-    def demo_configs(cls) -> list[MethodConfig]:
+    def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
         out = []
         for level in (0.25, 0.5):
-            path = default_gates_path("smollm2-135m", level)
+            path = default_gates_path(model_name, level)
             if path.exists():
                 out.append(ModuleGatingConfig(checkpoint=str(path)))
         return out
 
     @classmethod
-    def demo_notes(cls) -> list[str]:
-        if default_gates_path("smollm2-135m", 0.5).exists():
+    def demo_notes(cls, model_name: str = DEMO_MODEL) -> list[str]:
+        if default_gates_path(model_name, 0.5).exists():
             return ["module_gating rows run without a context (the input-only gate path, here the static greedy mask); set_context(model, domain=...) picks the per-domain masks."]
+        if model_name != DEMO_MODEL:
+            return [f"module_gating: no trained gates for {model_name} in {default_gates_path(model_name, 0.5).parent}; "
+                    f"`python benchmarks/gating.py --part quality` trains them for {DEMO_MODEL}."]
         return ["module_gating: needs trained gates for the demo model; `python benchmarks/gating.py --part quality` trains them into "
-                f"{default_gates_path('smollm2-135m', 0.5).parent}, after which the demo adds the module-gating rows."]
+                f"{default_gates_path(model_name, 0.5).parent}, after which the demo adds the module-gating rows."]
 
 
 def default_gates_path(model_name: str, target: float, tag: str = "frozen") -> Any:
