@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/fff.py                 # full run (~45 min on 2 cores; resumes from cached checkpoints)
     .venv/bin/python benchmarks/fff.py --quick         # smoke run (tiny training, kernel quick grid)
     .venv/bin/python benchmarks/fff.py --kernels-only  # the layer-level CMM grid alone (a few minutes)
+    .venv/bin/python benchmarks/fff.py --encoder       # trees for the bare MiniLM-L6 encoder (no task; the
+                                                       # checkpoint `lazyneuron demo --model minilm-l6` uses)
     python benchmarks/fff.py --kernels-only --device cuda  # the same grid on a GPU (Triton walk vs cuBLAS)
 
 Steps (checkpoints cached under $LAZYNEURON_CACHE/checkpoints, so a rerun skips finished work):
@@ -103,11 +105,18 @@ def main() -> None:
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--kernels-only", action="store_true", help="only the layer-level CMM grid (kernels_cmm.jsonl and its plot)")
     ap.add_argument("--device", default="cpu", help="the kernel grid's device: cpu, or cuda (the Triton walk; writes kernels_cmm_cuda.jsonl)")
+    ap.add_argument("--encoder", action="store_true", help="distil trees for the bare MiniLM-L6 encoder (no task) and bench them (fff_encoder.jsonl)")
+    ap.add_argument("--encoder-depth", type=int, default=10)
+    ap.add_argument("--encoder-epochs", type=int, default=3)
+    ap.add_argument("--encoder-lr", type=float, default=5e-4)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     if args.kernels_only:
         kernels(args)
+        return
+    if args.encoder:
+        encoder(args)
         return
     depths = [4] if args.quick else [int(x) for x in args.depths.split(",")]
     _, tok = ln.models.load(MODEL)
@@ -173,6 +182,55 @@ def main() -> None:
     plots.xy(rd, OUT / "fff_accuracy_vs_depth.png", "depth", "accuracy_mr", "task", "MiniLM-L6 on MR: test accuracy of the FFF model vs tree depth")
     if not args.skip_kernels:
         kernels(args)
+
+
+def encoder(args: argparse.Namespace) -> None:
+    """FFF trees for the bare MiniLM-L6 encoder, as a sentence-embedding model is used: each FFN
+    replaced and distilled layer by layer to the dense FFN's outputs on news training text, then
+    all trees trained together to hold the encoder's output states and mean-pooled embeddings to
+    the dense encoder's (no task), saved where ``lazyneuron demo --model minilm-l6`` looks for them;
+    then dense against the trees (fp32 and bf16) in the bench harness: forward tokens/s, and the
+    cosine of the mean-pooled embeddings and the per-token state error against dense on news test
+    windows."""
+    from lazyneuron.bench import BenchSettings, runner
+    from lazyneuron.methods.fff import default_fff_path
+
+    model, tok = ln.models.load(MODEL)
+    path = default_fff_path(MODEL)
+    if args.quick:  # a smoke run leaves the demo's checkpoint alone
+        path = path.with_name(path.stem + "-quick.safetensors")
+    steps = 30 if args.quick else args.distill_steps
+    wins = data.windows(tok, "news", "train", 126, 80 if args.quick else 640, spread=True)
+    inputs = [torch.cat([torch.tensor([tok.cls_token_id]), w, torch.tensor([tok.sep_token_id])]).view(1, -1) for w in wins]
+    dense = copy.deepcopy(model)
+    errs = distill_layers(model, FastFeedForwardConfig(depth=args.encoder_depth), inputs, steps=steps, batch_tokens=512, max_tokens=80_000)
+    # then the trees together, end to end: the encoder's output states and mean-pooled embeddings
+    # held to the dense encoder's (attention, embeddings and norms stay the dense model's)
+    batches = [torch.cat(inputs[i : i + 16]) for i in range(0, len(inputs), 16)]
+    with torch.no_grad():
+        target = {id(b): dense(b).last_hidden_state for b in batches}
+    trees = fff_layers(model)
+    for f in trees.values():
+        f.routing = "hard"
+
+    def loss(m: torch.nn.Module, b: torch.Tensor) -> torch.Tensor:
+        h, t = m(b).last_hidden_state, target[id(b)]
+        return ((h - t) ** 2).mean() / t.var() + (1 - torch.nn.functional.cosine_similarity(h.mean(1), t.mean(1), dim=-1)).mean()
+
+    fit(model, loss, batches, epochs=1 if args.quick else args.encoder_epochs, lr=args.encoder_lr, params=[q for f in trees.values() for q in f.parameters()],
+        desc="FFF end to end")
+    model.eval()
+    save_fff(model, path)
+    ln.revert_(model)
+    print(f"wrote {path}", flush=True)
+    cfgs = [FastFeedForwardConfig(checkpoint=str(path)), FastFeedForwardConfig(checkpoint=str(path), tree_dtype="bfloat16")]
+    s = BenchSettings(corpus="news", batches=(1, 8), repeats=3 if args.quick else 7, ppl_windows=8, ppl_length=256)
+    recs: list[Record | dict] = list(runner.run(MODEL, model, tok, cfgs, s, progress=True))
+    p = {"task": "none", "depth": args.encoder_depth, "distill_steps": steps}
+    for layer, e in errs.items():
+        recs.append(Record(MODEL, "fast_feedforward", {**p, "layer": layer}, "distill_rel_error", e, "relative MSE"))
+    write(recs, OUT / ("fff_encoder_quick.jsonl" if args.quick else "fff_encoder.jsonl"), append=False)
+    sys.stdout.write(runner.table([r for r in recs if isinstance(r, Record) and "layer" not in r.params]) + "\n")
 
 
 def kernel_plot(krecs: list[dict]) -> Path:

@@ -174,6 +174,8 @@ def _label(method: str, params: dict[str, Any]) -> str:
         if k in defaults and v == defaults[k] and k not in _KEY_PARAMS:
             continue
         p[k] = Path(v).name.removesuffix(".safetensors") if k == "checkpoint" else v
+    if "checkpoint" in p:
+        p.pop("depth", None)  # a checkpoint brings its own
     keys = [k for k in _KEY_PARAMS if k in p] + sorted(k for k in p if k not in _KEY_PARAMS)
     fmt = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in p.items()}
     return method + (" " + ",".join(f"{k}={fmt[k]}" for k in keys) if keys else "")
@@ -187,7 +189,7 @@ def table(records: list[dict[str, Any]] | list[Record], batch: int = 1, corpus: 
         rows.setdefault(_label(d["method"], d["params"]), {})[d["metric"]] = d["value"]
     if any("encode_tps_long" in d for d in rows.values()):  # an encoder's records
         cols = [
-            ("method", 56, lambda k, d: k),
+            ("method", 44, lambda k, d: k),
             (f"tok/s b{batch}", 10, lambda k, d: f"{d.get(f'encode_tps_b{batch}', float('nan')):.0f}"),
             ("speedup", 8, lambda k, d: f"{d.get(f'encode_speedup_b{batch}', 1.0):.2f}x"),
             ("long tok/s", 10, lambda k, d: f"{d.get('encode_tps_long', float('nan')):.0f}"),
@@ -198,7 +200,7 @@ def table(records: list[dict[str, Any]] | list[Record], batch: int = 1, corpus: 
         ]
         return _render(rows, cols)
     cols = [
-        ("method", 56, lambda k, d: k),
+        ("method", 44, lambda k, d: k),
         ("decode tok/s", 12, lambda k, d: f"{d.get(f'decode_tps_b{batch}', float('nan')):.1f}"),
         ("speedup", 8, lambda k, d: f"{d.get(f'decode_speedup_b{batch}', 1.0):.2f}x"),
         ("prefill tok/s", 13, lambda k, d: f"{d.get('prefill_tps', float('nan')):.0f}"),
@@ -210,6 +212,7 @@ def table(records: list[dict[str, Any]] | list[Record], batch: int = 1, corpus: 
 
 
 def _render(rows: dict[str, dict[str, Any]], cols: list[tuple[str, int, Any]]) -> str:
+    cols = [(cols[0][0], max([len(k) for k in rows] + [cols[0][1]]), cols[0][2])] + cols[1:]  # names whole
     lines = ["  ".join(n.ljust(w) if i == 0 else n.rjust(w) for i, (n, w, _) in enumerate(cols))]
     lines.append("  ".join("-" * w for _, w, _ in cols))
     for k, d in rows.items():
