@@ -136,7 +136,8 @@ def _demo_configs(model_name: str, model: Any) -> tuple[list[Any], list[str]]:
                 if not method_for(c).resolve(model, adapter, c):
                     raise ConfigError(f"its targets {list(c.targets)} match no module of this {adapter.model_type} model")
             except ConfigError as e:
-                params = ",".join(f"{k}={v}" for k, v in c.to_dict().items() if k in ("rule", "sparsity", "criterion"))
+                d = c.to_dict()
+                params = ",".join(f"{k}={d[k]}" for k in ("rule", "sparsity", "criterion") if k in d)
                 skipped.append(f"{c.name}{' ' + params if params else ''}: not run on {model_name}: {e}")
                 continue
             cfgs.append(c)
