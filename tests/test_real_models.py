@@ -71,7 +71,7 @@ def test_demo_on_the_default_model_and_on_an_encoder(tmp_path, capsys) -> None:
     assert (tmp_path / "lm" / "demo.jsonl").exists() and (tmp_path / "lm" / "pareto.png").exists()
     assert main(["demo", "--model", "minilm-l6", "--quick", "--out", str(tmp_path / "enc")]) == 0
     out = capsys.readouterr().out
-    assert "emb. cosine" in out and "activation_sparsity rule=scap" in out and "rule=cats: not run on minilm-l6" in out
+    assert "emb. cosine" in out and "activation_sparsity rule=scap" in out and "rule=cats,sparsity=0.5: not run on minilm-l6" in out
 
 
 def test_hf_generate_reported_next_to_lean_loop(capsys) -> None:
