@@ -83,7 +83,7 @@ def run(model_name: str, model: nn.Module, tok: Any, configs: Sequence[MethodCon
     recs: list[Record] = []
     dense: dict[str, float] = {}
     for v in variants:
-        meth = "dense" if v.configs is None else v.configs.name if isinstance(v.configs, MethodConfig) else "+".join(c.name for c in v.configs)
+        meth = _method_name(v)
         with applied(model, v.configs, v.calibration):
             with tracking(model):
                 ppl = perplexity(model, wins)
@@ -102,6 +102,10 @@ def run(model_name: str, model: nn.Module, tok: Any, configs: Sequence[MethodCon
         rec("kl_vs_dense", agr["kl"], "nats/token")
         rec("compute_skipped", skipped, "fraction of linear weight reads")
     return recs
+
+
+def _method_name(v: Variant) -> str:
+    return "dense" if v.configs is None else v.configs.name if isinstance(v.configs, MethodConfig) else "+".join(c.name for c in v.configs)
 
 
 def _paired(recs: list[Record], rec: Any, times: dict[str, dict[str, list[float]]], v: Variant, dense: dict[str, float]) -> None:
@@ -139,7 +143,7 @@ def run_encoder(model_name: str, model: nn.Module, tok: Any, variants: list[Vari
     recs: list[Record] = []
     dense: dict[str, float] = {}
     for v in variants:
-        meth = "dense" if v.configs is None else v.configs.name if isinstance(v.configs, MethodConfig) else "+".join(c.name for c in v.configs)
+        meth = _method_name(v)
         with applied(model, v.configs, v.calibration):
             with tracking(model):
                 fid = state_fidelity(model, wins, ref)
@@ -188,31 +192,25 @@ def table(records: list[dict[str, Any]] | list[Record], batch: int = 1, corpus: 
         d = r.to_dict() if isinstance(r, Record) else r
         rows.setdefault(_label(d["method"], d["params"]), {})[d["metric"]] = d["value"]
     if any("encode_tps_long" in d for d in rows.values()):  # an encoder's records
-        cols = [
-            ("method", 44, lambda k, d: k),
-            (f"tok/s b{batch}", 10, lambda k, d: f"{d.get(f'encode_tps_b{batch}', float('nan')):.0f}"),
-            ("speedup", 8, lambda k, d: f"{d.get(f'encode_speedup_b{batch}', 1.0):.2f}x"),
-            ("long tok/s", 10, lambda k, d: f"{d.get('encode_tps_long', float('nan')):.0f}"),
-            ("speedup", 8, lambda k, d: f"{d.get('encode_speedup_long', 1.0):.2f}x"),
-            ("emb. cosine", 11, lambda k, d: f"{d.get('embedding_cosine', float('nan')):.4f}"),
-            ("state err", 9, lambda k, d: f"{d.get('state_rel_error', float('nan')):.3f}"),
-            ("skipped", 8, lambda k, d: f"{100 * d.get('compute_skipped', 0.0):.0f}%"),
-        ]
-        return _render(rows, cols)
-    cols = [
-        ("method", 44, lambda k, d: k),
-        ("decode tok/s", 12, lambda k, d: f"{d.get(f'decode_tps_b{batch}', float('nan')):.1f}"),
-        ("speedup", 8, lambda k, d: f"{d.get(f'decode_speedup_b{batch}', 1.0):.2f}x"),
-        ("prefill tok/s", 13, lambda k, d: f"{d.get('prefill_tps', float('nan')):.0f}"),
-        ("perplexity", 10, lambda k, d: f"{d.get(f'ppl_{corpus}', float('nan')):.2f}"),
-        ("Δ ppl", 8, lambda k, d: f"{d.get('ppl_delta_pct', 0.0):+.1f}%"),
-        ("skipped", 8, lambda k, d: f"{100 * d.get('compute_skipped', 0.0):.0f}%"),
-    ]
+        cols = [_col(f"tok/s b{batch}", 10, f"encode_tps_b{batch}", "{:.0f}"), _col("speedup", 8, f"encode_speedup_b{batch}", "{:.2f}x", 1.0),
+                _col("long tok/s", 10, "encode_tps_long", "{:.0f}"), _col("speedup", 8, "encode_speedup_long", "{:.2f}x", 1.0),
+                _col("emb. cosine", 11, "embedding_cosine", "{:.4f}"), _col("state err", 9, "state_rel_error", "{:.3f}")]
+    else:
+        cols = [_col("decode tok/s", 12, f"decode_tps_b{batch}", "{:.1f}"), _col("speedup", 8, f"decode_speedup_b{batch}", "{:.2f}x", 1.0),
+                _col("prefill tok/s", 13, "prefill_tps", "{:.0f}"), _col("perplexity", 10, f"ppl_{corpus}", "{:.2f}"),
+                _col("Δ ppl", 8, "ppl_delta_pct", "{:+.1f}%", 0.0)]
     return _render(rows, cols)
 
 
+def _col(name: str, width: int, metric: str, fmt: str, default: float = float("nan")) -> tuple[str, int, Any]:
+    """A table column: ``metric`` of each row through ``fmt`` (``default`` where the row has none)."""
+    return (name, width, lambda k, d: fmt.format(d.get(metric, default)))
+
+
 def _render(rows: dict[str, dict[str, Any]], cols: list[tuple[str, int, Any]]) -> str:
-    cols = [(cols[0][0], max([len(k) for k in rows] + [cols[0][1]]), cols[0][2])] + cols[1:]  # names whole
+    """Rows named in full in the first column, then ``cols``, then the compute skipped."""
+    skipped = ("skipped", 8, lambda k, d: f"{100 * d.get('compute_skipped', 0.0):.0f}%")
+    cols = [("method", max([len(k) for k in rows] + [44]), lambda k, d: k)] + cols + [skipped]
     lines = ["  ".join(n.ljust(w) if i == 0 else n.rjust(w) for i, (n, w, _) in enumerate(cols))]
     lines.append("  ".join("-" * w for _, w, _ in cols))
     for k, d in rows.items():
