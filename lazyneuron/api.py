@@ -145,6 +145,10 @@ def apply_(
     """Convert ``model`` in place, one config after another. All or nothing: on any error the
     modules replaced by this call are put back and the error is re-raised."""
     cfgs = _as_list(configs)
+    names = [c.name for c in cfgs]
+    if "runtime" in names[:-1]:
+        raise ConfigError(f"configs {names}: apply the runtime last, after every method, so that it takes the linears no method converted "
+                          "and gives the converted ones its weight format: apply_(model, [method_cfg, RuntimeConfig(...)])")
     ad = get_adapter(model)
     plans = []
     for cfg in cfgs:  # validate everything before touching the model
@@ -165,6 +169,8 @@ def apply_(
     done: list[list[str]] = []
     try:
         for cfg, meth, paths, stats in plans:
+            if getattr(meth, "resolve_late", False):  # targets what the configs before it left unconverted
+                paths = meth.resolve(model, ad, cfg)
             run_cfg = meth.plan(model, cfg, paths, stats)
             replaced = replace_modules(
                 model, paths, lambda p, m, meth=meth, cfg=run_cfg, stats=stats: meth.convert(p, m, cfg, None if stats is None else stats[p]), cfg.name

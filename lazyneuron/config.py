@@ -155,7 +155,7 @@ def register(method_cls: Any) -> Any:
 
 
 def registry() -> dict[str, Any]:
-    from . import methods  # noqa: F401  (importing registers the built-in methods)
+    from . import methods, runtime  # noqa: F401  (importing registers the built-in methods and the runtime)
 
     return dict(_REGISTRY)
 

@@ -80,6 +80,67 @@ def measure(in_f: int, out_f: int, batch: int, sparsity: float, dtype: str, repe
     }
 
 
+# -- dense GEMV (the runtime) ----------------------------------------------------------------
+DENSE_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]  # every SmolLM2 linear, the LM head included
+DENSE_QUICK = dict(shapes=DENSE_SHAPES, batches=[1, 8], dtypes=["fp32", "bf16", "int8"], repeats=9)
+DENSE_FULL = dict(shapes=DENSE_SHAPES + [(2048, 5632), (5632, 2048)], batches=[1, 2, 4, 8, 16], dtypes=["fp32", "bf16", "int8"], repeats=25)
+COLD_BYTES_DENSE = 256 << 20  # the copies cycled: a decode step reads each weight once, from memory
+
+
+@functools.lru_cache(maxsize=1)
+def bandwidth() -> float:
+    """The in-run memory read bandwidth (GB/s), measured once per process."""
+    from .gemv import read_bandwidth
+
+    return read_bandwidth()
+
+
+@torch.inference_mode()
+def measure_dense(in_f: int, out_f: int, batch: int, dtype: str, repeats: int) -> dict[str, Any]:
+    """The runtime's dense GEMV on (in, out) weights in ``dtype`` against torch ``F.linear`` (fp32
+    weights, and bf16 weights for bf16), each on weight copies cycled beyond the caches."""
+    from . import gemv as G
+
+    torch.manual_seed(0)
+    elem = {"fp32": 4, "bf16": 2, "int8": 1}[dtype]
+    n_copies = max(2, -(-COLD_BYTES_DENSE // (in_f * out_f * elem)))
+    n_torch = max(2, -(-COLD_BYTES_DENSE // (in_f * out_f * 4)))
+    w = torch.randn(out_f, in_f)
+    packed = [G.prepare_weight(w + 0.001 * k, dtype) for k in range(n_copies)]
+    tw = [torch.randn(out_f, in_f) for _ in range(n_torch)]
+    x = torch.randn(batch, in_f)
+    fns: dict[str, Callable[[int], Any]] = {
+        "torch": lambda k: F.linear(x, tw[k % n_torch]),
+        "own": lambda k: G.gemv(x, *packed[k % n_copies]),
+    }
+    if dtype == "bf16":
+        n_b = max(2, -(-COLD_BYTES_DENSE // (in_f * out_f * 2)))
+        tb = [t.to(torch.bfloat16) for t in tw[:n_b]] + [torch.randn(out_f, in_f).to(torch.bfloat16) for _ in range(max(0, n_b - n_torch))]
+        xb = x.to(torch.bfloat16)
+        fns["torch_bf16"] = lambda k: F.linear(xb, tb[k % n_b])
+    for f in fns.values():
+        for k in range(max(n_copies, n_torch)):
+            f(k)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    calls = max(n_copies, 3)
+    for _ in range(max(3, repeats // 3)):
+        for name, f in fns.items():
+            samples[name].append(_median_time(f, calls))
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    nbytes = in_f * out_f * elem + (out_f * 4 if dtype == "int8" else 0)
+    gbps = nbytes / t["own"] / 1e9
+    bw = bandwidth()
+    out = {
+        "kernel": "dense", "shape": f"{in_f}x{out_f}", "batch": batch, "dtype": dtype, "time_us": t["own"] * 1e6,
+        "time_torch_us": t["torch"] * 1e6, "gbps": gbps, "probe_gbps": bw, "pct_of_bandwidth": 100 * gbps / bw,
+        "speedup_vs_torch": t["torch"] / t["own"], "threads": torch.get_num_threads(), "fast_path": G.available(),
+    }
+    if "torch_bf16" in t:
+        out["time_torch_bf16_us"] = t["torch_bf16"] * 1e6
+        out["speedup_vs_torch_bf16"] = t["torch_bf16"] / t["own"]
+    return out
+
+
 # -- CMM (fast feedforward) ------------------------------------------------------------------
 CMM_DIMS = [(768, 3072, 11), (384, 1536, 10)]  # (d_model, dense FFN width, FFF depth): BERT-base, MiniLM
 CMM_QUICK = dict(dims=CMM_DIMS, batches=[1, 128], dtypes=["float32"], repeats=15)
@@ -244,7 +305,7 @@ def measure_cmm_gpu(d: int, hidden: int, depth: int, batch: int, dtype: str, rep
     }
 
 
-KERNELS = ("sparse_gemv", "cmm")
+KERNELS = ("sparse_gemv", "cmm", "dense")
 
 
 def run(kernel: str = "sparse_gemv", quick: bool = False, progress: bool = True, device: str = "cpu") -> list[dict[str, Any]]:
@@ -269,6 +330,9 @@ def run(kernel: str = "sparse_gemv", quick: bool = False, progress: bool = True,
         measure_fn: Callable[..., dict[str, Any]] = measure_cmm if dev.type == "cpu" else functools.partial(measure_cmm_gpu, device=device)
         cases: list[tuple[Callable[..., dict[str, Any]], tuple[Any, ...]]] = [
             (measure_fn, (d, h, dep, b, dt, c["repeats"])) for dt in c["dtypes"] for (d, h, dep) in c["dims"] for b in c["batches"]]
+    elif kernel == "dense":
+        c = DENSE_QUICK if quick else DENSE_FULL
+        cases = [(measure_dense, (i, o, b, dt, c["repeats"])) for dt in c["dtypes"] for (i, o) in c["shapes"] for b in c["batches"]]
     else:
         p = QUICK if quick else FULL
         cases = [(measure, (i, o, b, s, d, p["repeats"])) for d in p["dtypes"] for (i, o) in p["shapes"] for b in p["batches"] for s in p["sparsities"]]
@@ -293,6 +357,14 @@ def table(recs: list[dict[str, Any]]) -> str:
             lines.append(f"{r['d_model']:>7} {r['dense_width']:>6} {r['depth']:>5} {r['batch']:>5} {r['dtype']:>8} {r['time_torch_us']:>9.1f} "
                          f"{r['time_cmm_us']:>8.1f} {r['us_per_token_cmm']:>8.2f} {r['speedup_vs_torch']:>8.1f} {r.get('speedup_vs_torch_warm', float('nan')):>7.1f}"
                          + (f" {r['speedup_vs_torch_eager']:>7.1f}" if eager else ""))
+        return "\n".join(lines)
+    if recs and recs[0].get("kernel") == "dense":
+        head = f"{'shape':>12} {'batch':>5} {'dtype':>5} {'own us':>8} {'torch us':>9} {'GB/s':>6} {'% bw':>5} {'x torch':>8}"
+        lines = [head, "-" * len(head)]
+        for r in recs:
+            lines.append(f"{r['shape']:>12} {r['batch']:>5} {r['dtype']:>5} {r['time_us']:>8.1f} {r['time_torch_us']:>9.1f} {r['gbps']:>6.1f} "
+                         f"{r['pct_of_bandwidth']:>5.0f} {r['speedup_vs_torch']:>8.2f}")
+        lines.append(f"(memory read bandwidth measured in this run: {recs[0]['probe_gbps']:.1f} GB/s; torch: fp32 F.linear)")
         return "\n".join(lines)
     head = f"{'shape':>12} {'batch':>5} {'dtype':>8} {'s':>4} {'skipped':>7} {'torch us':>9} {'own us':>8} {'sparse us':>9} {'x torch':>8} {'x own':>6} {'% ideal':>7}"
     lines = [head, "-" * len(head)]

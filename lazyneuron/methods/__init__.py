@@ -7,3 +7,4 @@ from .fff import FastFeedForward, FastFeedForwardConfig, FFFLayer
 from .gating import GatedStack, GatePredictor, ModuleGating, ModuleGatingConfig
 
 __all__ = ["ActivationSparsity", "ActivationSparsityConfig", "EarlyExit", "EarlyExitConfig", "ExitHeads", "FFFLayer", "FastFeedForward", "FastFeedForwardConfig", "GatePredictor", "GatedStack", "Method", "ModuleGating", "ModuleGatingConfig", "Observer"]
+

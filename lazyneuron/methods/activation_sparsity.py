@@ -30,6 +30,7 @@ from ..adapters import ModelAdapter, is_linear
 from ..calibration import ChannelHistogram
 from ..config import MethodConfig, register
 from ..errors import ConfigError
+from ..kernels import gemv as G
 from ..kernels import sparse_gemv as K
 from ..surgery import LazyModule, filter_paths
 from .base import DEMO_MODEL, Method
@@ -292,6 +293,18 @@ class SparseLinear(LazyModule):
         self.threshold = torch.tensor([threshold], dtype=torch.float32)
         self.rule, self.sparsity, self.decode_only, self.backend = rule, sparsity, decode_only, backend
         self.tokens_seen = self.weights_skipped = 0
+        self.scale: torch.Tensor | None = None  # per-output scale of int8 rows
+        self.weight_dtype = "fp32"
+
+    def set_weight_dtype(self, dtype: str) -> None:
+        """Store the rows in ``dtype`` (fp32, bf16 or int8 with per-output scales): the runtime's
+        weight format. ``base`` keeps its fp32 weight; revert restores it bit for bit."""
+        if dtype == self.weight_dtype:
+            return
+        fp32 = self.base.weight.detach().float()
+        fp32 = fp32 if isinstance(self.base, nn.Linear) else fp32.t()  # (out, in)
+        self.wt, self.scale = G.prepare_weight(fp32, dtype)
+        self.weight_dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decode_only and x.dim() >= 2 and x.shape[-2] > 1:  # prefill stays dense
@@ -303,9 +316,9 @@ class SparseLinear(LazyModule):
             self.tokens_seen += x2.shape[0]
             self.weights_skipped += int((d.abs() <= self.threshold).sum()) * self.out_features
         if self.backend == "auto" and x2.shape[0] <= K.MAX_BATCH:
-            y, _ = K.sparse_gemv(x2, self.wt, self.bias_eff, self.centre, self.threshold)
+            y, _ = K.sparse_gemv(x2, self.wt, self.bias_eff, self.centre, self.threshold, self.scale)
         else:
-            y = K.reference(x2, self.wt, self.bias_eff, self.centre, self.threshold)
+            y = K.reference(x2, self.wt, self.bias_eff, self.centre, self.threshold, self.scale)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def restore_base(self) -> nn.Module:
@@ -314,7 +327,7 @@ class SparseLinear(LazyModule):
         return self.base
 
     def extra_repr(self) -> str:
-        return (f"method={self.method_name}, rule={self.rule}, sparsity={self.sparsity}, threshold={self.threshold.item():.4g}, "
+        return (f"method={self.method_name}, rule={self.rule}, dtype={self.weight_dtype}, sparsity={self.sparsity}, threshold={self.threshold.item():.4g}, "
                 f"centred={self.centre is not None}, in={self.in_features}, out={self.out_features}")
 
 
@@ -404,6 +417,8 @@ class ActivationSparsity(Method):
             return paths
         paths = super().resolve(model, adapter, cfg)
         bad = [p for p in paths if not is_linear(model.get_submodule(p))]
+        if bad and type(model.get_submodule(bad[0])).__name__ == "FastLinear":
+            raise ConfigError(f"{bad[0]!r} is already on the runtime; apply the runtime last: apply_(model, [ActivationSparsityConfig(...), RuntimeConfig(...)]) (revert_ first)")
         if bad:
             raise ConfigError(f"activation_sparsity wraps linear layers, but {bad[0]!r} is a {type(model.get_submodule(bad[0])).__name__}; target attn_in / attn_out / mlp_in / mlp_out")
         return paths

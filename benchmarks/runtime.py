@@ -1,0 +1,207 @@
+"""The runtime against torch and llama.cpp on SmolLM2-135M, one interleaved run, same machine.
+
+    .venv/bin/python benchmarks/runtime.py            # ~10 min on 2 cores
+    .venv/bin/python benchmarks/runtime.py --quick    # smoke run
+    .venv/bin/python benchmarks/runtime.py --plots-only
+
+Writes benchmarks/results/runtime.jsonl (one JSON object per measurement: run, engine, model,
+method, dtype, metric, value, ...) and benchmarks/results/runtime_decode.png.
+
+Engines:
+- ``torch``: the eager Hugging Face model (fp32), decoded with the lean loop;
+- ``lazyneuron``: the runtime (fp32, bf16, int8 weights; the lean decode step), dense and with
+  activation sparsity (TEAL rule) at 50% and at 25% (the level whose news perplexity stays within
+  5% of dense in benchmarks/results/activation_sparsity.jsonl);
+- ``llama.cpp`` (when ``llama-cpp-python`` is installed: ``bash scripts/setup.sh --with-peers``):
+  the Q4_1 GGUF that lazyneuron's SmolLM2 is dequantized from, requantized to F32 / F16 / Q8_0.
+
+Every decode repeat runs every variant once, in turn, on the same 64-token news prompt and the
+same number of new tokens, with torch's threads (2 here) for every engine; values are medians
+over repeats. ``pct_of_bandwidth`` = weight bytes read per token x tokens/s / the in-run probe
+(a vectorised read of 512 MB, measured before each repeat; the median is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import lazyneuron as ln
+from lazyneuron import data, runtime
+from lazyneuron.bench import Record, read, write
+from lazyneuron.bench import peers
+from lazyneuron.bench.accounting import linear_weight_elements, skipped_fraction, tracking
+from lazyneuron.bench.decode import lean_generate
+from lazyneuron.bench.quality import perplexity
+from lazyneuron.kernels.gemv import read_bandwidth
+from lazyneuron.methods import ActivationSparsityConfig as AS
+from lazyneuron.runtime import RuntimeConfig
+
+OUT = Path(__file__).parent / "results"
+MODEL = "smollm2-135m"
+BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 4 / 576, "f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_1": 20 / 32}
+SPARSE = {"50%": 0.5, "25%": 0.25}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(OUT / "runtime.jsonl"))
+    ap.add_argument("--plots-only", action="store_true")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    if args.plots_only:
+        draw(read(args.out), OUT / "runtime_decode.png")
+        return
+    recs = measure(args.quick, args.new_tokens, 2 if args.quick else args.repeats)
+    write(recs, args.out, append=False)
+    draw(recs, OUT / "runtime_decode.png")
+
+
+def measure(quick: bool, new_tokens: int, repeats: int) -> list[dict[str, Any]]:
+    run = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    threads = torch.get_num_threads()
+    model, tok = ln.models.load(MODEL)
+    prompt = torch.tensor([data.token_stream(tok, "news", "test", 64)[:64]], dtype=torch.long)  # (1, 64)
+    prompts8 = torch.tensor(data.token_stream(tok, "news", "test", 8 * 64)[: 8 * 64], dtype=torch.long).view(8, 64)
+    windows = data.windows(tok, "news", "test", 256, 2 if quick else 8, spread=True)
+    cal = ln.calibrate(model, data.texts("news", "calibration")[: 8 if quick else 32], AS(rule="teal"), tok, progress=True)
+    n_weights = linear_weight_elements(model)
+
+    variants: list[tuple[str, str, str, list[Any], Callable[..., Any]]] = [("torch", "dense", "fp32", [], lean_generate)]
+    for dt in ("fp32", "bf16", "int8"):
+        variants.append(("lazyneuron", "dense", dt, [RuntimeConfig(dtype=dt)], runtime.generate))
+    for dt in ("fp32", "bf16"):
+        for label, s in SPARSE.items():
+            cfg = AS(rule="teal", sparsity=s)
+            variants.append(("lazyneuron", f"activation_sparsity:rule=teal,sparsity={s}", dt, [cfg, RuntimeConfig(dtype=dt)], runtime.generate))
+    lcpp: dict[str, peers.LlamaCppDecoder] = {}
+    if peers.available():
+        from lazyneuron.models import BUILTIN
+        from lazyneuron.paths import package_dir
+
+        info = BUILTIN[MODEL]
+        src = package_dir(info["module"], info["package"], MODEL, info["install"]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        for fmt in ("f32", "f16", "q8_0", "q4_1"):
+            lcpp[fmt] = peers.LlamaCppDecoder(peers.llama_cpp_gguf(src, fmt), threads, n_ctx=512)
+    else:
+        logging.warning("llama.cpp is not installed, so it is left out of this run; %s", peers.INSTALL)
+
+    recs: list[dict[str, Any]] = []
+
+    def rec(engine: str, method: str, dtype: str, metric: str, value: float, unit: str, spread: float | None = None, n: int | None = None, **params: Any) -> None:
+        r = Record(MODEL, method, {"threads": threads, "new_tokens": new_tokens, **params}, metric, float(value), unit, dtype=dtype, spread=spread, repeats=n).to_dict()
+        recs.append({"run": run, "engine": engine, **r})
+
+    # quality and the share of weights each variant reads, once per variant
+    bytes_per_token: dict[tuple[str, str, str], float] = {}
+    for engine, method, dt, cfgs, _ in variants:
+        with ln.applied(model, cfgs or None, cal):
+            rec(engine, method, dt, "ppl_news", perplexity(model, windows), "ppl", windows=int(windows.shape[0]), length=256)
+            skipped = 0.0
+            if "sparsity" in method:
+                with tracking(model):
+                    runtime.generate(model, prompt, 16)
+                skipped = skipped_fraction(model)
+                rec(engine, method, dt, "skipped_weight_fraction", skipped, "fraction")
+            bytes_per_token[(engine, method, dt)] = n_weights * BYTES[dt] * (1 - skipped)
+    for fmt, dec in lcpp.items():
+        bytes_per_token[("llama.cpp", "dense", fmt)] = n_weights * BYTES[fmt]
+        try:
+            rec("llama.cpp", "dense", fmt, "ppl_news", dec.perplexity(windows), "ppl", windows=int(windows.shape[0]), length=256)
+        except Exception as e:  # an older llama-cpp-python without per-position logits: speed only
+            logging.warning("llama.cpp perplexity skipped (%s)", e)
+
+    # decode, batch 1: every variant once per repeat, in turn
+    samples: dict[tuple[str, str, str], list[float]] = {k: [] for k in bytes_per_token}
+    probe: list[float] = []
+    for r in range(repeats + 1):
+        bw = read_bandwidth()
+        if r:
+            probe.append(bw)
+        for engine, method, dt, cfgs, gen in variants:
+            with ln.applied(model, cfgs or None, cal):
+                _, (_, td) = gen(model, prompt, new_tokens, return_timing=True)
+            if r:
+                samples[(engine, method, dt)].append((new_tokens - 1) / td)
+        for fmt, dec in lcpp.items():
+            _, (_, td) = dec.generate(prompt, new_tokens)
+            if r:
+                samples[("llama.cpp", "dense", fmt)].append((new_tokens - 1) / td)
+        logging.info("repeat %d/%d done", r, repeats)
+    bw = statistics.median(probe)
+    rec("probe", "read", "fp32", "bandwidth_gbps", bw, "GB/s", max(probe) - min(probe), len(probe))
+    for key, xs in samples.items():
+        engine, method, dt = key
+        med = statistics.median(xs)
+        rec(engine, method, dt, "decode_tps_b1", med, "tok/s", max(xs) - min(xs), len(xs))
+        rec(engine, method, dt, "pct_of_bandwidth", 100 * bytes_per_token[key] * med / (bw * 1e9), "%", bytes_per_token=bytes_per_token[key], probe_gbps=bw)
+
+    # batch 8 decode and prefill: lazyneuron variants against torch
+    for engine, method, dt, cfgs, gen in variants:
+        if "sparsity" in method and dt != "fp32":
+            continue
+        with ln.applied(model, cfgs or None, cal):
+            xs = []
+            for _ in range(1 if quick else 2):
+                _, (_, td) = gen(model, prompts8, 16 if quick else 32, return_timing=True)
+                xs.append(8 * ((16 if quick else 32) - 1) / td)
+            rec(engine, method, dt, "decode_tps_b8", max(xs), "tok/s", n=len(xs))
+            for n in (64, 256):
+                ids = torch.tensor([data.token_stream(tok, "news", "test", n)[:n]], dtype=torch.long)
+                ts = []
+                for _ in range(3):
+                    with torch.inference_mode():
+                        t0 = time.perf_counter()
+                        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                        ts.append(time.perf_counter() - t0)
+                rec(engine, method, dt, "prefill_tps", n / min(ts), "tok/s", n=3, prompt_tokens=n)
+    return recs
+
+
+def draw(recs: list[dict[str, Any]], out: Path) -> None:
+    """Decode tokens/s, batch 1, by engine and weight format, dense and with sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in recs if r["metric"] == "decode_tps_b1"]
+    if not rows:
+        return
+    order = {"torch": 0, "llama.cpp": 1, "lazyneuron": 2}
+    rows.sort(key=lambda r: (order.get(r["engine"], 3), list(BYTES).index(r["dtype"]) if r["dtype"] in BYTES else 9, r["method"]))
+    colours = {"torch": "#888888", "llama.cpp": "#d62728", "lazyneuron": "#1f77b4"}
+
+    def label(r: dict[str, Any]) -> str:
+        m = "dense" if r["method"] == "dense" else "sparsity " + r["method"].rpartition("=")[2]
+        return f"{r['engine']} {r['dtype']} {m}"
+
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.2))
+    y = range(len(rows))
+    bars = ax.barh(list(y), [r["value"] for r in rows], color=[colours.get(r["engine"], "#444") for r in rows])
+    for b, r in zip(bars, rows):
+        if r["method"] != "dense":
+            b.set_hatch("//")
+        ax.text(b.get_width() + 0.5, b.get_y() + b.get_height() / 2, f"{r['value']:.1f}", va="center", fontsize=8)
+    ax.set_yticks(list(y), [label(r) for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("decode tokens/s, batch 1 (median of repeats; higher is better)")
+    ax.set_title("SmolLM2-135M decode on this CPU, one interleaved run (hatched: activation sparsity)", fontsize=9)
+    ax.set_xlim(0, max(r["value"] for r in rows) * 1.15)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

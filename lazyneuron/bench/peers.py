@@ -1,0 +1,103 @@
+"""Peer engines measured in the same run: llama.cpp through ``llama-cpp-python`` (optional).
+
+Install with ``bash scripts/setup.sh --with-peers`` (pip builds llama.cpp from source: ~6 minutes
+on 2 cores). :func:`llama_cpp_gguf` writes the GGUF formats of the same weights lazyneuron's
+SmolLM2 is dequantized from (the shipped Q4_1 file requantized to F32 / F16 / Q8_0), and
+:class:`LlamaCppDecoder` runs greedy decoding on the same prompt token ids, with the same number of
+new tokens and threads, timing prefill and decode as :func:`lazyneuron.runtime.generate` does.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MissingPackageError
+from ..paths import cache_dir
+
+FTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_1": 3}
+INSTALL = "bash scripts/setup.sh --with-peers   (or: pip install llama-cpp-python; pip builds llama.cpp, ~6 min on 2 cores)"
+
+
+def llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MissingPackageError(f"llama.cpp is not installed; to compare against it: {INSTALL}") from None
+    return llama_cpp
+
+
+def available() -> bool:
+    try:
+        llama_cpp()
+        return True
+    except MissingPackageError:
+        return False
+
+
+def llama_cpp_gguf(src: Path, fmt: str) -> Path:
+    """``src`` (a GGUF file) in format ``fmt`` (f32, f16, q8_0, q4_1), requantized once and cached."""
+    if fmt not in FTYPES:
+        raise ValueError(f"unknown llama.cpp format {fmt!r}; use one of {list(FTYPES)}")
+    lc = llama_cpp()
+    dst = cache_dir("peers") / f"{src.stem}.{fmt}.gguf"
+    if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
+        return dst
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = FTYPES[fmt]
+    params.allow_requantize = True
+    tmp = dst.with_suffix(".tmp")
+    rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama.cpp could not write {fmt} from {src} (return code {rc})")
+    tmp.rename(dst)
+    return dst
+
+
+class LlamaCppDecoder:
+    """One llama.cpp model loaded for greedy decoding at batch 1."""
+
+    def __init__(self, gguf: Path, threads: int, n_ctx: int = 512) -> None:
+        lc = llama_cpp()
+        self.llm = lc.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx, verbose=False)
+
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> tuple[list[int], tuple[float, float]]:
+        """Greedy ids and (prefill_seconds, decode_seconds) for tokens 2..max_new_tokens."""
+        import numpy as np
+
+        ids = [int(t) for t in prompt.view(-1)]
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t1 = time.perf_counter()
+        out = [nxt]
+        for _ in range(max_new_tokens - 1):
+            llm.eval([nxt])
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(nxt)
+        return out, (t1 - t0, time.perf_counter() - t1)
+
+    def perplexity(self, windows: torch.Tensor) -> float:
+        """exp(mean next-token NLL) over ``windows`` (count, length), each scored alone."""
+        import math
+
+        import numpy as np
+
+        nll, n = 0.0, 0
+        llm = self.llm
+        for w in windows:
+            ids = [int(t) for t in w]
+            llm.reset()
+            llm._logits_all = True  # noqa: SLF001  (every position's logits)
+            llm.eval(ids)
+            lg = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+            lg = lg - lg.max(1, keepdims=True)
+            lp = lg - np.log(np.exp(lg).sum(1, keepdims=True))
+            nll -= float(lp[np.arange(len(ids) - 1), ids[1:]].sum())
+            n += len(ids) - 1
+        return math.exp(nll / n)

@@ -1,0 +1,124 @@
+// Fused small ops of one decode step (batch 1 to 16, fp32 activations), so that a layer costs a
+// handful of calls besides its GEMVs:
+//   rmsnorm       y = x / sqrt(mean(x^2) + eps) * w            (Llama's RMSNorm, in fp32)
+//   add_rmsnorm   h += d (in place), then y = rmsnorm(h)       (the residual add fused in)
+//   attn_decode   rotary embedding of q and k (rotate-half form, cos / sin given), the new k / v
+//                 written at position `pos` of a static cache, then softmax(q k^T * scale) v over
+//                 positions 0..pos, grouped-query heads sharing their key / value head.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "ln_check.h"
+
+namespace {
+
+inline void rms_row(const float* x, const float* w, float* y, int64_t d, float eps) {
+  float ss = 0.f;
+#pragma GCC ivdep
+  for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+#pragma GCC ivdep
+  for (int64_t i = 0; i < d; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+inline void rope(const float* x, const float* cos, const float* sin, float* out, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) out[i] = x[i] * cos[i] - x[i + h] * sin[i];
+  for (int64_t i = h; i < D; ++i) out[i] = x[i] * cos[i] + x[i - h] * sin[i];
+}
+
+}  // namespace
+
+torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps) {
+  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), 21);
+  LN_CHECK(w.dim() == 1 && w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.size(0) == x.size(1), 22);
+  auto y = torch::empty_like(x);
+  const int64_t B = x.size(0), d = x.size(1);
+  for (int64_t b = 0; b < B; ++b) rms_row(x.data_ptr<float>() + b * d, w.data_ptr<float>(), y.data_ptr<float>() + b * d, d, static_cast<float>(eps));
+  return y;
+}
+
+torch::Tensor add_rmsnorm(torch::Tensor h, torch::Tensor delta, torch::Tensor w, double eps) {
+  LN_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32 && h.is_contiguous(), 21);
+  LN_CHECK(delta.scalar_type() == torch::kFloat32 && delta.is_contiguous() && delta.numel() == h.numel(), 23);
+  LN_CHECK(w.dim() == 1 && w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.size(0) == h.size(1), 22);
+  float* hp = h.data_ptr<float>();
+  const float* dp = delta.data_ptr<float>();
+#pragma GCC ivdep
+  for (int64_t i = 0; i < h.numel(); ++i) hp[i] += dp[i];
+  auto y = torch::empty_like(h);
+  const int64_t B = h.size(0), d = h.size(1);
+  for (int64_t b = 0; b < B; ++b) rms_row(hp + b * d, w.data_ptr<float>(), y.data_ptr<float>() + b * d, d, static_cast<float>(eps));
+  return y;
+}
+
+// q: (B, H*D); k, v: (B, KV*D); cos, sin: (D); kc, vc: (B, KV, L, D); 0 <= pos < L.
+// Returns (B, H*D). Writes the rotated k and v into kc / vc at pos.
+torch::Tensor attn_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc,
+                          torch::Tensor vc, int64_t pos, double scale) {
+  LN_CHECK(kc.dim() == 4 && kc.scalar_type() == torch::kFloat32 && kc.is_contiguous() && vc.sizes() == kc.sizes() && vc.is_contiguous() &&
+               vc.scalar_type() == torch::kFloat32, 31);
+  const int64_t B = kc.size(0), KV = kc.size(1), L = kc.size(2), D = kc.size(3);
+  LN_CHECK(pos >= 0 && pos < L, 32);
+  LN_CHECK(q.dim() == 2 && q.size(0) == B && q.size(1) % (KV * D) == 0 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(), 33);
+  LN_CHECK(k.dim() == 2 && k.size(0) == B && k.size(1) == KV * D && k.scalar_type() == torch::kFloat32 && k.is_contiguous(), 34);
+  LN_CHECK(v.dim() == 2 && v.size(0) == B && v.size(1) == KV * D && v.scalar_type() == torch::kFloat32 && v.is_contiguous(), 34);
+  LN_CHECK(cos.numel() == D && sin.numel() == D && cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 &&
+               cos.is_contiguous() && sin.is_contiguous(), 35);
+  LN_CHECK(D % 2 == 0, 36);
+  const int64_t H = q.size(1) / D, G = H / KV;
+  auto out = torch::empty_like(q);
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float *kcp = kc.data_ptr<float>(), *vcp = vc.data_ptr<float>(), *op = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < KV; ++g) {
+      const int64_t off = ((b * KV + g) * L + pos) * D;
+      rope(kp + (b * KV + g) * D, cp, sp, kcp + off, D);
+      std::copy(vp + (b * KV + g) * D, vp + (b * KV + g + 1) * D, vcp + off);
+    }
+  const int64_t T = pos + 1;
+  at::parallel_for(0, B * H, T * D >= 16384 ? 1 : B * H, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qr(D), s(T), acc(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, hh = i % H, g = hh / G;
+      rope(qp + i * D, cp, sp, qr.data(), D);
+      const float* K = kcp + (b * KV + g) * L * D;
+      const float* V = vcp + (b * KV + g) * L * D;
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < T; ++t) {
+        float dot = 0.f;
+#pragma GCC ivdep
+        for (int64_t j = 0; j < D; ++j) dot += qr[j] * K[t * D + j];
+        s[t] = dot * static_cast<float>(scale);
+        mx = std::max(mx, s[t]);
+      }
+      float den = 0.f;
+      for (int64_t t = 0; t < T; ++t) {
+        s[t] = std::exp(s[t] - mx);
+        den += s[t];
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < T; ++t) {
+        const float p = s[t];
+#pragma GCC ivdep
+        for (int64_t j = 0; j < D; ++j) acc[j] += p * V[t * D + j];
+      }
+      const float inv = 1.f / den;
+      for (int64_t j = 0; j < D; ++j) op[i * D + j] = acc[j] * inv;
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("last_error", &last_error, "the number of the last failed input check");
+  m.def("rmsnorm", &rmsnorm, "RMSNorm of (B, d) rows");
+  m.def("add_rmsnorm", &add_rmsnorm, "h += delta in place, then RMSNorm of h");
+  m.def("attn_decode", &attn_decode, "rotary embedding, static-cache write and attention for one new position");
+}

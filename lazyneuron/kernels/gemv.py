@@ -1,0 +1,121 @@
+"""Dense and sparse-input GEMV for batch 1 to 16, one kernel family (``csrc/gemv.cpp``).
+
+Weights are stored input-channel-major, ``wt`` of shape (in, out), contiguous, prepared once at
+convert time (:func:`prepare_weight`), in one of three formats:
+
+- ``fp32``;
+- ``bf16``: rounded to nearest even, widened to fp32 as they are read;
+- ``int8``: weight-only, symmetric, one fp32 scale per output channel, fp32 accumulation.
+
+``y = bias + scale * (v @ wt)`` where ``v = x`` (dense) or ``v = (x - centre)`` masked to the input
+channels with ``|x - centre| > threshold`` (activation sparsity: inactive rows are never read).
+Sparsity 0 of activation sparsity *is* the dense kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._build import extension
+
+MAX_BATCH = 16  # batches up to this size run the kernel; larger ones a torch matmul
+DTYPES = ("fp32", "bf16", "int8")
+_TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+_EMPTY = torch.empty(0)
+
+
+def prepare_weight(w: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(wt (in, out) contiguous in ``dtype``, per-output scale for int8 else None) from an
+    ``nn.Linear`` weight ``w`` of shape (out, in)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"weight dtype {dtype!r} is not supported; use one of {list(DTYPES)}")
+    w = w.detach().float()
+    if dtype == "int8":
+        scale = (w.abs().amax(1) / 127.0).clamp(min=1e-12)  # (out,)
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
+        return q.t().contiguous(), scale.contiguous()
+    return w.t().contiguous().to(_TORCH_DTYPE[dtype]), None
+
+
+def dequantize(wt: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 (in, out) weight the kernel computes with."""
+    return wt.float() * scale if scale is not None else wt.float()
+
+
+def reference(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+              centre: torch.Tensor | None = None, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-torch ground truth. x: (B, in) -> (B, out) float32."""
+    d = x.float() - (centre if centre is not None else 0.0)  # (B, in)
+    if threshold is not None:
+        d = torch.where(d.abs() > threshold, d, torch.zeros((), dtype=d.dtype))
+    y = d @ wt.float()  # (B, out)
+    if scale is not None:
+        y = y * scale
+    return y + bias if bias is not None else y
+
+
+def available() -> bool:
+    return extension("gemv") is not None
+
+
+def kernel_error(code: int, x: torch.Tensor, w: torch.Tensor) -> str:
+    """The message for a failed input check of the compiled kernel (gemv.cpp reports its number
+    only: see LN_CHECK there)."""
+    return {
+        1: f"x must be (B, in) contiguous float32, got {tuple(x.shape)} {x.dtype}",
+        2: f"batch must be in [1, {MAX_BATCH}], got {x.shape[0] if x.dim() else 0}",
+        3: "wt must be (in, out) contiguous; call .contiguous() on it once",
+        4: f"wt must be float32, bfloat16 or int8, got {w.dtype}",
+        5: f"x has {x.shape[-1]} features but wt has {w.shape[0]} rows",
+        6: "bad bias: float32, contiguous, one entry per output",
+        7: "bad centre: float32, contiguous, one entry per input",
+        8: "bad threshold: float32, contiguous, one value or one per input",
+        9: f"x must be (B, d) contiguous float32, got {tuple(x.shape)} {x.dtype}",
+        10: "g must be (B, F) float32, contiguous, one row per row of x",
+        11: f"batch must be <= {MAX_BATCH}",
+        12: f"bad up_w: (F, d) contiguous float32 with d = {x.shape[-1]} and F = g's width, got {tuple(w.shape)} {w.dtype}",
+        13: "bad down_wt: (F, out) contiguous float32",
+        14: "int8 weights need one float32 scale per output channel (and other dtypes none); use prepare_weight",
+        15: "bad scale: float32, contiguous, one entry per output",
+        16: "the probe buffer must be contiguous float32",
+    }.get(code, "bad input")
+
+
+def gemv(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+         centre: torch.Tensor | None = None, threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(y (B, out) float32, weight rows read) for x (B, in); ``threshold`` None: dense.
+
+    CPU tensors with B <= MAX_BATCH run the kernel; anything else (no compiler, another device,
+    a larger batch) runs :func:`reference` and reports every row read."""
+    ext = extension("gemv")
+    if ext is None or x.shape[0] > MAX_BATCH or x.shape[0] == 0 or not (x.is_cpu and wt.is_cpu):
+        return reference(x, wt, scale, bias, centre, threshold), wt.shape[0]
+    y, rows = ext.gemv(
+        x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(),
+        wt,
+        _EMPTY if scale is None else scale,
+        _EMPTY if bias is None else bias,
+        _EMPTY if centre is None else centre,
+        _EMPTY if threshold is None else threshold,
+    )
+    if y is None:  # an input check failed in the kernel, which reports only its number
+        raise ValueError(f"gemv: {kernel_error(ext.last_error(), x, wt)}")
+    return y, rows
+
+
+def read_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
+    """Measured memory read bandwidth in GB/s: the best of ``repeats`` timed reads of a buffer of
+    ``mbytes`` MB (far larger than any L3) by all of torch's threads. Falls back to ``torch.sum``
+    when the extension did not build."""
+    import time
+
+    buf = torch.ones(mbytes * (1 << 20) // 4)
+    ext = extension("gemv")
+    read = (lambda: ext.read_sum(buf)) if ext is not None else (lambda: float(buf.sum()))
+    read()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        read()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best / 1e9

@@ -1,0 +1,160 @@
+"""The runtime's linear layer and its conversion: every remaining dense linear on the GEMV kernels.
+
+``RuntimeConfig(dtype=...)`` (CLI: ``runtime:dtype=bf16``) wraps each plain ``nn.Linear`` of the
+target roles (all linears of a transformer, the LM head included) in a :class:`FastLinear`, whose
+weight is laid out input-channel-major once, in ``fp32``, ``bf16`` or ``int8`` (weight-only,
+per-output-channel scales). Linears that another method already converted keep that method and
+take the runtime's weight format where they support it (activation sparsity stores its rows in
+the runtime's dtype). Apply the runtime last: ``apply_(model, [method_cfg, RuntimeConfig(...)])``.
+
+At most ``MAX_BATCH`` (16) tokens per call run the kernel (decode); longer inputs (prefill, encoder
+forwards) run a torch matmul over the same weight values, so they are never slower than dense.
+``revert_`` restores the original modules and weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..adapters import ModelAdapter
+from ..config import MethodConfig, register
+from ..errors import ConfigError
+from ..kernels import gemv as G
+from ..kernels._build import extension
+from ..methods.base import DEMO_MODEL, Method
+from ..surgery import LazyModule, filter_paths
+
+_EMPTY = torch.empty(0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig(MethodConfig):
+    """``dtype``: the weight format of the converted linears: ``fp32`` (exact), ``bf16`` or ``int8``
+    (weight-only, one scale per output channel); ``backend``: ``auto`` (the C++ kernels when they
+    built) or ``reference`` (pure torch, for checking)."""
+
+    name: ClassVar[str] = "runtime"
+    targets: tuple[str, ...] = ("attn_in", "attn_out", "mlp_in", "mlp_out", "head")
+    dtype: str = "fp32"
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        self._check_choice("dtype", G.DTYPES)
+        self._check_choice("backend", ("auto", "reference"))
+
+    def at_zero_strength(self) -> "RuntimeConfig":
+        return dataclasses.replace(self, dtype="fp32")
+
+
+class FastLinear(LazyModule):
+    """``nn.Linear`` on the runtime's GEMV kernel. In fp32 the input-major weight shares storage
+    with ``base.weight`` (which becomes a transposed view, made contiguous again on revert); in
+    bf16 / int8 it is a converted copy and ``base`` is untouched."""
+
+    method_name = "runtime"
+
+    def __init__(self, base: nn.Linear, dtype: str, backend: str = "auto") -> None:
+        super().__init__(base)
+        self.dtype, self.backend = dtype, backend
+        self.in_features, self.out_features = base.in_features, base.out_features
+        if dtype == "fp32" and base.weight.dtype == torch.float32 and not _is_shared(base):
+            wt = base.weight.detach().t().contiguous()  # (in, out)
+            base.weight.data = wt.t()
+            self.wt, self.scale = wt, None
+        else:
+            self.wt, self.scale = G.prepare_weight(base.weight, dtype)
+        self.bias = base.bias.detach().float().contiguous() if base.bias is not None else None
+        self._ext = extension("gemv") if backend == "auto" else None
+        self._args = (_EMPTY if self.scale is None else self.scale, _EMPTY if self.bias is None else self.bias, _EMPTY, _EMPTY)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (tokens, in)
+        n = x2.shape[0]
+        if self._ext is not None and 0 < n <= G.MAX_BATCH and x2.dtype == torch.float32 and x2.is_cpu:
+            y, _ = self._ext.gemv(x2 if x2.is_contiguous() else x2.contiguous(), self.wt, *self._args)
+            if y is None:
+                raise ValueError(f"FastLinear: {G.kernel_error(self._ext.last_error(), x2, self.wt)}")
+        elif self.dtype == "fp32" and self.base.weight.dtype == torch.float32:
+            y = F.linear(x2.float(), self.base.weight, self.bias)  # the same fp32 values, torch's GEMM
+        else:
+            y = F.linear(x2.float(), G.dequantize(self.wt, self.scale).t(), self.bias)  # the kernel's weight values
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def weight_bytes(self) -> int:
+        return self.wt.numel() * self.wt.element_size() + (0 if self.scale is None else self.scale.numel() * 4)
+
+    def restore_base(self) -> nn.Module:
+        if self.base.weight.data.data_ptr() == self.wt.data_ptr():
+            self.base.weight.data = self.base.weight.data.contiguous()
+        return self.base
+
+    def extra_repr(self) -> str:
+        return f"method=runtime, dtype={self.dtype}, in={self.in_features}, out={self.out_features}"
+
+
+def _is_shared(base: nn.Linear) -> bool:
+    """A weight tied to another module (an LM head tied to the embedding) keeps its layout: the
+    embedding lookup reads its rows."""
+    return bool(getattr(base, "_ln_tied", False))
+
+
+@register
+class Runtime(Method):
+    config_cls = RuntimeConfig
+    resolve_late = True  # apply_ resolves its targets after the configs before it have converted theirs
+
+    def resolve(self, model: nn.Module, adapter: ModelAdapter, cfg: MethodConfig) -> list[str]:
+        assert isinstance(cfg, RuntimeConfig)
+        paths: list[str] = []
+        for role in cfg.targets:
+            paths += adapter.paths(role)
+        paths = filter_paths(paths, cfg.include, cfg.exclude)
+        mods = {p: _find(model, p) for p in paths}  # a path inside another method's module may be gone
+        plain = [p for p, m in mods.items() if type(m) is nn.Linear]
+        if any(isinstance(m, FastLinear) for m in mods.values()):
+            raise ConfigError("the model is already on the runtime; revert_ it first, then apply the runtime once, last in the config list")
+        if not plain and not _sparse_modules(model):
+            raise ConfigError(f"runtime found no plain nn.Linear under the roles {list(cfg.targets)} of this {adapter.model_type} model; "
+                              "run `lazyneuron inspect` to see what each role matches")
+        return plain
+
+    def plan(self, model: nn.Module, cfg: MethodConfig, paths: list[str], stats: Any) -> MethodConfig:
+        assert isinstance(cfg, RuntimeConfig)
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        for p in paths:  # a weight shared with the embedding keeps its (out, in) layout
+            m = model.get_submodule(p)
+            if emb is not None and getattr(emb, "weight", None) is m.weight:
+                m._ln_tied = True
+        for m in _sparse_modules(model):  # activation sparsity stores its rows in the runtime's dtype
+            m.set_weight_dtype(cfg.dtype)
+        return cfg
+
+    def convert(self, path: str, module: nn.Module, cfg: MethodConfig, stats: Any) -> nn.Module:
+        assert isinstance(cfg, RuntimeConfig)
+        return FastLinear(module, cfg.dtype, cfg.backend)
+
+    @classmethod
+    def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
+        return [RuntimeConfig(dtype="bf16")]
+
+    def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
+        mods = [model.get_submodule(p) for p in paths]
+        return {"dtype": getattr(cfg, "dtype", "fp32"), "linears": len(mods), "weight_bytes": sum(m.weight_bytes() for m in mods if isinstance(m, FastLinear))}
+
+
+def _find(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _sparse_modules(model: nn.Module) -> list[Any]:
+    return [m for m in model.modules() if hasattr(m, "set_weight_dtype")]

@@ -1,0 +1,170 @@
+"""A lean decode step for Llama-family decoders: a static KV cache and fused small ops.
+
+The Hugging Face model stays the model. :class:`DecodeStep` reads its configuration, its rotary
+embedding tables (from the model's own ``rotary_emb``) and its norm weights, and *calls its
+modules* for everything that holds weights: the q / k / v / o projections, the MLP and the LM head
+(so whatever a method or the runtime put there runs: :class:`~lazyneuron.runtime.FastLinear`,
+sparse linears, FFF layers). What it replaces is the glue between them, per layer: one fused
+RMSNorm + residual add before attention and one before the MLP, and one call for the rotary
+embedding, the cache write and attention (``kernels.decode_ops``). Prefill runs the model's own
+forward and copies its keys and values into the static cache.
+
+Models or conversions it does not cover (another architecture, a method that wraps the layer
+stack or the attention: early exit, module gating) decode through the model's own forward
+(:func:`lazyneuron.bench.decode.lean_generate`), with the same results.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..kernels import decode_ops as D
+from ..kernels._build import extension
+from ..surgery import LazyModule
+
+log = logging.getLogger(__name__)
+
+STEP_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def supports_step(model: nn.Module) -> bool:
+    """Whether :class:`DecodeStep` reproduces this model's forward (a Llama-family causal LM with
+    plain RMSNorm, rotary attention without sliding windows or q / k norms, and no method that
+    wraps the layer stack, a layer or the attention)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in STEP_MODEL_TYPES:
+        return False
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and cfg.model_type != "llama":
+        return False
+    if getattr(cfg, "pretraining_tp", 1) != 1:
+        return False
+    inner = getattr(model, "model", None)
+    if inner is None or isinstance(inner, LazyModule) or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        return False
+    if not all(hasattr(inner, a) for a in ("embed_tokens", "norm", "rotary_emb")):
+        return False
+    for layer in inner.layers:
+        if isinstance(layer, LazyModule) or isinstance(getattr(layer, "self_attn", None), LazyModule):
+            return False
+        att = layer.self_attn
+        if not all(hasattr(att, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")) or hasattr(att, "q_norm"):
+            return False
+        for n in (layer.input_layernorm, layer.post_attention_layernorm):
+            if not hasattr(n, "variance_epsilon") or n.weight.dtype != torch.float32:
+                return False
+    return True
+
+
+class DecodeStep:
+    """Greedy decoding state for ``batch`` sequences of at most ``max_len`` tokens."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int) -> None:
+        if not supports_step(model):
+            raise ValueError(f"DecodeStep does not cover this {type(model).__name__}; use lazyneuron.runtime.generate, which falls back to the model's forward")
+        cfg = model.config
+        inner = model.model
+        self.model, self.layers, self.embed, self.head = model, list(inner.layers), inner.embed_tokens, model.lm_head
+        att = self.layers[0].self_attn
+        self.head_dim = int(getattr(att, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        kv = int(cfg.num_key_value_heads)
+        self.scale = float(getattr(att, "scaling", self.head_dim ** -0.5))
+        self.batch, self.max_len = batch, max_len
+        self.kc = [torch.zeros(batch, kv, max_len, self.head_dim) for _ in self.layers]  # (B, KV, L, D) per layer
+        self.vc = [torch.zeros(batch, kv, max_len, self.head_dim) for _ in self.layers]
+        pos = torch.arange(max_len).unsqueeze(0)
+        cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)  # (1, L, D): the model's own tables
+        self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        norms = [(lay.input_layernorm, lay.post_attention_layernorm) for lay in self.layers]
+        self.norm_w = [(a.weight.detach(), float(a.variance_epsilon), b.weight.detach(), float(b.variance_epsilon)) for a, b in norms]
+        fn = inner.norm
+        self.final = (fn.weight.detach(), float(getattr(fn, "variance_epsilon", getattr(fn, "eps", 1e-6))))
+        self._ext = extension("decode")
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt (batch, n) through the model's own forward; returns last logits (batch, V)."""
+        from transformers import DynamicCache
+
+        b, n = input_ids.shape
+        if b != self.batch or n >= self.max_len:
+            raise ValueError(f"prompt of shape {tuple(input_ids.shape)} does not fit a cache of batch {self.batch} and length {self.max_len}")
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, position_ids=torch.arange(n).unsqueeze(0))
+        for i in range(len(self.layers)):
+            k, v = _layer_kv(cache, i)  # (B, KV, n, D)
+            self.kc[i][:, :, :n] = k
+            self.vc[i][:, :, :n] = v
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """One new token per sequence (tokens: (batch,)) at position ``pos``; returns logits (batch, V)."""
+        ext = self._ext
+        if ext is None:
+            return self._step_reference(tokens, pos)
+        h = self.embed(tokens).float().contiguous()  # (B, d): the residual stream
+        cos, sin = self.cos[pos], self.sin[pos]
+        w0, e0 = self.norm_w[0][0], self.norm_w[0][1]
+        x = ext.rmsnorm(h, w0, e0)
+        n = len(self.layers)
+        for i, lay in enumerate(self.layers):
+            att = lay.self_attn
+            o = ext.attn_decode(att.q_proj(x), att.k_proj(x), att.v_proj(x), cos, sin, self.kc[i], self.vc[i], pos, self.scale)
+            if o is None:
+                raise ValueError(f"attn_decode: {D._MESSAGES.get(ext.last_error(), 'bad input')}")
+            _, _, w2, e2 = self.norm_w[i]
+            x = ext.add_rmsnorm(h, att.o_proj(o), w2, e2)
+            wn, en = (self.norm_w[i + 1][0], self.norm_w[i + 1][1]) if i + 1 < n else self.final
+            x = ext.add_rmsnorm(h, lay.mlp(x.unsqueeze(1)).reshape(h.shape), wn, en)
+        return self.head(x).float()
+
+    def _step_reference(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        h = self.embed(tokens).float()
+        cos, sin = self.cos[pos], self.sin[pos]
+        x = D.rmsnorm_reference(h, self.norm_w[0][0], self.norm_w[0][1])
+        n = len(self.layers)
+        for i, lay in enumerate(self.layers):
+            att = lay.self_attn
+            o = D.attn_decode_reference(att.q_proj(x), att.k_proj(x), att.v_proj(x), cos, sin, self.kc[i], self.vc[i], pos, self.scale)
+            h = h + att.o_proj(o)
+            x = D.rmsnorm_reference(h, self.norm_w[i][2], self.norm_w[i][3])
+            h = h + lay.mlp(x.unsqueeze(1)).reshape(h.shape)
+            wn, en = (self.norm_w[i + 1][0], self.norm_w[i + 1][1]) if i + 1 < n else self.final
+            x = D.rmsnorm_reference(h, wn, en)
+        return self.head(x).float()
+
+
+def _layer_kv(cache: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):
+        return cache.layers[i].keys, cache.layers[i].values
+    return cache.key_cache[i], cache.value_cache[i]
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, return_timing: bool = False) -> Any:
+    """Greedy decoding on the lean step (the model's own forward where the step does not cover
+    it); returns ids (batch, max_new_tokens) and optionally ``(prefill_seconds, decode_seconds)``,
+    decode covering tokens 2..max_new_tokens, as :func:`lazyneuron.bench.decode.lean_generate`."""
+    if not supports_step(model):
+        from ..bench.decode import lean_generate
+
+        return lean_generate(model, input_ids, max_new_tokens, return_timing=return_timing)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    b, n = input_ids.shape
+    st = DecodeStep(model, b, n + max_new_tokens)
+    t0 = time.perf_counter()
+    nxt = st.prefill(input_ids).argmax(-1)  # (batch,)
+    t1 = time.perf_counter()
+    toks = [nxt]
+    for i in range(max_new_tokens - 1):
+        nxt = st.step(nxt, n + i).argmax(-1)
+        toks.append(nxt)
+    t2 = time.perf_counter()
+    ids = torch.stack(toks, 1)
+    return (ids, (t1 - t0, t2 - t1)) if return_timing else ids

@@ -1,0 +1,186 @@
+"""The runtime: dense / sparse GEMV kernels in fp32, bf16 and int8 against their references, the
+fused decode ops, the conversion (apply / revert bit for bit, composition with activation
+sparsity) and the lean decode step against the Hugging Face model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import calib_batches, tiny_causal_lm
+
+import lazyneuron as ln
+from lazyneuron.bench.decode import lean_generate
+from lazyneuron.kernels import decode_ops as D
+from lazyneuron.kernels import gemv as G
+from lazyneuron.methods import ActivationSparsityConfig
+from lazyneuron.runtime import FastLinear, RuntimeConfig, generate, supports_step
+
+needs_ext = pytest.mark.skipif(not (G.available() and D.available()), reason="C++ kernels did not build here (the fallback is the reference itself)")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", G.DTYPES)
+@pytest.mark.parametrize("in_f,out_f", [(64, 48), (576, 192), (1536, 576), (7, 2049), (300, 33), (96, 70000)])
+@pytest.mark.parametrize("batch", [1, 2, 5, 8, 16])
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_gemv_matches_reference(dtype: str, in_f: int, out_f: int, batch: int, mode: str) -> None:
+    g = torch.Generator().manual_seed(in_f * 31 + out_f + batch)
+    x = torch.randn(batch, in_f, generator=g)
+    wt, scale = G.prepare_weight(torch.randn(out_f, in_f, generator=g), dtype)
+    bias = torch.randn(out_f, generator=g) if in_f % 2 == 0 else None
+    centre = thr = None
+    if mode == "sparse":
+        centre = 0.1 * torch.randn(in_f, generator=g)
+        thr = torch.tensor([0.8])
+    y, rows = G.gemv(x, wt, scale, bias, centre, thr)
+    ref = G.reference(x, wt, scale, bias, centre, thr)
+    assert y.shape == (batch, out_f) and y.dtype == torch.float32
+    assert (y - ref).abs().max().item() <= 1e-4 * (1 + ref.abs().max().item())
+    if mode == "dense":
+        assert rows == in_f
+    else:
+        assert rows == int(((x - centre).abs() > thr).any(0).sum())
+
+
+@pytest.mark.parametrize("dtype", G.DTYPES)
+def test_prepare_weight_formats(dtype: str) -> None:
+    w = torch.randn(40, 24)
+    wt, scale = G.prepare_weight(w, dtype)
+    assert wt.shape == (24, 40) and wt.is_contiguous()
+    back = G.dequantize(wt, scale).t()
+    err = (back - w).abs().max().item()
+    bound = {"fp32": 0.0, "bf16": 2**-8 * w.abs().max().item(), "int8": 0.51 * (w.abs().amax(1) / 127).max().item()}[dtype]
+    assert err <= bound
+    assert (scale is None) == (dtype != "int8")
+    with pytest.raises(ValueError, match="not supported"):
+        G.prepare_weight(w, "fp8")
+
+
+@needs_ext
+def test_gemv_errors_name_the_problem() -> None:
+    wt, scale = G.prepare_weight(torch.randn(5, 10), "int8")
+    with pytest.raises(ValueError, match="scale"):
+        G.gemv(torch.randn(1, 10), wt, None)
+    with pytest.raises(ValueError, match="features"):
+        G.gemv(torch.randn(1, 11), wt, scale)
+    big, _ = G.gemv(torch.randn(40, 10), wt, scale)  # above the kernel's batch: the reference
+    assert big.shape == (40, 5)
+
+
+def test_read_bandwidth_is_positive() -> None:
+    assert G.read_bandwidth(mbytes=16, repeats=1) > 0
+
+
+@needs_ext
+@pytest.mark.parametrize("batch", [1, 3])
+def test_norm_ops_match_reference(batch: int) -> None:
+    h, d, w = torch.randn(batch, 48), torch.randn(batch, 48), torch.randn(48)
+    assert torch.allclose(D.rmsnorm(h, w, 1e-5), D.rmsnorm_reference(h, w, 1e-5), atol=1e-5)
+    h2 = h.clone()
+    y = D.add_rmsnorm(h2, d, w, 1e-5)
+    assert torch.allclose(h2, h + d, atol=1e-6)
+    assert torch.allclose(y, D.rmsnorm_reference(h + d, w, 1e-5), atol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("heads,kv", [(4, 2), (9, 3), (2, 2)])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_attn_decode_matches_reference(heads: int, kv: int, batch: int) -> None:
+    g = torch.Generator().manual_seed(heads * 10 + batch)
+    D_, L, pos = 16, 12, 7
+    q, k, v = torch.randn(batch, heads * D_, generator=g), torch.randn(batch, kv * D_, generator=g), torch.randn(batch, kv * D_, generator=g)
+    ang = torch.rand(D_ // 2, generator=g) * 3
+    cos, sin = torch.cat([ang.cos(), ang.cos()]), torch.cat([ang.sin(), ang.sin()])
+    kc, vc = torch.randn(batch, kv, L, D_, generator=g), torch.randn(batch, kv, L, D_, generator=g)
+    kc2, vc2 = kc.clone(), vc.clone()
+    y = D.attn_decode(q, k, v, cos, sin, kc, vc, pos, 0.25)
+    ref = D.attn_decode_reference(q, k, v, cos, sin, kc2, vc2, pos, 0.25)
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert torch.allclose(kc, kc2, atol=1e-6) and torch.equal(vc, vc2)
+    with pytest.raises(ValueError, match="outside the cache"):
+        D.attn_decode(q, k, v, cos, sin, kc, vc, L, 0.25)
+
+
+@pytest.mark.parametrize("dtype", G.DTYPES)
+def test_runtime_apply_revert_bit_exact(dtype: str, ids: torch.Tensor) -> None:
+    m = tiny_causal_lm("llama")
+    m.config.tie_word_embeddings = True
+    m.tie_weights()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    dense = m(ids).logits
+    step = m(ids[:1, :1]).logits
+    rep = ln.apply_(m, RuntimeConfig(dtype=dtype))
+    assert len(rep[0].paths) == 2 * 7 + 1  # every linear, the LM head included
+    assert all(isinstance(m.get_submodule(p), FastLinear) for p in rep[0].paths)
+    tol = {"fp32": 1e-5, "bf16": 0.05, "int8": 0.1}[dtype]
+    assert (m(ids).logits - dense).abs().max() <= tol * (1 + dense.abs().max())
+    assert (m(ids[:1, :1]).logits - step).abs().max() <= tol * (1 + step.abs().max())
+    with pytest.raises(ln.ConfigError, match="already on the runtime"):
+        ln.apply_(m, RuntimeConfig())
+    ln.revert_(m)
+    after = m.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v) and after[k].is_contiguous(), k
+    assert m.lm_head.weight is m.model.embed_tokens.weight  # ties survive
+    assert torch.equal(m(ids).logits, dense)
+
+
+def test_runtime_config_errors() -> None:
+    with pytest.raises(ln.ConfigError, match="dtype"):
+        RuntimeConfig(dtype="fp16")
+    assert ln.MethodConfig.parse("runtime:dtype=int8") == RuntimeConfig(dtype="int8")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_activation_sparsity_rows_in_runtime_dtype(dtype: str, ids: torch.Tensor) -> None:
+    m = tiny_causal_lm("llama")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    cfg = ActivationSparsityConfig(rule="teal", sparsity=0.0)
+    cal = ln.calibrate(m, calib_batches(), cfg)
+    dense = m(ids[:1, :1]).logits
+    ln.apply_(m, [cfg, RuntimeConfig(dtype=dtype)], cal)
+    sp = m.model.layers[0].mlp.down_proj
+    assert sp.weight_dtype == dtype and sp.wt.dtype == {"bf16": torch.bfloat16, "int8": torch.int8}[dtype]
+    assert isinstance(m.lm_head, FastLinear)  # the head no method took is on the runtime
+    tol = {"bf16": 0.05, "int8": 0.1}[dtype]
+    assert (m(ids[:1, :1]).logits - dense).abs().max() <= tol * (1 + dense.abs().max())
+    with pytest.raises(ln.ConfigError, match="apply the runtime last"):
+        ln.revert_(m)
+        ln.apply_(m, [RuntimeConfig(), cfg], cal)
+    ln.revert_(m)
+    for k, v in before.items():
+        assert torch.equal(m.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_reproduces_the_model(family: str, batch: int) -> None:
+    m = tiny_causal_lm(family, layers=3)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, 128, (batch, 9), generator=g)
+    ref = lean_generate(m, prompt, 20)
+    assert supports_step(m)
+    ln.apply_(m, RuntimeConfig())
+    assert torch.equal(generate(m, prompt, 20), ref)  # greedy tokens identical to the eager model
+    ln.revert_(m)
+    assert torch.equal(generate(m, prompt, 20), ref)  # the step alone, on torch's linears
+
+
+def test_decode_step_logits_match_forward() -> None:
+    from lazyneuron.runtime import DecodeStep
+
+    m = tiny_causal_lm("llama", layers=2)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    full = m(ids).logits  # (2, 12, V)
+    st = DecodeStep(m, 2, 16)
+    st.prefill(ids[:, :8])
+    for p in range(8, 12):
+        assert torch.allclose(st.step(ids[:, p], p), full[:, p], atol=1e-4)
+
+
+def test_step_falls_back_where_it_does_not_apply() -> None:
+    for fam in ("gpt2", "qwen3"):
+        m = tiny_causal_lm(fam)
+        assert not supports_step(m)
+        prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(generate(m, prompt, 5), lean_generate(m, prompt, 5))
