@@ -84,6 +84,22 @@ class DecodeStep:
         fn = inner.norm
         self.final = (fn.weight.detach(), float(getattr(fn, "variance_epsilon", getattr(fn, "eps", 1e-6))))
         self._ext = extension("decode")
+        self._gemv = extension("gemv")
+        # per layer: the direct kernel arguments of each projection that is a FastLinear (None: call the module)
+        self._fast = [self._kernel_args(lay) for lay in self.layers]
+        self._head = _direct(self.head)
+
+    @staticmethod
+    def _kernel_args(lay: nn.Module) -> tuple[Any, ...]:
+        att, mlp = lay.self_attn, lay.mlp
+        proj = tuple(_direct(getattr(att, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        gated = None
+        if not isinstance(mlp, LazyModule) and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) and \
+                type(getattr(mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
+            parts = tuple(_direct(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+            if all(p is not None for p in parts):
+                gated = parts
+        return proj + (gated,)
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -112,16 +128,26 @@ class DecodeStep:
         w0, e0 = self.norm_w[0][0], self.norm_w[0][1]
         x = ext.rmsnorm(h, w0, e0)
         n = len(self.layers)
+        gemv = self._gemv.gemv
+        silu = torch.nn.functional.silu
         for i, lay in enumerate(self.layers):
             att = lay.self_attn
-            o = ext.attn_decode(att.q_proj(x), att.k_proj(x), att.v_proj(x), cos, sin, self.kc[i], self.vc[i], pos, self.scale)
+            fq, fk, fv, fo, fm = self._fast[i]
+            q = gemv(x, *fq)[0] if fq else att.q_proj(x)
+            k = gemv(x, *fk)[0] if fk else att.k_proj(x)
+            v = gemv(x, *fv)[0] if fv else att.v_proj(x)
+            o = ext.attn_decode(q, k, v, cos, sin, self.kc[i], self.vc[i], pos, self.scale)
             if o is None:
                 raise ValueError(f"attn_decode: {D._MESSAGES.get(ext.last_error(), 'bad input')}")
             _, _, w2, e2 = self.norm_w[i]
-            x = ext.add_rmsnorm(h, att.o_proj(o), w2, e2)
+            x = ext.add_rmsnorm(h, gemv(o, *fo)[0] if fo else att.o_proj(o), w2, e2)
             wn, en = (self.norm_w[i + 1][0], self.norm_w[i + 1][1]) if i + 1 < n else self.final
-            x = ext.add_rmsnorm(h, lay.mlp(x.unsqueeze(1)).reshape(h.shape), wn, en)
-        return self.head(x).float()
+            if fm:  # a plain SiLU-gated MLP on the runtime: its three kernels, no module calls
+                m = gemv(silu(gemv(x, *fm[0])[0]).mul_(gemv(x, *fm[1])[0]), *fm[2])[0]
+            else:
+                m = lay.mlp(x.unsqueeze(1)).reshape(h.shape)
+            x = ext.add_rmsnorm(h, m, wn, en)
+        return (gemv(x, *self._head)[0] if self._head else self.head(x)).float()
 
     def _step_reference(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         h = self.embed(tokens).float()
@@ -137,6 +163,16 @@ class DecodeStep:
             wn, en = (self.norm_w[i + 1][0], self.norm_w[i + 1][1]) if i + 1 < n else self.final
             x = D.rmsnorm_reference(h, wn, en)
         return self.head(x).float()
+
+
+def _direct(mod: nn.Module) -> tuple[Any, ...] | None:
+    """(wt, scale, bias, centre, threshold) for calling the GEMV kernel directly on a runtime
+    :class:`~lazyneuron.runtime.FastLinear` (None: call the module)."""
+    from .linear import FastLinear
+
+    if type(mod) is FastLinear and mod._ext is not None:
+        return (mod.wt, *mod._args)
+    return None
 
 
 def _layer_kv(cache: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:

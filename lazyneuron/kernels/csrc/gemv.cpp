@@ -20,6 +20,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -28,6 +29,13 @@
 #include <vector>
 
 #include "ln_check.h"
+
+#ifndef LN_PREFETCH
+#define LN_PREFETCH 2048
+#endif
+#ifndef LN_HINT
+#define LN_HINT _MM_HINT_T1  // into L2: its miss buffers, not L1's few, bound how many lines are in flight
+#endif
 
 namespace {
 
@@ -44,18 +52,92 @@ inline float ld(const uint16_t* p, int64_t j) {
 }
 inline float ld(const int8_t* p, int64_t j) { return static_cast<float>(p[j]); }
 
-// acc[0:n] += v0*r0 + v1*r1 + v2*r2 + v3*r3  (vectorised by the compiler)
-template <typename W>
-inline void axpy4(float* __restrict__ acc, const W* __restrict__ r0, const W* __restrict__ r1, const W* __restrict__ r2,
-                  const W* __restrict__ r3, float v0, float v1, float v2, float v3, int64_t n) {
-#pragma GCC ivdep
-  for (int64_t j = 0; j < n; ++j) acc[j] += v0 * ld(r0, j) + v1 * ld(r1, j) + v2 * ld(r2, j) + v3 * ld(r3, j);
+// One SIMD vector of fp32 lanes, widened from the weight format as it is loaded.
+#if defined(__AVX512F__)
+constexpr int64_t kV = 16;
+using vec = __m512;
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vload(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline vec vload(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
+inline vec vfma(float a, vec b, vec c) { return _mm512_fmadd_ps(_mm512_set1_ps(a), b, c); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+constexpr int64_t kBB = 8;  // tokens whose accumulators are held in registers at once
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kV = 8;
+using vec = __m256;
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vload(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline vec vload(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline vec vfma(float a, vec b, vec c) { return _mm256_fmadd_ps(_mm256_set1_ps(a), b, c); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+constexpr int64_t kBB = 4;
+#else
+#define LN_SCALAR 1
+constexpr int64_t kV = 1;
+constexpr int64_t kBB = 4;
+#endif
+#ifndef LN_ROWS
+#define LN_ROWS 8
+#endif
+constexpr int64_t kR = LN_ROWS;
+constexpr int64_t kPrefetchBytes = LN_PREFETCH;  // how far ahead in a row the software prefetch runs  // weight rows streamed together: the accumulators are loaded and stored once per kR rows
+
+// acc[b] (stride lda) += sum_{r < R} v[r * B + b] * rows[r][0 : n] for NB tokens b: each weight vector
+// is widened once and applied to the NB accumulators, held in registers.
+template <typename W, int64_t R, int64_t NB>
+inline void group_pass_nb(const W* const* rows, const W* const* next, const float* v, int64_t B, float* acc, int64_t lda, int64_t n) {
+  int64_t j = 0;
+#ifndef LN_SCALAR
+  constexpr int64_t pd = kPrefetchBytes / static_cast<int64_t>(sizeof(W));  // elements ahead
+  constexpr int64_t every = std::max<int64_t>(1, 64 / (kV * static_cast<int64_t>(sizeof(W))));  // vectors per cache line
+  int64_t step = 0;
+  for (; j + kV <= n; j += kV, ++step) {
+    if (next && step % every == 0) {  // this row's line pd ahead, or the next group's once the row ends
+      const int64_t pj = j + pd;
+      for (int64_t r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(pj < n ? rows[r] + pj : next[r] + (pj - n)), LN_HINT);
+    }
+    vec a[NB];
+    for (int64_t t = 0; t < NB; ++t) a[t] = vload(acc + t * lda + j);
+    for (int64_t r = 0; r < R; ++r) {
+      const vec w = vload(rows[r] + j);
+      for (int64_t t = 0; t < NB; ++t) a[t] = vfma(v[r * B + t], w, a[t]);
+    }
+    for (int64_t t = 0; t < NB; ++t) vstore(acc + t * lda + j, a[t]);
+  }
+#endif
+  for (; j < n; ++j)
+    for (int64_t t = 0; t < NB; ++t) {
+      float s = acc[t * lda + j];
+      for (int64_t r = 0; r < R; ++r) s += v[r * B + t] * ld(rows[r], j);
+      acc[t * lda + j] = s;
+    }
 }
 
-template <typename W>
-inline void axpy1(float* __restrict__ acc, const W* __restrict__ r0, float v0, int64_t n) {
-#pragma GCC ivdep
-  for (int64_t j = 0; j < n; ++j) acc[j] += v0 * ld(r0, j);
+template <typename W, int64_t R>
+inline void group_pass(const W* const* rows, const W* const* next, const float* v, int64_t B, float* acc, int64_t lda, int64_t n) {
+  for (int64_t b0 = 0; b0 < B; b0 += kBB) {
+    const float* vb = v + b0;
+    float* ab = acc + b0 * lda;
+    switch (std::min<int64_t>(kBB, B - b0)) {
+      case 1: group_pass_nb<W, R, 1>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
+      case 2: group_pass_nb<W, R, 2>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
+      case 3: group_pass_nb<W, R, 3>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
+      case 4: group_pass_nb<W, R, 4>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
+#if defined(__AVX512F__)
+      case 5: group_pass_nb<W, R, 5>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
+      case 6: group_pass_nb<W, R, 6>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
+      case 7: group_pass_nb<W, R, 7>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
+      case 8: group_pass_nb<W, R, 8>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
+#endif
+    }
+  }
 }
 
 // acc (B rows, stride lda) += sum_{k in [k0, k1)} vals[k*B + b] * Wt[row k, j0 : j0 + len]
@@ -63,20 +145,19 @@ template <typename W>
 void rows_pass(const W* wt, int64_t out, const int32_t* idx, const float* vals, int64_t B, int64_t k0, int64_t k1, int64_t j0,
                int64_t len, float* acc, int64_t lda) {
   auto row = [&](int64_t k) { return wt + (idx ? static_cast<int64_t>(idx[k]) : k) * out + j0; };
+  const W* rows[kR];
+  const W* next[kR];
   int64_t k = k0;
-  for (; k + 4 <= k1; k += 4) {
-    const W *r0 = row(k), *r1 = row(k + 1), *r2 = row(k + 2), *r3 = row(k + 3);
-    const float* v = vals + k * B;
-    for (int64_t b = 0; b < B; ++b) {
-      const float v0 = v[b], v1 = v[B + b], v2 = v[2 * B + b], v3 = v[3 * B + b];
-      if (B > 1 && v0 == 0.f && v1 == 0.f && v2 == 0.f && v3 == 0.f) continue;  // none of the 4 rows is active for token b
-      axpy4(acc + b * lda, r0, r1, r2, r3, v0, v1, v2, v3, len);
+  for (; k + kR <= k1; k += kR) {
+    for (int64_t r = 0; r < kR; ++r) {
+      rows[r] = row(k + r);
+      next[r] = row(std::min(k + kR + r, k1 - 1));
     }
+    group_pass<W, kR>(rows, next, vals + k * B, B, acc, lda, len);
   }
   for (; k < k1; ++k) {
-    const W* r0 = row(k);
-    for (int64_t b = 0; b < B; ++b)
-      if (B == 1 || vals[k * B + b] != 0.f) axpy1(acc + b * lda, r0, vals[k * B + b], len);
+    rows[0] = row(k);
+    group_pass<W, 1>(rows, nullptr, vals + k * B, B, acc, lda, len);
   }
 }
 
@@ -131,7 +212,7 @@ int64_t run(const float* x, const W* wt, const float* scale, const float* bias, 
     thread_local std::vector<float> partial;
     partial.assign(static_cast<size_t>(parts * B * out), 0.f);
     float* pp = partial.data();
-    auto bound = [&](int64_t p) { return p == parts ? n : ((n * p / parts) & ~int64_t(3)); };
+    auto bound = [&](int64_t p) { return p == parts ? n : (n * p / parts) / kR * kR; };
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) rows_pass(wt, out, idx, vp, B, bound(p), bound(p + 1), 0, out, pp + p * B * out, out);
     });
