@@ -172,9 +172,12 @@ def apply_(
             if getattr(meth, "resolve_late", False):  # targets what the configs before it left unconverted
                 paths = meth.resolve(model, ad, cfg)
             run_cfg = meth.plan(model, cfg, paths, stats)
-            replaced = replace_modules(
-                model, paths, lambda p, m, meth=meth, cfg=run_cfg, stats=stats: meth.convert(p, m, cfg, None if stats is None else stats[p]), cfg.name
-            )
+            if not paths and getattr(meth, "resolve_late", False):  # the configs before it took every target (the runtime gave them its format)
+                replaced: list[str] = []
+            else:
+                replaced = replace_modules(
+                    model, paths, lambda p, m, meth=meth, cfg=run_cfg, stats=stats: meth.convert(p, m, cfg, None if stats is None else stats[p]), cfg.name
+                )
             done.append(replaced)
             reports.append(ApplyReport(cfg.name, cfg.to_dict(), replaced, meth.summarize(model, cfg, replaced)))
     except BaseException:

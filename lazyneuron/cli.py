@@ -57,11 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="fewer repeats and windows (for smoke runs)")
     s.add_argument("--json", action="store_true", help="print the records as a JSON list instead of a table")
     s.add_argument("--out", help="append the records to this JSON-lines file")
+    _runtime_arg(s)
 
     s = sub.add_parser("demo", help="every registered method at its default setting against dense: one table, records, plot")
     s.add_argument("--model", default="smollm2-135m")
     s.add_argument("--quick", action="store_true")
     s.add_argument("--out", default="lazyneuron-results", help="folder for demo.jsonl and pareto.png")
+    _runtime_arg(s)
 
     s = sub.add_parser("plot", help="plots from records", epilog="example: lazyneuron plot pareto results.jsonl --out pareto.png")
     s.add_argument("kind", choices=["pareto", "layers", "gates"])
@@ -76,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_kernel_parser(sub)
     return p
+
+
+def _runtime_arg(s: Any) -> None:
+    s.add_argument("--runtime", default="fp32", choices=["fp32", "bf16", "int8", "eager"],
+                   help="weight format of the fast runtime the methods run on (default fp32, exact); eager: the model's own modules, "
+                        "to compare against. Dense always runs eagerly too, as the baseline")
 
 
 def _add_kernel_parser(sub: Any) -> None:
@@ -244,6 +252,7 @@ def _run(args: argparse.Namespace) -> int:
         from .bench import BenchSettings, runner, write
 
         s = runner.quick() if args.quick else BenchSettings()
+        s.runtime = args.runtime
         if args.cmd == "bench":
             s.corpus = args.corpus
             if args.repeats:
@@ -273,7 +282,8 @@ def _run(args: argparse.Namespace) -> int:
             metrics = {} if causal else {"speed_metric": "encode_speedup_b1", "quality_metric": "state_rel_error"}
             png = plots.pareto([r.to_dict() for r in recs], out / "pareto.png", **metrics)
             if causal:
-                sys.stdout.write(f"\n{args.model}, batch 1 decode ({s.new_tokens} new tokens, lean loop), perplexity on {s.corpus} test windows\n")
+                how = "eager dense baseline; methods on the runtime (" + s.runtime + ")" if s.runtime != "eager" else "lean loop, eager modules"
+                sys.stdout.write(f"\n{args.model}, batch 1 decode ({s.new_tokens} new tokens, {how}), perplexity on {s.corpus} test windows\n")
             else:
                 sys.stdout.write(f"\n{args.model} (encoder), tokens/s of forwards at batch 1 ({s.prompt_tokens} tokens) and on one {s.prefill_tokens}-token "
                                  f"sequence, output states against dense on {s.corpus} test windows\n")

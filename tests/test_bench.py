@@ -109,10 +109,16 @@ def test_bench_calibration_serves_every_setting_of_a_method(monkeypatch) -> None
     m = tiny_causal_lm("llama")
     cfgs = [C(rule="scap", sparsity=0.5), C(rule="teal", sparsity=0.5), C(rule="cats", sparsity=0.5)]
     variants = build_variants(m, None, cfgs, BenchSettings(calib_texts=8), progress=False)
-    assert [v.name for v in variants] == ["dense", "activation_sparsity#1", "activation_sparsity#2", "activation_sparsity#3"]
+    # by default the methods run on the runtime (fp32), beside the dense model on it and the eager dense baseline
+    assert [v.name for v in variants] == ["dense", "runtime", "activation_sparsity#2", "activation_sparsity#3", "activation_sparsity#4"]
+    assert all([c.name for c in v.configs] == ["activation_sparsity", "runtime"] for v in variants[2:])
     for v in variants[1:]:
         ln.apply_(m, v.configs, v.calibration)
         ln.revert_(m)
+    eager = build_variants(m, None, cfgs, BenchSettings(calib_texts=8, runtime="eager"), progress=False)
+    assert [v.name for v in eager] == ["dense", "activation_sparsity#1", "activation_sparsity#2", "activation_sparsity#3"]
+    with pytest.raises(ln.ConfigError, match="runtime"):
+        build_variants(m, None, cfgs, BenchSettings(calib_texts=8, runtime="fp16"), progress=False)
 
 
 def test_demo_skips_settings_that_do_not_apply_and_says_why() -> None:

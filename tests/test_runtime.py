@@ -184,3 +184,31 @@ def test_step_falls_back_where_it_does_not_apply() -> None:
         assert not supports_step(m)
         prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
         assert torch.equal(generate(m, prompt, 5), lean_generate(m, prompt, 5))
+
+
+def _has_avx512() -> bool:
+    from pathlib import Path
+
+    try:
+        return " avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (_has_avx512() and G.available()), reason="the host has no AVX-512: the default build already is the AVX2 path")
+def test_kernels_on_the_avx2_path() -> None:
+    """The kernels choose their vector width when they are compiled (-march=native): on an
+    AVX-512 host the AVX2 path is built with -mno-avx512f and held to the same references."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = {**os.environ, "LAZYNEURON_KERNEL_FLAGS": "-mno-avx512f"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(here / "test_runtime.py"), str(here / "test_kernels.py"),
+           str(here / "test_fff.py"), "-k", "(gemv or attn or norm or sparse or cats or per_channel or decode_step or cmm) and not avx2"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=here.parent)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout

@@ -14,6 +14,8 @@ from ..adapters import get_adapter
 from ..api import applied, calibrate
 from ..calibration import Calibration
 from ..config import MethodConfig, method_for
+from ..errors import ConfigError
+from ..runtime import RuntimeConfig
 from .accounting import skipped_fraction, tracking
 from .quality import agreement, perplexity, reference_logprobs, reference_states, state_fidelity
 from .records import Record
@@ -34,6 +36,10 @@ class BenchSettings:
     ppl_length: int = 256
     calib_texts: int = 24
     hf_generate: bool = True
+    runtime: str = "fp32"  # the weight format methods run on (lazyneuron.runtime), or "eager": the model's own modules
+
+
+RUNTIMES = ("eager", "fp32", "bf16", "int8")
 
 
 def quick() -> BenchSettings:
@@ -49,8 +55,24 @@ def build_variants(model: nn.Module, tok: Any, configs: Sequence[MethodConfig], 
         # one pass over the texts observes what every setting needs (settings of one method may
         # target different modules, or need other statistics: SCAP's histograms, CATS's gates)
         cal = calibrate(model, texts, need, tok, max_length=512, progress=progress)
+    if s.runtime not in RUNTIMES:
+        raise ConfigError(f"runtime {s.runtime!r} is not one of {list(RUNTIMES)}")
+    on_runtime = s.runtime != "eager"
+    if on_runtime and not any(c.name == "runtime" for c in configs):  # the dense model on the runtime: the runtime's own share
+        rt = RuntimeConfig(dtype=s.runtime)
+        variants.append(Variant("runtime", rt, None, {"dtype": s.runtime}))
     for c in configs:
-        variants.append(Variant(c.name, c, cal, {k: v for k, v in c.to_dict().items() if k not in ("method",)}))
+        params = {k: v for k, v in c.to_dict().items() if k not in ("method",)}
+        if on_runtime and c.name != "runtime":
+            both = [c, RuntimeConfig(dtype=s.runtime)]
+            try:  # the method on the runtime, unless the two cannot share this model
+                with applied(model, both, cal):
+                    pass
+                variants.append(Variant(c.name, both, cal, {**params, "runtime": s.runtime}))
+                continue
+            except ConfigError as e:
+                log.info("%s runs on the model's own modules: %s", c.name, e)
+        variants.append(Variant(c.name, c, cal, params))
     counts = {n: sum(v.name == n for v in variants) for n in {v.name for v in variants}}
     for i, v in enumerate(variants):  # unique names when one method appears at several settings
         if counts[v.name] > 1:
@@ -105,7 +127,13 @@ def run(model_name: str, model: nn.Module, tok: Any, configs: Sequence[MethodCon
 
 
 def _method_name(v: Variant) -> str:
-    return "dense" if v.configs is None else v.configs.name if isinstance(v.configs, MethodConfig) else "+".join(c.name for c in v.configs)
+    """dense, the method's name, or (a method on the runtime) the method's name alone: its records
+    carry the runtime's weight format as the ``runtime`` parameter."""
+    if v.configs is None:
+        return "dense"
+    if isinstance(v.configs, MethodConfig):
+        return v.configs.name
+    return "+".join(c.name for c in v.configs if c.name != "runtime") or "runtime"
 
 
 def _paired(recs: list[Record], rec: Any, times: dict[str, dict[str, list[float]]], v: Variant, dense: dict[str, float]) -> None:
@@ -159,7 +187,7 @@ def run_encoder(model_name: str, model: nn.Module, tok: Any, variants: list[Vari
     return recs
 
 
-_KEY_PARAMS = ("rule", "sparsity", "criterion", "threshold", "depth")  # shown even at their defaults
+_KEY_PARAMS = ("rule", "sparsity", "criterion", "threshold", "depth", "dtype", "runtime")  # shown even at their defaults
 
 
 def _label(method: str, params: dict[str, Any]) -> str:

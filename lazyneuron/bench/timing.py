@@ -34,8 +34,19 @@ def summary(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), q[2] - q[0]
 
 
+def on_runtime(model: nn.Module) -> bool:
+    from ..runtime import FastLinear
+
+    return any(isinstance(m, FastLinear) for m in model.modules())
+
+
 def decode_tps(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
-    _, (_, td) = lean_generate(model, prompt, new_tokens, return_timing=True)
+    """Decode tokens/s: a model on the runtime decodes with its lean step (``runtime.generate``),
+    any other with the lean loop over the model's own forward."""
+    from .. import runtime
+
+    gen = runtime.generate if on_runtime(model) else lean_generate
+    _, (_, td) = gen(model, prompt, new_tokens, return_timing=True)
     return prompt.shape[0] * (new_tokens - 1) / td
 
 

@@ -81,8 +81,8 @@ class FastLinear(LazyModule):
             y, _ = self._ext.gemv(x2 if x2.is_contiguous() else x2.contiguous(), self.wt, *self._args)
             if y is None:
                 raise ValueError(f"FastLinear: {G.kernel_error(self._ext.last_error(), x2, self.wt)}")
-        elif self.dtype == "fp32" and self.base.weight.dtype == torch.float32:
-            y = F.linear(x2.float(), self.base.weight, self.bias)  # the same fp32 values, torch's GEMM
+        elif self.scale is None and self.wt.dtype == torch.float32:  # the same fp32 values, torch's GEMM on the (in, out) layout
+            y = torch.addmm(self.bias, x2.float(), self.wt) if self.bias is not None else x2.float() @ self.wt
         else:
             y = F.linear(x2.float(), G.dequantize(self.wt, self.scale).t(), self.bias)  # the kernel's weight values
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
@@ -142,7 +142,7 @@ class Runtime(Method):
 
     @classmethod
     def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
-        return [RuntimeConfig(dtype="bf16")]
+        return [RuntimeConfig(dtype="bf16"), RuntimeConfig(dtype="int8")]
 
     def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
         mods = [model.get_submodule(p) for p in paths]

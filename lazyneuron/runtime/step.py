@@ -172,6 +172,10 @@ def _direct(mod: nn.Module) -> tuple[Any, ...] | None:
 
     if type(mod) is FastLinear and mod._ext is not None:
         return (mod.wt, *mod._args)
+    if type(mod).__name__ == "SparseLinear" and mod.backend == "auto" and not mod.track and extension("gemv") is not None:
+        e = torch.empty(0)  # activation sparsity: the same kernel with its threshold (and centre, for SCAP)
+        return (mod.wt, e if mod.scale is None else mod.scale, e if mod.bias_eff is None else mod.bias_eff, e if mod.centre is None else mod.centre,
+                mod.threshold)
     return None
 
 

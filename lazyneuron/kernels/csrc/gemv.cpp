@@ -90,18 +90,22 @@ constexpr int64_t kPrefetchBytes = LN_PREFETCH;  // how far ahead in a row the s
 
 // acc[b] (stride lda) += sum_{r < R} v[r * B + b] * rows[r][0 : n] for NB tokens b: each weight vector
 // is widened once and applied to the NB accumulators, held in registers.
-template <typename W, int64_t R, int64_t NB>
-inline void group_pass_nb(const W* const* rows, const W* const* next, const float* v, int64_t B, float* acc, int64_t lda, int64_t n) {
+// Software prefetch: `ahead(r, pj)` gives the address pj elements further along row r's stream,
+// a stream being row r of this group, then row r of the next group, and so on (nullptr past the
+// end), so that short rows (sparse rows, small outputs) are fetched groups ahead.
+template <typename W, int64_t R, int64_t NB, typename Ahead>
+inline void group_pass_nb(const W* const* rows, const Ahead& ahead, const float* v, int64_t B, float* acc, int64_t lda, int64_t n) {
   int64_t j = 0;
 #ifndef LN_SCALAR
   constexpr int64_t pd = kPrefetchBytes / static_cast<int64_t>(sizeof(W));  // elements ahead
   constexpr int64_t every = std::max<int64_t>(1, 64 / (kV * static_cast<int64_t>(sizeof(W))));  // vectors per cache line
   int64_t step = 0;
   for (; j + kV <= n; j += kV, ++step) {
-    if (next && step % every == 0) {  // this row's line pd ahead, or the next group's once the row ends
-      const int64_t pj = j + pd;
-      for (int64_t r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(pj < n ? rows[r] + pj : next[r] + (pj - n)), LN_HINT);
+    if (step % every == 0) {
+      for (int64_t r = 0; r < R; ++r) {
+        const W* p = ahead(r, j + pd);
+        if (p) _mm_prefetch(reinterpret_cast<const char*>(p), LN_HINT);
+      }
     }
     vec a[NB];
     for (int64_t t = 0; t < NB; ++t) a[t] = vload(acc + t * lda + j);
@@ -120,23 +124,31 @@ inline void group_pass_nb(const W* const* rows, const W* const* next, const floa
     }
 }
 
-template <typename W, int64_t R>
-inline void group_pass(const W* const* rows, const W* const* next, const float* v, int64_t B, float* acc, int64_t lda, int64_t n) {
+template <typename W, int64_t R, typename Ahead>
+inline void group_pass(const W* const* rows, const Ahead& ahead, const float* v, int64_t B, float* acc, int64_t lda, int64_t n) {
+  auto none = [](int64_t, int64_t) -> const W* { return nullptr; };
   for (int64_t b0 = 0; b0 < B; b0 += kBB) {
     const float* vb = v + b0;
     float* ab = acc + b0 * lda;
-    switch (std::min<int64_t>(kBB, B - b0)) {
-      case 1: group_pass_nb<W, R, 1>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
-      case 2: group_pass_nb<W, R, 2>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
-      case 3: group_pass_nb<W, R, 3>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
-      case 4: group_pass_nb<W, R, 4>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
+    const int64_t nb = std::min<int64_t>(kBB, B - b0);
+#define LN_NB(N)                                                           \
+  case N:                                                                  \
+    if (b0 == 0) group_pass_nb<W, R, N>(rows, ahead, vb, B, ab, lda, n);   \
+    else group_pass_nb<W, R, N>(rows, none, vb, B, ab, lda, n);            \
+    break;
+    switch (nb) {
+      LN_NB(1)
+      LN_NB(2)
+      LN_NB(3)
+      LN_NB(4)
 #if defined(__AVX512F__)
-      case 5: group_pass_nb<W, R, 5>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
-      case 6: group_pass_nb<W, R, 6>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
-      case 7: group_pass_nb<W, R, 7>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
-      case 8: group_pass_nb<W, R, 8>(rows, b0 ? nullptr : next, vb, B, ab, lda, n); break;
+      LN_NB(5)
+      LN_NB(6)
+      LN_NB(7)
+      LN_NB(8)
 #endif
     }
+#undef LN_NB
   }
 }
 
@@ -146,18 +158,29 @@ void rows_pass(const W* wt, int64_t out, const int32_t* idx, const float* vals, 
                int64_t len, float* acc, int64_t lda) {
   auto row = [&](int64_t k) { return wt + (idx ? static_cast<int64_t>(idx[k]) : k) * out + j0; };
   const W* rows[kR];
-  const W* next[kR];
+  const W* far0[kR];  // row r, G groups ahead, and G + 1 groups ahead, where G = prefetch distance / row length
+  const W* far1[kR];
+  constexpr int64_t pd = kPrefetchBytes / static_cast<int64_t>(sizeof(W));
+  const int64_t G = len > 0 ? pd / len : 0, base = G * len;
   int64_t k = k0;
   for (; k + kR <= k1; k += kR) {
     for (int64_t r = 0; r < kR; ++r) {
       rows[r] = row(k + r);
-      next[r] = row(std::min(k + kR + r, k1 - 1));
+      const int64_t a = k + G * kR + r, b = a + kR;
+      far0[r] = a < k1 ? row(a) : nullptr;
+      far1[r] = b < k1 ? row(b) : nullptr;
     }
-    group_pass<W, kR>(rows, next, vals + k * B, B, acc, lda, len);
+    auto ahead = [&](int64_t r, int64_t pj) -> const W* {  // pj = j + pd with 0 <= j < len: G or G + 1 groups ahead
+      const int64_t off = pj - base;
+      if (off < len) return far0[r] ? far0[r] + off : nullptr;
+      return far1[r] ? far1[r] + (off - len) : nullptr;
+    };
+    group_pass<W, kR>(rows, ahead, vals + k * B, B, acc, lda, len);
   }
+  auto none = [](int64_t, int64_t) -> const W* { return nullptr; };
   for (; k < k1; ++k) {
     rows[0] = row(k);
-    group_pass<W, 1>(rows, nullptr, vals + k * B, B, acc, lda, len);
+    group_pass<W, 1>(rows, none, vals + k * B, B, acc, lda, len);
   }
 }
 
