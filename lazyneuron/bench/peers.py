@@ -50,11 +50,27 @@ def llama_cpp_gguf(src: Path, fmt: str) -> Path:
     params.ftype = FTYPES[fmt]
     params.allow_requantize = True
     tmp = dst.with_suffix(".tmp")
-    rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    rc = _quiet(lambda: lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), params))
     if rc != 0:
         raise RuntimeError(f"llama.cpp could not write {fmt} from {src} (return code {rc})")
     tmp.rename(dst)
     return dst
+
+
+def _quiet(fn: Any) -> Any:
+    """Run ``fn`` with the process's standard error (where llama.cpp logs every tensor) silenced."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            return fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class LlamaCppDecoder:
@@ -62,23 +78,29 @@ class LlamaCppDecoder:
 
     def __init__(self, gguf: Path, threads: int, n_ctx: int = 512) -> None:
         lc = llama_cpp()
-        self.llm = lc.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx, verbose=False)
+        self.llm = _quiet(lambda: lc.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx, verbose=False))
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> tuple[list[int], tuple[float, float]]:
         """Greedy ids and (prefill_seconds, decode_seconds) for tokens 2..max_new_tokens."""
         import numpy as np
 
         ids = [int(t) for t in prompt.view(-1)]
-        llm = self.llm
+        llm, lc = self.llm, llama_cpp()
+        llm._logits_all = False  # noqa: SLF001  (only the last position's logits, as a decode step needs)
+        ctx, n_vocab = llm._ctx.ctx, llm.n_vocab()  # noqa: SLF001
+
+        def last() -> int:
+            return int(np.argmax(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))))
+
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = last()
         t1 = time.perf_counter()
         out = [nxt]
         for _ in range(max_new_tokens - 1):
             llm.eval([nxt])
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = last()
             out.append(nxt)
         return out, (t1 - t0, time.perf_counter() - t1)
 
