@@ -212,3 +212,21 @@ def test_kernels_on_the_avx2_path() -> None:
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=here.parent)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", G.DTYPES)
+@pytest.mark.parametrize("centred", [False, True])
+def test_long_inputs_sparsified_then_dense_gemm(dtype: str, centred: bool) -> None:
+    """Above the kernel's batch, activation sparsity sparsifies the input in one pass and runs a
+    dense GEMM: the same values as the reference."""
+    from lazyneuron.kernels import sparse_gemv as K
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 96, generator=g)
+    wt, scale = G.prepare_weight(torch.randn(50, 96, generator=g), dtype)
+    bias, centre = torch.randn(50, generator=g), (0.1 * torch.randn(96, generator=g) if centred else None)
+    for thr in (torch.tensor([0.6]), torch.rand(96, generator=g)):
+        y = K.masked_matmul(x, wt, bias, centre, thr, scale)
+        ref = K.reference(x, wt, bias, centre, thr, scale)
+        assert torch.allclose(y, ref, atol=1e-4, rtol=1e-5)

@@ -38,20 +38,21 @@ def prepare_weight(w: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Ten
 
 
 def dequantize(wt: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """The fp32 (in, out) weight the kernel computes with."""
-    return wt.float() * scale if scale is not None else wt.float()
+    """The fp32 (in, out) weight the kernel computes with (one pass)."""
+    return wt * scale if scale is not None else wt.float()
 
 
 def reference(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
               centre: torch.Tensor | None = None, threshold: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-torch ground truth. x: (B, in) -> (B, out) float32."""
-    d = x.float() - (centre if centre is not None else 0.0)  # (B, in)
+    d = x.float() - centre if centre is not None else x.float()  # (B, in)
     if threshold is not None:
-        d = torch.where(d.abs() > threshold, d, torch.zeros((), dtype=d.dtype))
-    y = d @ wt.float()  # (B, out)
+        d = d.masked_fill(d.abs() <= threshold, 0.0)
+    w = wt.float() if wt.dtype != torch.float32 else wt
+    y = d @ w  # (B, out)
     if scale is not None:
-        y = y * scale
-    return y + bias if bias is not None else y
+        y.mul_(scale)
+    return y.add_(bias) if bias is not None else y
 
 
 def available() -> bool:

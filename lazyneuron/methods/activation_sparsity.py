@@ -317,6 +317,8 @@ class SparseLinear(LazyModule):
             self.weights_skipped += int((d.abs() <= self.threshold).sum()) * self.out_features
         if self.backend == "auto" and x2.shape[0] <= K.MAX_BATCH:
             y, _ = K.sparse_gemv(x2, self.wt, self.bias_eff, self.centre, self.threshold, self.scale)
+        elif self.backend == "auto":  # a long input: sparsified in one pass, then a dense GEMM
+            y = K.masked_matmul(x2, self.wt, self.bias_eff, self.centre, self.threshold, self.scale)
         else:
             y = K.reference(x2, self.wt, self.bias_eff, self.centre, self.threshold, self.scale)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)

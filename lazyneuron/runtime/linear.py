@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..adapters import ModelAdapter
 from ..config import MethodConfig, register
@@ -83,8 +82,9 @@ class FastLinear(LazyModule):
                 raise ValueError(f"FastLinear: {G.kernel_error(self._ext.last_error(), x2, self.wt)}")
         elif self.scale is None and self.wt.dtype == torch.float32:  # the same fp32 values, torch's GEMM on the (in, out) layout
             y = torch.addmm(self.bias, x2.float(), self.wt) if self.bias is not None else x2.float() @ self.wt
-        else:
-            y = F.linear(x2.float(), G.dequantize(self.wt, self.scale).t(), self.bias)  # the kernel's weight values
+        else:  # the kernel's weight values, widened once per call (one pass), then torch's GEMM on the (in, out) layout
+            w = G.dequantize(self.wt, self.scale)
+            y = torch.addmm(self.bias, x2.float(), w) if self.bias is not None else x2.float() @ w
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:

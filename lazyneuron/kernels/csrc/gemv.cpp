@@ -345,6 +345,33 @@ std::tuple<torch::Tensor, int64_t> cats_mlp(torch::Tensor x, torch::Tensor g, to
   return {y, n};
 }
 
+// d = (x - c) where |x - c| > t, else 0: the sparsified input of a long sequence (prefill, encoder
+// forwards), one pass, for a dense GEMM to multiply. x: (N, in) fp32 contiguous.
+torch::Tensor sparsify(torch::Tensor x, torch::Tensor centre, torch::Tensor thr) {
+  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), 1);
+  const int64_t N = x.size(0), in = x.size(1);
+  LN_CHECK(centre.numel() == 0 || (centre.numel() == in && centre.scalar_type() == torch::kFloat32 && centre.is_contiguous()), 7);
+  LN_CHECK((thr.numel() == 1 || thr.numel() == in) && thr.scalar_type() == torch::kFloat32 && thr.is_contiguous(), 8);
+  auto d = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* cp = centre.numel() ? centre.data_ptr<float>() : nullptr;
+  const float* tp = thr.data_ptr<float>();
+  const bool pc = thr.numel() == in && in > 1;
+  float* dp = d.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(in, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* xr = xp + n * in;
+      float* dr = dp + n * in;
+#pragma GCC ivdep
+      for (int64_t i = 0; i < in; ++i) {
+        const float v = xr[i] - (cp ? cp[i] : 0.f);
+        dr[i] = std::fabs(v) > (pc ? tp[i] : tp[0]) ? v : 0.f;
+      }
+    }
+  });
+  return d;
+}
+
 // Sum of a large fp32 buffer read by all threads: the in-run memory-bandwidth probe.
 double read_sum(torch::Tensor buf) {
   LN_CHECK(buf.scalar_type() == torch::kFloat32 && buf.is_contiguous(), 16);
@@ -376,6 +403,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("last_error", &last_error, "the number of the last failed input check");
   m.def("gemv", &gemv, "dense or sparse-input GEMV over input-major fp32 / bf16 / int8 weights");
   m.def("cats_mlp", &cats_mlp, "CATS MLP reading only the up / down rows of active neurons");
+  m.def("sparsify", &sparsify, "(x - c) where |x - c| > t, else 0");
   m.def("read_sum", &read_sum, "sum of a large fp32 buffer (memory-bandwidth probe)");
   m.attr("max_batch") = kMaxBatch;
 }
