@@ -1,6 +1,6 @@
 """The runtime against torch and llama.cpp on SmolLM2-135M, one interleaved run, same machine.
 
-    .venv/bin/python benchmarks/runtime.py            # ~10 min on 2 cores
+    .venv/bin/python benchmarks/runtime.py            # ~12 min on 2 cores
     .venv/bin/python benchmarks/runtime.py --quick    # smoke run
     .venv/bin/python benchmarks/runtime.py --plots-only
 
@@ -15,9 +15,12 @@ Engines:
 - ``llama.cpp`` (when ``llama-cpp-python`` is installed: ``bash scripts/setup.sh --with-peers``):
   the Q4_1 GGUF that lazyneuron's SmolLM2 is dequantized from, requantized to F32 / F16 / Q8_0.
 
-Every decode repeat runs every variant once, in turn, on the same 64-token news prompt and the
-same number of new tokens, with torch's threads (2 here) for every engine; values are medians
-over repeats. ``pct_of_bandwidth`` = weight bytes read per token x tokens/s / the in-run probe
+Every repeat runs every variant once, in turn (decode at batch 1 on the same 64-token news prompt
+and the same number of new tokens for every engine, with torch's threads, 2 here; for the dense
+variants and fp32 sparsity also decode at batch 8 and prefill of 64 and 256 tokens); values are
+medians over repeats, and ``ratio_vs_*`` records are medians of per-repeat ratios (against the
+eager model, and against llama.cpp at the same precision: f32, f16, q8_0), which host drift
+moves far less than absolute tokens/s. ``pct_of_bandwidth`` = weight bytes read per token x tokens/s / the in-run probe
 (a vectorised read of 512 MB, measured before each repeat; the median is recorded).
 """
 
@@ -56,7 +59,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT / "runtime.jsonl"))
     ap.add_argument("--plots-only", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     if args.plots_only:
@@ -121,50 +124,56 @@ def measure(quick: bool, new_tokens: int, repeats: int) -> list[dict[str, Any]]:
         except Exception as e:  # an older llama-cpp-python without per-position logits: speed only
             logging.warning("llama.cpp perplexity skipped (%s)", e)
 
-    # decode, batch 1: every variant once per repeat, in turn
-    samples: dict[tuple[str, str, str], list[float]] = {k: [] for k in bytes_per_token}
-    probe: list[float] = []
+    # every repeat runs every variant once, in turn: decode at batch 1 (and llama.cpp), then for the
+    # dense variants and fp32 sparsity decode at batch 8 and prefill; ratios are taken per repeat
+    samples: dict[tuple[str, str, str, str], list[float]] = {}
+    n8 = 16 if quick else 32
+    pre = {n: torch.tensor([data.token_stream(tok, "news", "test", n)[:n]], dtype=torch.long) for n in (64, 256)}
+
+    def add(key: tuple[str, str, str, str], value: float, r: int) -> None:
+        if r:  # repeat 0 warms up
+            samples.setdefault(key, []).append(value)
+
     for r in range(repeats + 1):
-        bw = read_bandwidth()
-        if r:
-            probe.append(bw)
+        add(("probe", "read", "fp32", "bandwidth_gbps"), read_bandwidth(), r)
         for engine, method, dt, cfgs, gen in variants:
             with ln.applied(model, cfgs or None, cal):
                 _, (_, td) = gen(model, prompt, new_tokens, return_timing=True)
-            if r:
-                samples[(engine, method, dt)].append((new_tokens - 1) / td)
-        for fmt, dec in lcpp.items():
-            _, (_, td) = dec.generate(prompt, new_tokens)
-            if r:
-                samples[("llama.cpp", "dense", fmt)].append((new_tokens - 1) / td)
-        logging.info("repeat %d/%d done", r, repeats)
-    bw = statistics.median(probe)
-    rec("probe", "read", "fp32", "bandwidth_gbps", bw, "GB/s", max(probe) - min(probe), len(probe))
-    for key, xs in samples.items():
-        engine, method, dt = key
-        med = statistics.median(xs)
-        rec(engine, method, dt, "decode_tps_b1", med, "tok/s", max(xs) - min(xs), len(xs))
-        rec(engine, method, dt, "pct_of_bandwidth", 100 * bytes_per_token[key] * med / (bw * 1e9), "%", bytes_per_token=bytes_per_token[key], probe_gbps=bw)
-
-    # batch 8 decode and prefill: lazyneuron variants against torch
-    for engine, method, dt, cfgs, gen in variants:
-        if "sparsity" in method and dt != "fp32":
-            continue
-        with ln.applied(model, cfgs or None, cal):
-            xs = []
-            for _ in range(1 if quick else 2):
-                _, (_, td) = gen(model, prompts8, 16 if quick else 32, return_timing=True)
-                xs.append(8 * ((16 if quick else 32) - 1) / td)
-            rec(engine, method, dt, "decode_tps_b8", max(xs), "tok/s", n=len(xs))
-            for n in (64, 256):
-                ids = torch.tensor([data.token_stream(tok, "news", "test", n)[:n]], dtype=torch.long)
-                ts = []
-                for _ in range(3):
+                add((engine, method, dt, "decode_tps_b1"), (new_tokens - 1) / td, r)
+                if "sparsity" in method and dt != "fp32":
+                    continue
+                _, (_, td) = gen(model, prompts8, n8, return_timing=True)
+                add((engine, method, dt, "decode_tps_b8"), 8 * (n8 - 1) / td, r)
+                for n, ids in pre.items():
                     with torch.inference_mode():
                         t0 = time.perf_counter()
                         model(input_ids=ids, use_cache=False, logits_to_keep=1)
-                        ts.append(time.perf_counter() - t0)
-                rec(engine, method, dt, "prefill_tps", n / min(ts), "tok/s", n=3, prompt_tokens=n)
+                        add((engine, method, dt, f"prefill_tps_{n}"), n / (time.perf_counter() - t0), r)
+        for fmt, dec in lcpp.items():
+            _, (_, td) = dec.generate(prompt, new_tokens)
+            add(("llama.cpp", "dense", fmt, "decode_tps_b1"), (new_tokens - 1) / td, r)
+        logging.info("repeat %d/%d done", r, repeats)
+
+    probe = samples.pop(("probe", "read", "fp32", "bandwidth_gbps"))
+    bw = statistics.median(probe)
+    rec("probe", "read", "fp32", "bandwidth_gbps", bw, "GB/s", max(probe) - min(probe), len(probe))
+    peer = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}
+    for (engine, method, dt, metric), xs in samples.items():
+        med = statistics.median(xs)
+        extra = {"prompt_tokens": int(metric.rpartition("_")[2])} if metric.startswith("prefill") else {}
+        rec(engine, method, dt, metric.rpartition("_")[0] if extra else metric, med, "tok/s", max(xs) - min(xs), len(xs), **extra)
+        base = samples.get(("torch", "dense", "fp32", metric))
+        if engine == "lazyneuron" and base:  # against the eager model, per repeat
+            ratios = [a / b for a, b in zip(xs, base)]
+            rec(engine, method, dt, "ratio_vs_torch_" + metric, statistics.median(ratios), "x", max(ratios) - min(ratios), len(ratios), **extra)
+        if metric == "decode_tps_b1":
+            key = (engine, method, dt)
+            rec(engine, method, dt, "pct_of_bandwidth", 100 * bytes_per_token[key] * med / (bw * 1e9), "%", bytes_per_token=bytes_per_token[key], probe_gbps=bw)
+            ref = samples.get(("llama.cpp", "dense", peer.get(dt, ""), metric))
+            if engine == "lazyneuron" and ref:  # against llama.cpp at the same precision, per repeat
+                ratios = [a / b for a, b in zip(xs, ref)]
+                rec(engine, method, dt, "ratio_vs_llama_cpp_decode_tps_b1", statistics.median(ratios), "x", max(ratios) - min(ratios), len(ratios),
+                    peer_dtype=peer[dt])
     return recs
 
 
