@@ -154,6 +154,13 @@ def measure(quick: bool, new_tokens: int, repeats: int) -> list[dict[str, Any]]:
             add(("llama.cpp", "dense", fmt, "decode_tps_b1"), (new_tokens - 1) / td, r)
         logging.info("repeat %d/%d done", r, repeats)
 
+    for engine, method, dt, cfgs, _ in variants:  # how a step's time splits between the GEMV kernels and the rest
+        if engine == "lazyneuron" and method == "dense":
+            with ln.applied(model, cfgs, cal):
+                prof = runtime.step_profile(model, prompt)
+            rec(engine, method, dt, "non_gemv_share", prof["non_gemv_share"], "fraction of a decode step",
+                step_ms=1e3 * prof["step_s"], gemv_ms=1e3 * prof["gemv_s"], kernel_calls=prof["kernel_calls"])
+
     probe = samples.pop(("probe", "read", "fp32", "bandwidth_gbps"))
     bw = statistics.median(probe)
     rec("probe", "read", "fp32", "bandwidth_gbps", bw, "GB/s", max(probe) - min(probe), len(probe))

@@ -230,3 +230,15 @@ def test_long_inputs_sparsified_then_dense_gemm(dtype: str, centred: bool) -> No
         y = K.masked_matmul(x, wt, bias, centre, thr, scale)
         ref = K.reference(x, wt, bias, centre, thr, scale)
         assert torch.allclose(y, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_step_profile_splits_the_step() -> None:
+    from lazyneuron.runtime import step_profile
+
+    m = tiny_causal_lm("llama")
+    prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="RuntimeConfig"):
+        step_profile(m, prompt, steps=2, repeats=1)
+    ln.apply_(m, RuntimeConfig())
+    p = step_profile(m, prompt, steps=2, repeats=1)
+    assert p["kernel_calls"] == 2 * 7 + 1 and 0 <= p["non_gemv_share"] <= 1 and p["step_s"] > 0

@@ -14,9 +14,9 @@ from typing import Sequence
 from torch import nn
 
 from .linear import FastLinear, Runtime, RuntimeConfig
-from .step import DecodeStep, generate, supports_step
+from .step import DecodeStep, generate, step_profile, supports_step
 
-__all__ = ["DecodeStep", "FastLinear", "Runtime", "RuntimeConfig", "generate", "prepare", "supports_step"]
+__all__ = ["DecodeStep", "FastLinear", "Runtime", "RuntimeConfig", "generate", "prepare", "step_profile", "supports_step"]
 
 
 def prepare(model: nn.Module, dtype: str = "fp32", configs: Sequence = (), calibration=None):

@@ -208,3 +208,41 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     t2 = time.perf_counter()
     ids = torch.stack(toks, 1)
     return (ids, (t1 - t0, t2 - t1)) if return_timing else ids
+
+
+@torch.inference_mode()
+def step_profile(model: nn.Module, input_ids: torch.Tensor, steps: int = 16, repeats: int = 5) -> dict[str, float]:
+    """How a decode step's time splits (batch of ``input_ids``): the median step time, and the
+    time of the same GEMV kernel calls replayed back to back (recorded from one step: the same
+    weights, shapes and inputs). ``non_gemv`` is the rest: small ops, attention, Python."""
+    import statistics
+
+    st = DecodeStep(model, input_ids.shape[0], input_ids.shape[1] + steps + 2)
+    nxt = st.prefill(input_ids).argmax(-1)
+    calls: list[tuple[torch.Tensor, tuple[Any, ...]]] = []
+    real = st._gemv
+
+    class _Recorder:
+        def gemv(self, x: torch.Tensor, *args: Any) -> Any:
+            calls.append((x.clone(), args))
+            return real.gemv(x, *args)
+
+    n = input_ids.shape[1]
+    st._gemv = _Recorder()
+    st.step(nxt, n)
+    st._gemv = real
+    if not calls:
+        raise ValueError("the step ran no runtime kernel: apply RuntimeConfig(...) first")
+    ts, gs = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            st.step(nxt, n + 1 + i)
+        ts.append((time.perf_counter() - t0) / steps)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            for x, args in calls:
+                real.gemv(x, *args)
+        gs.append((time.perf_counter() - t0) / steps)
+    step_s, gemv_s = statistics.median(ts), statistics.median(gs)
+    return {"step_s": step_s, "gemv_s": gemv_s, "non_gemv_share": max(0.0, step_s - gemv_s) / step_s, "kernel_calls": len(calls)}
