@@ -58,10 +58,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(OUT / "runtime.jsonl"))
     ap.add_argument("--plots-only", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the markdown tables of the records in --out (README, docs/runtime.md)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
+    if args.table:
+        print(table(read(args.out)))
+        return
     if args.plots_only:
         draw(read(args.out), OUT / "runtime_decode.png")
         return
@@ -184,6 +188,37 @@ def measure(quick: bool, new_tokens: int, repeats: int) -> list[dict[str, Any]]:
     return recs
 
 
+def table(recs: list[dict[str, Any]]) -> str:
+    """Markdown: decode at batch 1 per engine / weights / method, then the runtime's other ratios."""
+    val: dict[tuple[str, str, str, str], float] = {}
+    for r in recs:
+        m = r["metric"] + (f"_{r['params']['prompt_tokens']}" if r["metric"] == "prefill_tps" else "")
+        val[(r["engine"], r["method"], r["dtype"], m)] = r["value"]
+    keys = sorted({k[:3] for k in val if k[3] == "decode_tps_b1"}, key=lambda k: (["torch", "llama.cpp", "lazyneuron"].index(k[0]), list(BYTES).index(k[2]), k[1] != "dense", k[1]))
+
+    def g(k: tuple[str, str, str], m: str, fmt: str) -> str:
+        v = val.get((*k, m))
+        return "" if v is None else fmt.format(v)
+
+    def name(method: str) -> str:
+        return "dense" if method == "dense" else "TEAL " + method.rpartition("=")[2].replace("0.", "").ljust(2, "0") + "%"
+
+    bw = val.get(("probe", "read", "fp32", "bandwidth_gbps"))
+    out = [f"decode, batch 1, 64-token news prompt, 64 new tokens, 2 threads; memory read bandwidth measured in the run: {bw:.1f} GB/s", "",
+           "| engine | weights | method | decode tok/s | x llama.cpp (same precision) | x torch eager | % of bandwidth | news perplexity |",
+           "|---|---|---|---|---|---|---|---|"]
+    for k in keys:
+        out.append(f"| {k[0]} | {k[2]} | {name(k[1])} | {g(k, 'decode_tps_b1', '{:.1f}')} | {g(k, 'ratio_vs_llama_cpp_decode_tps_b1', '{:.2f}x')} | "
+                   f"{g(k, 'ratio_vs_torch_decode_tps_b1', '{:.2f}x')} | {g(k, 'pct_of_bandwidth', '{:.0f}%')} | {g(k, 'ppl_news', '{:.2f}')} |")
+    out += ["", "lazyneuron against the eager model in the same run (medians of per-repeat ratios):", "",
+            "| weights | method | decode b8 | prefill 64 tokens | prefill 256 tokens | non-GEMV share of a decode step |", "|---|---|---|---|---|---|"]
+    for k in keys:
+        if k[0] == "lazyneuron" and (k[1] == "dense" or k[2] == "fp32"):
+            out.append(f"| {k[2]} | {name(k[1])} | {g(k, 'ratio_vs_torch_decode_tps_b8', '{:.2f}x')} | {g(k, 'ratio_vs_torch_prefill_tps_64', '{:.2f}x')} | "
+                       f"{g(k, 'ratio_vs_torch_prefill_tps_256', '{:.2f}x')} | {g(k, 'non_gemv_share', '{:.0%}')} |")
+    return "\n".join(out)
+
+
 def draw(recs: list[dict[str, Any]], out: Path) -> None:
     """Decode tokens/s, batch 1, by engine and weight format, dense and with sparsity."""
     import matplotlib
@@ -195,12 +230,17 @@ def draw(recs: list[dict[str, Any]], out: Path) -> None:
     if not rows:
         return
     order = {"torch": 0, "llama.cpp": 1, "lazyneuron": 2}
-    rows.sort(key=lambda r: (order.get(r["engine"], 3), list(BYTES).index(r["dtype"]) if r["dtype"] in BYTES else 9, r["method"]))
+    rows.sort(key=lambda r: (order.get(r["engine"], 3), list(BYTES).index(r["dtype"]) if r["dtype"] in BYTES else 9, r["method"] != "dense", r["method"]))
+    ppl = {(r["engine"], r["method"], r["dtype"]): r["value"] for r in recs if r["metric"] == "ppl_news"}
+    dense_ppl = ppl.get(("torch", "dense", "fp32"))
     colours = {"torch": "#888888", "llama.cpp": "#d62728", "lazyneuron": "#1f77b4"}
 
     def label(r: dict[str, Any]) -> str:
-        m = "dense" if r["method"] == "dense" else "sparsity " + r["method"].rpartition("=")[2]
-        return f"{r['engine']} {r['dtype']} {m}"
+        if r["method"] == "dense":
+            return f"{r['engine']} {r['dtype']} dense"
+        p = ppl.get((r["engine"], r["method"], r["dtype"]))
+        delta = f", ppl {100 * (p / dense_ppl - 1):+.0f}%" if p and dense_ppl else ""
+        return f"{r['engine']} {r['dtype']} TEAL {float(r['method'].rpartition('=')[2]):.0%}{delta}"
 
     fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.2))
     y = range(len(rows))
