@@ -101,3 +101,20 @@ def test_activation_sparsity_on_smollm2_fast_path_matches_reference_path() -> No
     cos = torch.nn.functional.cosine_similarity(outs[0], outs[1], dim=-1)
     assert cos.min() > 0.999
     assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))
+
+
+def test_fp32_runtime_decodes_the_same_tokens_as_the_eager_model() -> None:
+    """SmolLM2 on the fp32 runtime and its lean decode step: the greedy tokens of 8 news prompts,
+    64 new tokens each at batch 1, are the eager Hugging Face model's."""
+    from lazyneuron import runtime
+    from lazyneuron.bench.decode import lean_generate
+
+    m, tok = ln.models.load("smollm2-135m")
+    stream = data.token_stream(tok, "news", "test", 8 * 48)
+    prompts = [torch.tensor([stream[i * 48 : (i + 1) * 48]]) for i in range(8)]
+    eager = [lean_generate(m, p, 64) for p in prompts]
+    ln.apply_(m, runtime.RuntimeConfig(dtype="fp32"))
+    assert runtime.supports_step(m)
+    for p, ref in zip(prompts, eager):
+        assert torch.equal(runtime.generate(m, p, 64), ref)
+    ln.revert_(m)

@@ -58,7 +58,7 @@ def build_variants(model: nn.Module, tok: Any, configs: Sequence[MethodConfig], 
     if s.runtime not in RUNTIMES:
         raise ConfigError(f"runtime {s.runtime!r} is not one of {list(RUNTIMES)}")
     on_runtime = s.runtime != "eager"
-    if on_runtime and not any(c.name == "runtime" for c in configs):  # the dense model on the runtime: the runtime's own share
+    if on_runtime and RuntimeConfig(dtype=s.runtime) not in configs:  # the dense model on the runtime: the runtime's own share
         rt = RuntimeConfig(dtype=s.runtime)
         variants.append(Variant("runtime", rt, None, {"dtype": s.runtime}))
     for c in configs:

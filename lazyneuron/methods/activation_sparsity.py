@@ -343,6 +343,9 @@ class CatsMLP(LazyModule):
         super().__init__(base)
         self.up_w = base.up_proj.weight.detach()  # (F, d): rows of neurons, already contiguous
         self.down_wt = _to_input_major(base.down_proj)  # (F, d_out)
+        self.gate_wt = _to_input_major(base.gate_proj)  # (d, F): the dense gate on the GEMV kernel
+        gb = getattr(base.gate_proj, "bias", None)
+        self.gate_bias = gb.detach().float().contiguous() if gb is not None else None
         self.threshold, self.sparsity, self.decode_only, self.backend = float(threshold), sparsity, decode_only, backend
         self.rule = "cats"
         self.tokens_seen = self.weights_skipped = 0
@@ -352,7 +355,10 @@ class CatsMLP(LazyModule):
             return self.base(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, d)
-        g = self.base.act_fn(self.base.gate_proj(x2))  # (tokens, F): the gate stays dense
+        if self.backend == "auto" and x2.shape[0] <= K.MAX_BATCH:  # (tokens, F): the gate stays dense
+            g = self.base.act_fn(G.gemv(x2, self.gate_wt, None, self.gate_bias)[0])
+        else:
+            g = self.base.act_fn(self.base.gate_proj(x2))
         if self.track:
             self.tokens_seen += x2.shape[0]
             self.weights_skipped += int((g.abs() <= self.threshold).sum()) * (self.up_w.shape[1] + self.down_wt.shape[1])
@@ -367,6 +373,7 @@ class CatsMLP(LazyModule):
 
     def restore_base(self) -> nn.Module:
         self.base.down_proj.weight.data = self.base.down_proj.weight.data.contiguous()
+        self.base.gate_proj.weight.data = self.base.gate_proj.weight.data.contiguous()
         return self.base
 
     def extra_repr(self) -> str:
