@@ -176,6 +176,11 @@ def test_decode_step_logits_match_forward() -> None:
     st.prefill(ids[:, :8])
     for p in range(8, 12):
         assert torch.allclose(st.step(ids[:, p], p), full[:, p], atol=1e-4)
+    st = DecodeStep(m, 2, 16)
+    st._ext = None  # no compiled kernels: the step's pure-torch form
+    st.prefill(ids[:, :8])
+    for p in range(8, 12):
+        assert torch.allclose(st.step(ids[:, p], p), full[:, p], atol=1e-4)
 
 
 def test_step_falls_back_where_it_does_not_apply() -> None:

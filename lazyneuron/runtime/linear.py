@@ -83,7 +83,7 @@ class FastLinear(LazyModule):
                 raise ValueError(f"FastLinear: {G.kernel_error(self._ext.last_error(), x2, self.wt)}")
         elif self.scale is None and self.wt.dtype == torch.float32:  # the same fp32 values, torch's GEMM on the (in, out) layout
             y = torch.addmm(self.bias, x2.float(), self.wt) if self.bias is not None else x2.float() @ self.wt
-        elif self._ext is not None and n <= CHUNKED_MAX and x2.is_cpu:  # bf16 / int8, a short prompt: the kernel, 16 tokens at a time
+        elif self._ext is not None and 0 < n <= CHUNKED_MAX and x2.is_cpu:  # bf16 / int8, a short prompt: the kernel, 16 tokens at a time
             xs = x2.float().contiguous()
             y = torch.cat([self._ext.gemv(xs[k : k + G.MAX_BATCH], self.wt, *self._args)[0] for k in range(0, n, G.MAX_BATCH)])
         else:  # the kernel's weight values, widened once per call (one pass), then torch's GEMM on the (in, out) layout

@@ -121,7 +121,7 @@ class DecodeStep:
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """One new token per sequence (tokens: (batch,)) at position ``pos``; returns logits (batch, V)."""
         ext = self._ext
-        if ext is None:
+        if ext is None or self._gemv is None:  # no compiled kernels here: the same step in pure torch
             return self._step_reference(tokens, pos)
         h = self.embed(tokens).float().contiguous()  # (B, d): the residual stream
         cos, sin = self.cos[pos], self.sin[pos]
