@@ -138,3 +138,52 @@ def test_table_labels_tell_settings_apart() -> None:
     t = table(recs)
     assert "activation_sparsity rule=scap,sparsity=0.5" in t and "activation_sparsity rule=teal,sparsity=0.5" in t
     assert "module_gating checkpoint=m.gates-frozen-25 " in t and "threshold" not in t and "backend" not in t
+
+
+def _bos_tokenizer():
+    """A real fast tokenizer (word level, 128 ids) that puts <s> in front of every sequence, as
+    Llama-3 and Gemma tokenizers do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 128)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_perplexity_of_a_bos_model_equals_the_hand_computed_one(monkeypatch) -> None:
+    """Windows start with BOS where the tokenizer adds one, and the harness's perplexity equals
+    one computed by hand: next-token log-probabilities from a forward per prefix."""
+    from lazyneuron import data
+
+    tok = _bos_tokenizer()
+    docs = [" ".join(f"w{3 + (7 * i + 3 * j) % 125}" for j in range(40)) for i in range(6)]
+    monkeypatch.setattr(data, "texts", lambda corpus, split: docs)
+    assert data.bos_id(tok) == 1 and tok("w5 w6")["input_ids"] == [1, 5, 6]
+    wins = data.windows(tok, "news", "test", 16, 3)
+    stream = data.token_stream(tok, "news", "test", 1000)
+    assert wins.shape == (3, 16) and (wins[:, 0] == 1).all()
+    assert wins[:, 1:].flatten().tolist() == stream[: 3 * 15]  # BOS, then the stream's tokens in order
+    m = tiny_causal_lm("llama")
+    nll = n = 0
+    with torch.no_grad():
+        for w in wins:
+            for i in range(1, len(w)):
+                logits = m(input_ids=w[:i].unsqueeze(0)).logits[0, -1]
+                nll -= F.log_softmax(logits.double(), -1)[w[i]].item()
+                n += 1
+    assert math.isclose(perplexity(m, wins), math.exp(nll / n), rel_tol=1e-5)
+    plain = data.windows(_no_bos(tok), "news", "test", 16, 3)  # a tokenizer that adds nothing: the stream as it is
+    assert plain.flatten().tolist() == stream[:48]
+
+
+def _no_bos(tok):
+    class NoBos:
+        bos_token_id, eos_token_id = tok.bos_token_id, tok.eos_token_id
+
+        def __call__(self, text, add_special_tokens=True, verbose=False):
+            return tok(text, add_special_tokens=False, verbose=verbose)
+
+    return NoBos()

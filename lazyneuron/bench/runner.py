@@ -91,9 +91,9 @@ def run(model_name: str, model: nn.Module, tok: Any, configs: Sequence[MethodCon
     variants = build_variants(model, tok, configs, s, progress, calibration)
     if not get_adapter(model).causal_lm:
         return run_encoder(model_name, model, tok, variants, s, progress=progress)
-    stream = data.token_stream(tok, s.corpus, "test", max(s.prompt_tokens * max(s.batches), s.prefill_tokens))
-    prompts = {b: torch.tensor(stream[: s.prompt_tokens * b]).view(b, s.prompt_tokens) for b in s.batches}
-    pre = torch.tensor(stream[: s.prefill_tokens]).view(1, -1)
+    seqs = data.windows(tok, s.corpus, "test", s.prompt_tokens, max(s.batches))  # prompts start with BOS where the tokenizer adds one
+    prompts = {b: seqs[:b] for b in s.batches}
+    pre = data.windows(tok, s.corpus, "test", s.prefill_tokens, 1)
     measures = {f"decode_tps_b{b}": (lambda m, b=b: decode_tps(m, prompts[b], s.new_tokens)) for b in s.batches}
     measures["prefill_tps"] = lambda m: prefill_tps(m, pre)
     if s.hf_generate:

@@ -218,24 +218,44 @@ def token_stream(tokenizer: Any, corpus: str, split: str, max_tokens: int) -> li
     return ids[:max_tokens]
 
 
+def bos_id(tokenizer: Any) -> int | None:
+    """The BOS token id when ``tokenizer`` is configured to put one in front of every sequence
+    (Llama-3, Gemma, ...), else None: the model was trained to see it first, so every window and
+    prompt cut from a token stream starts with it."""
+    b = getattr(tokenizer, "bos_token_id", None)
+    if b is None:
+        return None
+    try:
+        ids = tokenizer("a", verbose=False)["input_ids"]
+    except Exception:  # a tokenizer that cannot say: assume it adds nothing
+        return None
+    return b if len(ids) and ids[0] == b else None
+
+
 def windows(tokenizer: Any, corpus: str, split: str, length: int, count: int, *, spread: bool = False) -> "Any":
     """``count`` fixed windows of ``length`` tokens, (count, length) int64: the same tokens every run.
-    By default the split's first ``count * length`` tokens; ``spread=True``: windows evenly spaced
-    over the whole split (window i starts at about (i + 1/2) / count of the way), so a few windows
-    cover many documents instead of the opening of one."""
+    By default the split's first tokens; ``spread=True``: windows evenly spaced over the whole
+    split (window i starts at about (i + 1/2) / count of the way), so a few windows cover many
+    documents instead of the opening of one. Where the tokenizer adds a BOS token
+    (:func:`bos_id`), each window is BOS followed by ``length - 1`` tokens of the stream, as the
+    model sees any sequence."""
     import torch
 
-    ids = token_stream(tokenizer, corpus, split, 1 << 62 if spread else length * count)
-    if len(ids) < length * count:
+    bos = bos_id(tokenizer)
+    body = length - (bos is not None)
+    ids = token_stream(tokenizer, corpus, split, 1 << 62 if spread else body * count)
+    if body < 1 or len(ids) < body * count:
         raise LazyNeuronError(f"{corpus}/{split} holds only {len(ids)} tokens, fewer than {count} windows of {length}; lower count or length")
     if not spread:
-        return torch.tensor(ids, dtype=torch.long).view(count, length)
-    n = len(ids)
-    starts = [min(int((i + 0.5) * n / count), n - length) for i in range(count)]
-    for i in range(1, count):  # keep windows disjoint when the split is barely long enough
-        starts[i] = max(starts[i], starts[i - 1] + length)
-    starts = [min(s, n - (count - i) * length) for i, s in enumerate(starts)]
-    return torch.tensor([ids[s:s + length] for s in starts], dtype=torch.long)
+        starts = [i * body for i in range(count)]
+    else:
+        n = len(ids)
+        starts = [min(int((i + 0.5) * n / count), n - body) for i in range(count)]
+        for i in range(1, count):  # keep windows disjoint when the split is barely long enough
+            starts[i] = max(starts[i], starts[i - 1] + body)
+        starts = [min(s, n - (count - i) * body) for i, s in enumerate(starts)]
+    head = [bos] if bos is not None else []
+    return torch.tensor([head + ids[s:s + body] for s in starts], dtype=torch.long)
 
 
 # -- fetching -------------------------------------------------------------------------------
