@@ -88,21 +88,42 @@ def _load_gguf(file: Path) -> tuple[Any, Any]:
     return model.eval(), tok
 
 
-def _smollm2() -> tuple[Any, Any]:
-    cached = cache_dir("models", "smollm2-135m")
-    if not (cached / "model.safetensors").is_file():
-        info = BUILTIN["smollm2-135m"]
-        pkg = package_dir(info["module"], info["package"], "the smollm2-135m model", info["install"])
-        log.info("dequantizing %s to fp32 once; cached in %s", _SMOL_GGUF, cached)
-        model, tok = _load_gguf(pkg / _SMOL_GGUF)
-        tmp = cached.with_name(cached.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+def _dequantized(file: Path, cached: Path) -> tuple[Any, Any]:
+    """A GGUF file dequantized to fp32 once, then loaded from ``cached`` (safetensors)."""
+    if (cached / "model.safetensors").is_file() or (cached / "model.safetensors.index.json").is_file():
+        return _load_dir(cached)
+    log.info("dequantizing %s to fp32 once; cached in %s", file.name, cached)
+    model, tok = _load_gguf(file)
+    tmp = cached.with_name(cached.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tok is not None:
         tok.save_pretrained(tmp)
-        shutil.rmtree(cached)
-        tmp.rename(cached)
-        return model, tok
-    return _load_dir(cached)
+    shutil.rmtree(cached, ignore_errors=True)
+    tmp.rename(cached)
+    return model, tok
+
+
+def gguf_cache_key(file: Path) -> str:
+    """Key of a local GGUF file's dequantized copy: its resolved path, size, modification time and
+    a hash of its first megabyte (the header and tensor index), so that a changed or replaced file
+    is dequantized again."""
+    import hashlib
+
+    st = file.stat()
+    h = hashlib.sha1(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+    with open(file, "rb") as f:
+        h.update(f.read(1 << 20))
+    return f"{file.stem}-{h.hexdigest()[:16]}"
+
+
+def _smollm2() -> tuple[Any, Any]:
+    info = BUILTIN["smollm2-135m"]
+    cached = cache_dir("models", "smollm2-135m")
+    if (cached / "model.safetensors").is_file():
+        return _load_dir(cached)
+    pkg = package_dir(info["module"], info["package"], "the smollm2-135m model", info["install"])
+    return _dequantized(pkg / _SMOL_GGUF, cached)
 
 
 def load(name_or_path: str) -> tuple[Any, Any]:
@@ -120,8 +141,8 @@ def load(name_or_path: str) -> tuple[Any, Any]:
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return _load_dir(p)
-    if p.is_file() and p.suffix == ".gguf":
-        return _load_gguf(p)
+    if p.is_file() and p.suffix == ".gguf":  # dequantized once, cached by path, size, mtime and header hash
+        return _dequantized(p, cache_dir("models", "gguf", gguf_cache_key(p)))
     raise LazyNeuronError(
         f"unknown model {name_or_path!r}: not a built-in name ({', '.join(BUILTIN)}), nor a local directory or .gguf file. "
         f"Fix: use a built-in name (see `lazyneuron models`) or a path to a model saved with save_pretrained"

@@ -77,3 +77,33 @@ def test_adapter_output_unchanged_by_inspect(ids: torch.Tensor) -> None:
     before = m(ids).logits
     ln.inspect(m)
     assert torch.equal(before, m(ids).logits)
+
+
+def test_local_gguf_is_dequantized_once_and_cached(tmp_path, monkeypatch) -> None:
+    """A local .gguf loads from its dequantized safetensors copy after the first time; a changed
+    file (size, mtime or header) is dequantized again."""
+    import os
+
+    from lazyneuron import models
+
+    monkeypatch.setenv("LAZYNEURON_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_gguf(file):
+        calls.append(file)
+        return tiny_causal_lm("llama"), None
+
+    monkeypatch.setattr(models, "_load_gguf", fake_gguf)
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    a, _ = models.load(str(f))
+    b, _ = models.load(str(f))
+    assert len(calls) == 1
+    for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    key = models.gguf_cache_key(f)
+    f.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 8)  # same size, new header
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns))
+    assert models.gguf_cache_key(f) != key
+    models.load(str(f))
+    assert len(calls) == 2
