@@ -169,8 +169,8 @@ def apply_(
     done: list[list[str]] = []
     try:
         for cfg, meth, paths, stats in plans:
-            if getattr(meth, "resolve_late", False):  # targets what the configs before it left unconverted
-                paths = meth.resolve(model, ad, cfg)
+            if getattr(meth, "resolve_late", False):  # targets what the configs before it left unconverted, where
+                paths = meth.resolve(model, get_adapter(model), cfg)  # they now are (a method may have wrapped the layer stack)
             run_cfg = meth.plan(model, cfg, paths, stats)
             if not paths and getattr(meth, "resolve_late", False):  # the configs before it took every target (the runtime gave them its format)
                 replaced: list[str] = []

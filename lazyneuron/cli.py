@@ -18,6 +18,10 @@ EPILOG = """examples:
   lazyneuron calibrate --model smollm2-135m --method activation_sparsity --out cal.safetensors
   lazyneuron bench --model smollm2-135m --json
   lazyneuron bench --model smollm2-135m --method activation_sparsity:sparsity=0.5,rule=teal --calibration cal.safetensors
+  lazyneuron fit exits --model smollm2-135m                     # exit heads + threshold, where bench / demo find them
+  lazyneuron fit gates --model DIR --context domain=news,austen --target 0.25 --budget 5
+  lazyneuron fit gates --model DIR --context domain=legal:contracts.txt,chat:chat.jsonl --target 0.25
+  lazyneuron bench --model DIR --method module_gating --method early_exit   # the fitted checkpoints
   lazyneuron demo                       # every method at its default setting vs dense, table + plot
   lazyneuron plot pareto lazyneuron-results/demo.jsonl --out pareto.png
   lazyneuron plot gates ~/.cache/lazyneuron/checkpoints/smollm2-135m.gates-frozen-25.safetensors --out gates.png
@@ -65,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="lazyneuron-results", help="folder for demo.jsonl and pareto.png")
     _runtime_arg(s)
 
+    _add_fit_parser(sub)
+
     s = sub.add_parser("plot", help="plots from records", epilog="example: lazyneuron plot pareto results.jsonl --out pareto.png")
     s.add_argument("kind", choices=["pareto", "layers", "gates"])
     s.add_argument("records", help="JSON-lines records file; for `gates`: a gate checkpoint (.safetensors) or a keep-probability JSON")
@@ -84,6 +90,67 @@ def _runtime_arg(s: Any) -> None:
     s.add_argument("--runtime", default="fp32", choices=["fp32", "bf16", "int8", "eager"],
                    help="weight format of the fast runtime the methods run on (default fp32, exact); eager: the model's own modules, "
                         "to compare against. Dense always runs eagerly too, as the baseline")
+
+
+def _add_fit_parser(sub: Any) -> None:
+    f = sub.add_parser("fit", help="fit gates, exit heads or FFF trees for a model (cached where bench and demo find them)",
+                       epilog="examples:\n  lazyneuron fit exits --model smollm2-135m\n"
+                              "  lazyneuron fit gates --model DIR --context domain=news,austen --target 0.25 --budget 5\n"
+                              "  lazyneuron fit gates --model DIR --corpus docs.jsonl --context-field domain --target 0.25\n"
+                              "  lazyneuron fit fff --model minilm-l6 --budget 10\n"
+                              "text: a built-in corpus name (news, austen, wikipedia, hamlet, ...) or a local .txt / .jsonl file (field 'text');\n"
+                              "every file is split 80/10/10 into train / calibration / test documents",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    fs = f.add_subparsers(dest="what", required=True, metavar="METHOD")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default="smollm2-135m", help="built-in name, local HF directory or .gguf file")
+    common.add_argument("--corpus", default="news", help="built-in corpus or a .txt / .jsonl file to fit on (default news)")
+    common.add_argument("--budget", type=float, help="minutes; stop there and keep the best result so far")
+    common.add_argument("--out", help="checkpoint path (default: the cache, where bench and demo look)")
+    common.add_argument("--json", action="store_true", help="print what was fitted and measured as JSON")
+    s = fs.add_parser("exits", parents=[common], help="early-exit heads (tuned lens + learned score) and their threshold (causal LMs)")
+    s.add_argument("--agreement-loss", type=float, default=0.1, help="largest share of tokens allowed to decode differently from dense (default 0.1)")
+    s.add_argument("--layers", help="exit after these layers, comma-separated (0-based; default: ~12 from a quarter of the way in)")
+    s.add_argument("--windows", type=int, default=32, help="training windows of 256 tokens (default 32)")
+    s = fs.add_parser("gates", parents=[common], help="context-aware module gates (searched masks; --train-steps adds Gumbel training)")
+    s.add_argument("--context", action="append", default=[], help="key=value:SOURCE,value:SOURCE (or key=news,austen for built-in corpora)")
+    s.add_argument("--context-field", help="with --corpus FILE.jsonl: one context value per distinct value of this field")
+    s.add_argument("--target", type=float, default=0.25, help="fraction of modules (attention and FFN blocks) to skip (default 0.25)")
+    s.add_argument("--rounds", type=int, default=4, help="swap-search rounds per context value (default 4)")
+    s.add_argument("--train-steps", type=int, default=0, help="Gumbel-Softmax training steps after the search (default 0; encoders: at least 60)")
+    s = fs.add_parser("fff", parents=[common], help="fast-feedforward trees for plain two-layer FFNs (BERT, GPT-2)")
+    s.add_argument("--depth", type=int, default=10, help="tree depth (default 10)")
+    s.add_argument("--windows", type=int, default=160, help="training windows of 128 tokens (default 160)")
+    s.add_argument("--distill-steps", type=int, default=300, help="layer-wise distillation steps per FFN (default 300)")
+    s.add_argument("--epochs", type=int, default=2, help="end-to-end epochs (default 2)")
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from . import fitting, models
+
+    model, tok = models.load(args.model)
+    common = {"budget": args.budget, "out": args.out, "corpus": args.corpus}
+    if args.what == "exits":
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+        info = fitting.fit_exits(model, tok, args.model, layers=layers, agreement_loss=args.agreement_loss, train_windows=args.windows, **common)
+        line = (f"exit heads after layers {info['layers']}: threshold {info['threshold']:.4g}, calibration agreement {info['calibration_agreement']:.3f}, "
+                f"{info['mean_layers']:.2f} of {info['num_layers']} layers per token on calibration text")
+    elif args.what == "gates":
+        ctx = fitting.parse_contexts(args.context, corpus=args.corpus, field=args.context_field)
+        info = fitting.fit_gates(model, tok, args.model, ctx, args.target, rounds=args.rounds, train_steps=args.train_steps, **common)
+        line = f"gates skipping {info.get('skipped_modules', '')} of {info.get('modules', '')} modules" if "skipped_modules" in info else "gates trained"
+        for v, r in info.get("heldout", {}).items():
+            line += (f"\n  {v}: held-out next-token loss dense {r['dense_loss']:.4f}, static mask {r['static_loss']:.4f}, "
+                     f"fitted {r['fitted_loss']:.4f}")
+    else:
+        info = fitting.fit_fff(model, tok, args.model, depth=args.depth, windows=args.windows, distill_steps=args.distill_steps, epochs=args.epochs, **common)
+        line = f"FFF trees of depth {info['depth']} for {info['modules']} FFNs, end-to-end loss {info['end_to_end_loss']:.4f}"
+    if args.json:
+        _print_json(info)
+    else:
+        sys.stdout.write(f"{line}\nwrote {info['checkpoint']} ({info['seconds']:.0f} s); "
+                         f"`lazyneuron bench --model {args.model} --method {info['method']}` uses it\n")
+    return 0
 
 
 def _add_kernel_parser(sub: Any) -> None:
@@ -120,10 +187,27 @@ def _inspect_text(rep: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _configs(specs: Sequence[str]) -> list[Any]:
+def _configs(specs: Sequence[str], model_name: str | None = None) -> list[Any]:
+    """Parse ``--method`` specs; a method that needs a fitted checkpoint and names none gets this
+    model's (from ``lazyneuron fit``), or an error saying how to fit one."""
     from .config import MethodConfig
+    from .errors import ConfigError
 
-    return [MethodConfig.parse(x) for x in specs]
+    out = []
+    for x in specs:
+        name, _, rest = x.partition(":")
+        if model_name is not None and name.strip() in ("module_gating", "early_exit", "fast_feedforward") and "checkpoint=" not in rest:
+            from . import fitting
+
+            found = fitting.fitted_checkpoint(name.strip(), model_name)
+            if found is None:
+                raise ConfigError(f"{name.strip()} needs a fitted checkpoint and {model_name} has none; run `{fitting.fit_command(name.strip(), model_name)}` "
+                                  f"first, or pass {name.strip()}:checkpoint=PATH")
+            given = {kv.partition("=")[0].strip() for kv in rest.split(",") if kv.strip()}
+            extra = ",".join(f"{k}={v}" for k, v in found.items() if k not in given)
+            x = f"{name}:{rest + ',' if rest.strip() else ''}{extra}"
+        out.append(MethodConfig.parse(x))
+    return out
 
 
 def _print_json(obj: Any) -> None:
@@ -213,6 +297,8 @@ def _run(args: argparse.Namespace) -> int:
             out = plots.per_layer(recs, args.out)
         sys.stdout.write(f"wrote {out}\n")
         return 0
+    if args.cmd == "fit":
+        return _fit(args)
     if args.cmd == "bench-kernels":
         from .kernels import bench as kbench
 
@@ -259,7 +345,7 @@ def _run(args: argparse.Namespace) -> int:
                 s.repeats = args.repeats
             if args.new_tokens:
                 s.new_tokens = args.new_tokens
-            cfgs = _configs(args.method)
+            cfgs = _configs(args.method, args.model)
         model, tok = models.load(args.model)
         skipped: list[str] = []
         if args.cmd == "demo":

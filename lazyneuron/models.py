@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,26 @@ def gguf_cache_key(file: Path) -> str:
     with open(file, "rb") as f:
         h.update(f.read(1 << 20))
     return f"{file.stem}-{h.hexdigest()[:16]}"
+
+
+def checkpoint_key(name_or_path: str) -> str:
+    """The name under which fitted checkpoints of a model are cached (``lazyneuron fit`` writes
+    them, ``bench`` and ``demo`` find them): a built-in name as is; a local directory or .gguf file
+    by its name and a hash of its resolved path and the modification time of its weights, so a
+    changed or different model never picks up another's gates or exit heads."""
+    import hashlib
+
+    if name_or_path in BUILTIN:
+        return name_or_path
+    p = Path(name_or_path).expanduser()
+    if not p.exists():
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", name_or_path).strip("_") or "model"
+    files = [p] if p.is_file() else sorted(x for x in p.iterdir() if x.suffix in (".safetensors", ".bin", ".json"))
+    h = hashlib.sha1(str(p.resolve()).encode())
+    for f in files:
+        h.update(f"|{f.name}|{f.stat().st_size}|{f.stat().st_mtime_ns}".encode())
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", p.stem if p.is_file() else p.resolve().name) or "model"
+    return f"{stem}-{h.hexdigest()[:12]}"
 
 
 def _smollm2() -> tuple[Any, Any]:

@@ -75,6 +75,7 @@ class FitResult:
     last_loss: float
     mean_loss: float
     resumed_from: int = 0
+    stopped_early: bool = False
 
 
 def _named_trainable(model: nn.Module, params: Sequence[nn.Parameter] | None) -> list[tuple[str, nn.Parameter]]:
@@ -144,6 +145,7 @@ def fit(
     seed: int = 0,
     clip: float = 1.0,
     lr_scale: dict[int, float] | None = None,
+    deadline: float | None = None,
 ) -> FitResult:
     """Train ``params`` (default: every parameter with ``requires_grad``) to minimise
     ``loss_fn(model, batch)`` over ``epochs`` passes of ``batches``.
@@ -151,6 +153,8 @@ def fit(
     ``on_step(step, total)`` runs before each step (schedules such as temperature annealing).
     ``checkpoint``: resume from it when it exists, write it every ``save_every`` steps and at the end.
     ``lr_scale``: ``{id(param): factor}``, a learning rate of ``factor * lr`` for those parameters.
+    ``deadline`` (a ``time.monotonic()`` value): stop after the step that passes it, keeping the
+    parameters trained so far (and the checkpoint, written then); ``FitResult.stopped_early`` says so.
     """
     if not batches:
         raise ConfigError("fit() got no batches; pass a non-empty list (check the dataset split and batch size)")
@@ -190,8 +194,11 @@ def fit(
         bar = tqdm(total=total, initial=start, desc=desc, unit="step")
     losses: list[float] = []
     step = 0
+    stopped = False
     try:
         for epoch in range(epochs):
+            if stopped:
+                break
             order = list(range(len(batches)))
             random.Random(seed + epoch).shuffle(order)
             mine = order[rank::n_ranks][:per_epoch]
@@ -218,10 +225,27 @@ def fit(
                     bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
                 if checkpoint is not None and rank == 0 and step % save_every == 0:
                     save_checkpoint(checkpoint, named, opt, step, {"desc": desc, "total": total})
+                if deadline is not None and _past(deadline, n_ranks):
+                    stopped = True
+                    log.info("%s: time budget reached at step %d of %d; keeping what is trained so far", desc, step, total)
+                    break
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
     if checkpoint is not None and rank == 0:
         save_checkpoint(checkpoint, named, opt, step, {"desc": desc, "total": total})
-    return FitResult(step, losses[-1] if losses else math.nan, sum(losses) / len(losses) if losses else math.nan, start)
+    return FitResult(step, losses[-1] if losses else math.nan, sum(losses) / len(losses) if losses else math.nan, start, stopped)
+
+
+def _past(deadline: float, n_ranks: int) -> bool:
+    """Whether ``deadline`` has passed; with several processes, rank 0's clock decides for all of
+    them (every rank must stop at the same step, or the next gradient all-reduce would hang)."""
+    import time
+
+    late = time.monotonic() >= deadline
+    if n_ranks > 1:
+        flag = torch.tensor([float(late)])
+        dist.broadcast(flag, 0)
+        late = bool(flag.item())
+    return late

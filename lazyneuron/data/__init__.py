@@ -12,6 +12,12 @@ Splits: every corpus is a list of documents in a fixed order (articles; sentence
 ``i % 10 == 9``, to ``calibration`` when ``i % 10 == 8``, otherwise to ``train``: 80/10/10,
 deterministic, disjoint by construction.
 
+A **local file** is a corpus too: pass its path where a corpus name goes (``texts("notes.txt",
+"train")``, ``lazyneuron fit gates --context domain=legal:contracts.txt``). A plain-text file is
+cut into ~4,000-character paragraph-aligned documents; a ``.jsonl`` file gives one document per
+line from its ``text`` field, and ``PATH::key=value`` keeps only the lines whose field ``key`` is
+``value`` (contexts from a JSONL field). The same 80/10/10 rule splits its documents.
+
 ``fetch()`` downloads what is not a pip dependency (vaderSentiment sdist through ``pip download``,
 janeaustenr through ``apt-get download``) into the cache once.
 """
@@ -176,14 +182,71 @@ _LOADERS = {"news": _news, "hamlet": _hamlet, "austen": _austen, "wikipedia": _w
 
 
 def _check(corpus: str, split: str) -> None:
-    if corpus not in CORPORA:
-        raise LazyNeuronError(f"unknown corpus {corpus!r}; choose one of {list(CORPORA)}")
+    if corpus not in CORPORA and not _is_file_corpus(corpus):
+        raise LazyNeuronError(f"unknown corpus {corpus!r}: not a built-in corpus ({', '.join(CORPORA)}) nor a local .txt / .jsonl file; "
+                              "pass one of those names or the path of a text file")
     if split not in SPLITS:
         raise LazyNeuronError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
 
 
+def _is_file_corpus(corpus: str) -> bool:
+    return Path(corpus.partition("::")[0]).expanduser().is_file()
+
+
+def jsonl_values(path: str | Path, field: str) -> list[str]:
+    """The distinct values of ``field`` in a JSONL file, in order of first appearance (the context
+    values of ``lazyneuron fit gates --context-field``)."""
+    seen: dict[str, None] = {}
+    for row in _jsonl_rows(Path(path).expanduser()):
+        if field in row and row[field] is not None:
+            seen.setdefault(str(row[field]), None)
+    if not seen:
+        raise LazyNeuronError(f"no line of {path} has the field {field!r}; name a field every line carries")
+    return list(seen)
+
+
+def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LazyNeuronError(f"{path}:{n} is not valid JSON ({e.msg}); a .jsonl corpus holds one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise LazyNeuronError(f"{path}:{n} is a JSON {type(row).__name__}, not an object with a 'text' field")
+        rows.append(row)
+    return rows
+
+
+def _file_documents(corpus: str) -> tuple[str, ...]:
+    name, _, where = corpus.partition("::")
+    path = Path(name).expanduser()
+    if path.suffix == ".jsonl":
+        rows = _jsonl_rows(path)
+        if where:
+            key, eq, value = where.partition("=")
+            if not eq:
+                raise LazyNeuronError(f"cannot read the filter {where!r} of {corpus!r}; write PATH::field=value")
+            rows = [r for r in rows if str(r.get(key)) == value]
+        docs = [str(r["text"]) for r in rows if isinstance(r.get("text"), str) and r["text"].strip()]
+        if not docs:
+            raise LazyNeuronError(f"{corpus!r} gives no documents: each line needs a non-empty 'text' field"
+                                  + (f" and {where}" if where else ""))
+        return tuple(docs)
+    if where:
+        raise LazyNeuronError(f"{corpus!r}: a ::field=value filter works on .jsonl files only")
+    docs = _chunks(path.read_text(encoding="utf-8", errors="replace"))
+    if not docs:
+        raise LazyNeuronError(f"{path} is empty; a text corpus needs some text")
+    return tuple(docs)
+
+
 @lru_cache(maxsize=None)
 def _documents(corpus: str) -> tuple[str, ...]:
+    if corpus not in CORPORA:
+        return _file_documents(corpus)
     if corpus in LABELED:
         return tuple(t for t, _ in _labeled_rows(corpus))
     return tuple(_LOADERS[corpus]())

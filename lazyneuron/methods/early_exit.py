@@ -447,7 +447,9 @@ class EarlyExit(Method):
 
 
 def default_lm_exits_path(model_name: str) -> "os.PathLike[str] | Any":
-    return cache_dir("checkpoints") / f"{model_name}.exits.safetensors"
+    from ..models import checkpoint_key
+
+    return cache_dir("checkpoints") / f"{checkpoint_key(model_name)}.exits.safetensors"
 
 
 # -- exit statistics, simulation and thresholds ------------------------------------------------------
@@ -722,7 +724,7 @@ def lm_stats(heads: ExitHeads, model: nn.Module, hs: dict[int, torch.Tensor], fi
 
 
 def train_lm_exits(model: nn.Module, windows: torch.Tensor, layers: Sequence[int], *, epochs: int = 30, lr: float = 3e-3, batch_size: int = 512,
-                   lens: bool = False, progress: bool = True, states: LMStates | None = None) -> ExitHeads:
+                   lens: bool = False, progress: bool = True, states: LMStates | None = None, deadline: float | None = None) -> ExitHeads:
     """Score heads for per-token exit in a causal LM: at each exit layer a linear score on the
     hidden state learns whether the LM head's top-1 there already equals the full model's.
 
@@ -751,12 +753,13 @@ def train_lm_exits(model: nn.Module, windows: torch.Tensor, layers: Sequence[int
     def loss(_: nn.Module, ix: torch.Tensor) -> torch.Tensor:
         return sum(F.binary_cross_entropy_with_logits(heads.scores[str(i)](hs[i][ix]).squeeze(-1), right[i][ix]) for i in layers) / len(layers)
 
-    fit(heads.scores, loss, idx, epochs=epochs, lr=lr, weight_decay=1e-4, progress=progress, desc="exit scores")
+    fit(heads.scores, loss, idx, epochs=epochs, lr=lr, weight_decay=1e-4, progress=progress, desc="exit scores", deadline=deadline)
     return heads.eval()
 
 
 def calibrate_lm_threshold(model: nn.Module, checkpoint: str, windows: torch.Tensor, max_quality_loss: float | Sequence[float], *,
-                           steps: int = 10, delta: float | None = None, min_layer: int = 0, dense_prefix: int = 1, progress: bool = True) -> Any:
+                           steps: int = 10, delta: float | None = None, min_layer: int = 0, dense_prefix: int = 1, progress: bool = True,
+                           deadline: float | None = None) -> Any:
     """Learned-score threshold for a causal LM that keeps top-1 agreement with the dense model
     within ``max_quality_loss`` on ``windows`` (calibration text), as the model decodes.
 
@@ -769,7 +772,11 @@ def calibrate_lm_threshold(model: nn.Module, checkpoint: str, windows: torch.Ten
     not independent), must be within the budget (the Learn-then-Test idea of CALM, in its
     simplest form). Returns the lowest threshold found (``threshold``, ``quality`` = agreement,
     ``loss_upper`` = the bound used, ``mean_layers``, ``n_layers``, ``tokens``); for a list of
-    budgets, one such dict per budget (thresholds measured once are reused across budgets)."""
+    budgets, one such dict per budget (thresholds measured once are reused across budgets).
+    ``deadline`` (a ``time.monotonic()`` value): no new bisection step after it, once some
+    threshold has met the budget (the best so far stands)."""
+    import time
+
     import statistics
 
     from ..api import applied
@@ -811,6 +818,8 @@ def calibrate_lm_threshold(model: nn.Module, checkpoint: str, windows: torch.Ten
                 "tokens": float(windows.numel()), "max_quality_loss": budget}
         lo, hi = 0.0, 1.0  # a higher threshold exits less
         for _ in range(steps):
+            if deadline is not None and time.monotonic() >= deadline and best["threshold"] <= 1:
+                break
             mid = (lo + hi) / 2
             losses, layers = measure(mid)
             loss = sum(losses) / len(losses)

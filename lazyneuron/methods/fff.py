@@ -385,7 +385,9 @@ def default_fff_path(model_name: str) -> Any:
     """Where the demo looks for trained FFF trees of a built-in model (``save_fff`` format)."""
     from ..paths import cache_dir
 
-    return cache_dir("checkpoints") / f"{model_name}.fff.safetensors"
+    from ..models import checkpoint_key
+
+    return cache_dir("checkpoints") / f"{checkpoint_key(model_name)}.fff.safetensors"
 
 
 # -- checkpoints --------------------------------------------------------------------------------

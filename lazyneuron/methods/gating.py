@@ -584,7 +584,9 @@ class ModuleGating(Method):
 def default_gates_path(model_name: str, target: float, tag: str = "frozen") -> Any:
     from ..paths import cache_dir
 
-    return cache_dir("checkpoints") / f"{model_name}.gates-{tag}-{round(target * 100):02d}.safetensors"
+    from ..models import checkpoint_key
+
+    return cache_dir("checkpoints") / f"{checkpoint_key(model_name)}.gates-{tag}-{round(target * 100):02d}.safetensors"
 
 
 @torch.no_grad()
@@ -683,13 +685,15 @@ def sparsity_loss(keep: torch.Tensor, target: float) -> torch.Tensor:
 
 def train_gates(model: nn.Module, batches: Sequence[tuple[torch.Tensor, dict[str, Any]]], contexts: dict[str, Sequence[str]], cfg: GateTraining, *,
                 out: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None, gate_tokens: int = 32, progress: bool = True,
-                seed: int = 0, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None, init: GatePredictor | None = None) -> GatePredictor:
+                seed: int = 0, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None, init: GatePredictor | None = None,
+                deadline: float | None = None) -> GatePredictor:
     """Train a gate predictor (and optional low-rank adapters) on ``model`` in place.
 
     ``batches``: (input ids (B, T) or a model input, per-sample contexts {key: [values]}).
     The loss is KL(dense || gated) on the logits (or ``cfg.task_loss``) + ``alpha`` * sparsity loss.
     The model is left converted (a :class:`GatedStack`); ``out``: save the result there.
     ``forward(model, batch_input)`` -> logits (default: ``model(input_ids=x).logits``).
+    ``deadline`` (a ``time.monotonic()`` value): stop training there, keeping what is trained.
     """
     from ..adapters import get_adapter
     from ..surgery import set_module
@@ -775,7 +779,7 @@ def train_gates(model: nn.Module, batches: Sequence[tuple[torch.Tensor, dict[str
     try:
         fit(model, loss_fn, list(batches), epochs=cfg.epochs, lr=cfg.lr, params=params, on_step=on_step, checkpoint=checkpoint,
             progress=progress, desc=f"gates (target {cfg.target:.0%}{', low-rank' if cfg.lora_rank else ''})", seed=seed,
-            lr_scale=scale)
+            lr_scale=scale, deadline=deadline)
     finally:
         model.eval()
         for p in params:
@@ -858,14 +862,18 @@ class MaskScorer:
 
 @torch.no_grad()
 def static_greedy_order(model: nn.Module, windows: torch.Tensor, count: int, *, score_from: int = 0, progress: bool = True,
-                        shortlist: int = 0) -> list[tuple[int, str]]:
+                        shortlist: int = 0, deadline: float | None = None) -> list[tuple[int, str]]:
     """Greedy removal order for a causal LM: repeatedly remove the (layer, module) whose removal
     raises the mean next-token loss on ``windows`` (B, T) least. Returns the first ``count``
     removals; the first k of them are the static baseline at k modules removed.
 
     Each candidate reruns the layers from its own layer on, starting from cached hidden states.
     ``shortlist > 0``: after the first step only the ``shortlist`` modules whose single removal
-    cost least are candidates (fewer evaluations; the order can differ from the full greedy)."""
+    cost least are candidates (fewer evaluations; the order can differ from the full greedy).
+    ``deadline`` (a ``time.monotonic()`` value): once it passes, the rest of the order is the
+    last step's single-removal ranking (one step, not a greedy step per module)."""
+    import time
+
     sc = MaskScorer(model, windows, score_from)
     n = sc.n
     keep = torch.ones(n, len(MODULES), dtype=torch.bool)
@@ -897,6 +905,11 @@ def static_greedy_order(model: nn.Module, windows: torch.Tensor, count: int, *, 
             allowed = set(sorted(first, key=first.get)[:shortlist])
         keep[best] = False
         order.append((best[0], MODULES[best[1]]))
+        if deadline is not None and time.monotonic() >= deadline and len(order) < count:
+            rest = [c for c in sorted(first, key=first.get) if c != best][: count - len(order)]
+            order += [(j, MODULES[mi]) for j, mi in rest]
+            log.info("static greedy order: time budget reached after %d greedy steps; the remaining %d by single-removal cost", len(order) - len(rest), len(rest))
+            break
     return order
 
 
@@ -908,7 +921,8 @@ class SwapSearch(NamedTuple):
 
 @torch.no_grad()
 def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, score_from: int = 0, rounds: int = 4, shortlist: int = 12,
-                top: int = 3, verify: torch.Tensor | None = None, progress: bool = True, desc: str = "mask swap search") -> SwapSearch:
+                top: int = 3, verify: torch.Tensor | None = None, progress: bool = True, desc: str = "mask swap search",
+                deadline: float | None = None) -> SwapSearch:
     """Improve a keep mask (layers, 2) for the text in ``windows`` at a fixed number of skipped
     modules: each round scores restoring every skipped module and removing each of the
     ``shortlist`` kept modules whose single removal cost least (all kept modules are scored in
@@ -922,7 +936,10 @@ def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, 
 
     Used per context value (for example on each domain's own text) to turn a static mask into
     context-aware ones; every accepted swap lowers the loss on ``windows`` only, so choose among
-    ``masks`` on held-out text (the start included) before keeping one."""
+    ``masks`` on held-out text (the start included) before keeping one. ``deadline`` (a
+    ``time.monotonic()`` value): no new round starts after it."""
+    import time
+
     keep = keep.clone().bool()
     if keep.dim() != 2 or keep.shape[1] != len(MODULES):
         raise ConfigError(f"keep mask must be (layers, {len(MODULES)}), got {tuple(keep.shape)}")
@@ -943,6 +960,8 @@ def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, 
 
         it = tqdm(it, desc=desc, unit="round")
     for _ in it:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
         skipped = [tuple(x) for x in (~keep).nonzero().tolist()]
         if not skipped or bool((~keep).all()):
             break
@@ -976,11 +995,12 @@ def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, 
 
 
 def search_context_mask(model: nn.Module, search: torch.Tensor, keep: torch.Tensor, heldout: torch.Tensor, *, verify: torch.Tensor | None = None,
-                        score_from: int = 0, rounds: int = 4, progress: bool = True, desc: str = "mask swap search") -> tuple[torch.Tensor, dict[str, Any]]:
+                        score_from: int = 0, rounds: int = 4, progress: bool = True, desc: str = "mask swap search",
+                        deadline: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """One context's mask: ``swap_search`` from ``keep`` on ``search`` (swaps accepted on
     ``verify`` when given), then, of the start and the mask after each accepted swap, the one with
     the lowest loss on ``heldout``. Returns the mask and its search / held-out losses and step."""
-    res = swap_search(model, search, keep, score_from=score_from, rounds=rounds, verify=verify, progress=progress, desc=desc)
+    res = swap_search(model, search, keep, score_from=score_from, rounds=rounds, verify=verify, progress=progress, desc=desc, deadline=deadline)
     sel = MaskScorer(model, heldout, score_from)
     held = [sel.loss(m) for m in res.masks]
     best = min(range(len(held)), key=held.__getitem__)

@@ -131,10 +131,12 @@ class Runtime(Method):
 
     def plan(self, model: nn.Module, cfg: MethodConfig, paths: list[str], stats: Any) -> MethodConfig:
         assert isinstance(cfg, RuntimeConfig)
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        for p in paths:  # a weight shared with the embedding keeps its (out, in) layout
+        # a weight shared with an embedding keeps its (out, in) layout; found by identity, since
+        # another method may have wrapped the module that get_input_embeddings() would look in
+        embedded = {id(e.weight) for e in model.modules() if isinstance(e, nn.Embedding)}
+        for p in paths:
             m = model.get_submodule(p)
-            if emb is not None and getattr(emb, "weight", None) is m.weight:
+            if id(m.weight) in embedded:
                 m._ln_tied = True
         for m in _sparse_modules(model):  # activation sparsity stores its rows in the runtime's dtype
             m.set_weight_dtype(cfg.dtype)
