@@ -37,6 +37,12 @@ def user_model(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
+    """Checkpoints go to an empty cache; the compiled kernels are the shared ones (no rebuild)."""
+    from lazyneuron.paths import cache_dir
+
+    kernels = cache_dir("kernels")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kernels").symlink_to(kernels, target_is_directory=True)
     monkeypatch.setenv("LAZYNEURON_CACHE", str(tmp_path / "cache"))
 
 
