@@ -193,6 +193,7 @@ def encoder(args: argparse.Namespace) -> None:
     cosine of the mean-pooled embeddings and the per-token state error against dense on news test
     windows."""
     from lazyneuron.bench import BenchSettings, runner
+    from lazyneuron.fitting import fit_fff
     from lazyneuron.methods.fff import default_fff_path
 
     model, tok = ln.models.load(MODEL)
@@ -200,28 +201,10 @@ def encoder(args: argparse.Namespace) -> None:
     if args.quick:  # a smoke run leaves the demo's checkpoint alone
         path = path.with_name(path.stem + "-quick.safetensors")
     steps = 30 if args.quick else args.distill_steps
-    wins = data.windows(tok, "news", "train", 126, 80 if args.quick else 640, spread=True)
-    inputs = [torch.cat([torch.tensor([tok.cls_token_id]), w, torch.tensor([tok.sep_token_id])]).view(1, -1) for w in wins]
-    dense = copy.deepcopy(model)
-    errs = distill_layers(model, FastFeedForwardConfig(depth=args.encoder_depth), inputs, steps=steps, batch_tokens=512, max_tokens=80_000)
-    # then the trees together, end to end: the encoder's output states and mean-pooled embeddings
-    # held to the dense encoder's (attention, embeddings and norms stay the dense model's)
-    batches = [torch.cat(inputs[i : i + 16]) for i in range(0, len(inputs), 16)]
-    with torch.no_grad():
-        target = {id(b): dense(b).last_hidden_state for b in batches}
-    trees = fff_layers(model)
-    for f in trees.values():
-        f.routing = "hard"
-
-    def loss(m: torch.nn.Module, b: torch.Tensor) -> torch.Tensor:
-        h, t = m(b).last_hidden_state, target[id(b)]
-        return ((h - t) ** 2).mean() / t.var() + (1 - torch.nn.functional.cosine_similarity(h.mean(1), t.mean(1), dim=-1)).mean()
-
-    fit(model, loss, batches, epochs=1 if args.quick else args.encoder_epochs, lr=args.encoder_lr, params=[q for f in trees.values() for q in f.parameters()],
-        desc="FFF end to end")
-    model.eval()
-    save_fff(model, path)
-    ln.revert_(model)
+    # the same fit as `lazyneuron fit fff`: layer-wise distillation, then all trees end to end
+    info = fit_fff(model, tok, MODEL, depth=args.encoder_depth, windows=80 if args.quick else 640, length=128, distill_steps=steps,
+                   epochs=1 if args.quick else args.encoder_epochs, lr=args.encoder_lr, max_tokens=80_000, out=path)
+    errs = info["distill_rel_error"]
     print(f"wrote {path}", flush=True)
     cfgs = [FastFeedForwardConfig(checkpoint=str(path)), FastFeedForwardConfig(checkpoint=str(path), tree_dtype="bfloat16")]
     s = BenchSettings(corpus="news", batches=(1, 8), repeats=3 if args.quick else 7, ppl_windows=8, ppl_length=256)

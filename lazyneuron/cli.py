@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="smollm2-135m")
     s.add_argument("--quick", action="store_true")
     s.add_argument("--out", default="lazyneuron-results", help="folder for demo.jsonl and pareto.png")
+    s.add_argument("--no-fit", action="store_true", help="do not fit gates / exit heads / FFF trees on first use (rows only for what is already fitted)")
     _runtime_arg(s)
 
     _add_fit_parser(sub)
@@ -189,7 +190,8 @@ def _inspect_text(rep: dict[str, Any]) -> str:
 
 def _configs(specs: Sequence[str], model_name: str | None = None) -> list[Any]:
     """Parse ``--method`` specs; a method that needs a fitted checkpoint and names none gets this
-    model's (from ``lazyneuron fit``), or an error saying how to fit one."""
+    model's (from ``lazyneuron fit``), or an error saying how to fit one (FFF without one converts
+    the dense FFN untrained)."""
     from .config import MethodConfig
     from .errors import ConfigError
 
@@ -200,6 +202,9 @@ def _configs(specs: Sequence[str], model_name: str | None = None) -> list[Any]:
             from . import fitting
 
             found = fitting.fitted_checkpoint(name.strip(), model_name)
+            if found is None and name.strip() == "fast_feedforward":  # FFF also converts without training (trees from the dense weights)
+                out.append(MethodConfig.parse(x))
+                continue
             if found is None:
                 raise ConfigError(f"{name.strip()} needs a fitted checkpoint and {model_name} has none; run `{fitting.fit_command(name.strip(), model_name)}` "
                                   f"first, or pass {name.strip()}:checkpoint=PATH")
@@ -348,7 +353,12 @@ def _run(args: argparse.Namespace) -> int:
             cfgs = _configs(args.method, args.model)
         model, tok = models.load(args.model)
         skipped: list[str] = []
+        fitted: list[str] = []
         if args.cmd == "demo":
+            if not args.no_fit:
+                from .fitting import demo_fits
+
+                fitted = demo_fits(args.model, model, tok, quick=args.quick)
             cfgs, skipped = _demo_configs(args.model, model)
         cal = None
         if args.cmd == "bench" and args.calibration:
@@ -374,7 +384,7 @@ def _run(args: argparse.Namespace) -> int:
                 sys.stdout.write(f"\n{args.model} (encoder), tokens/s of forwards at batch 1 ({s.prompt_tokens} tokens) and on one {s.prefill_tokens}-token "
                                  f"sequence, output states against dense on {s.corpus} test windows\n")
             sys.stdout.write(runner.table(recs, corpus=s.corpus) + "\n")
-            notes = skipped + [n for meth in registry().values() for n in meth.demo_notes(args.model)]
+            notes = fitted + skipped + [n for meth in registry().values() for n in meth.demo_notes(args.model)]
             for n in notes:
                 sys.stdout.write(f"note: {n}\n")
             sys.stdout.write(f"\nrecords: {path}\nplot:    {png}\n")

@@ -376,7 +376,7 @@ def _fit_gates_trained(model: torch.nn.Module, tokenizer: Any, model_name: str, 
 
 # -- fast feedforward ------------------------------------------------------------------------------
 def fit_fff(model: torch.nn.Module, tokenizer: Any, model_name: str, *, corpus: str = "news", depth: int = 10, windows: int = 160,
-            length: int = 128, distill_steps: int = 300, epochs: int = 2, lr: float = 5e-4, budget: float | None = None,
+            length: int = 128, distill_steps: int = 300, epochs: int = 2, lr: float = 5e-4, max_tokens: int = 40_000, budget: float | None = None,
             out: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
     """FFF trees for every plain two-layer FFN of ``model``: each distilled to its dense FFN's
     outputs on the corpus's train text, then all trained together to hold the model's output
@@ -402,7 +402,7 @@ def fit_fff(model: torch.nn.Module, tokenizer: Any, model_name: str, *, corpus: 
         wins = torch.cat([torch.full((len(wins), 1), tokenizer.cls_token_id), wins[:, :-2], torch.full((len(wins), 1), tokenizer.sep_token_id)], 1)
     inputs = [w.view(1, -1) for w in wins]
     dense = copy.deepcopy(model)
-    errs = distill_layers(model, FastFeedForwardConfig(depth=depth), inputs, steps=distill_steps, batch_tokens=512, progress=progress)
+    errs = distill_layers(model, FastFeedForwardConfig(depth=depth), inputs, steps=distill_steps, batch_tokens=512, max_tokens=max_tokens, progress=progress)
     batches = [wins[i: i + 16] for i in range(0, len(wins), 16)]
     with torch.no_grad():
         target = [dense(x).logits if ad.causal_lm else dense(x).last_hidden_state for x in batches]
@@ -434,6 +434,50 @@ def fit_fff(model: torch.nn.Module, tokenizer: Any, model_name: str, *, corpus: 
     if _is_main():
         _write_json(_sidecar(path), info)
     return info
+
+
+# -- the demo's fits -------------------------------------------------------------------------------
+DEMO_GATE_TARGET = 0.25
+
+
+def demo_fits(model_name: str, model: torch.nn.Module, tokenizer: Any, *, quick: bool = False, progress: bool = True) -> list[str]:
+    """Fast default fits for ``lazyneuron demo``, run on first use and cached like any fit (a few
+    minutes on 2 cores): for a Llama-family causal LM, exit heads (closed-form lens, 16 x 256 news
+    tokens) and gates at 25% (the static greedy mask, then one swap-search round per domain on news
+    and Austen); for a model with plain two-layer FFNs, FFF trees (depth 8). Returns one line per
+    fit that ran or was skipped, saying what and how long. ``quick``: smaller fits (smoke runs)."""
+    from .methods.gating import _family
+
+    ad = get_adapter(model)
+    notes: list[str] = []
+    try:
+        family = _family(model.get_submodule(ad.layers_path.rpartition(".")[0]))
+    except ConfigError:
+        family = ad.family
+    if tokenizer is None:
+        return ["no fits: the model has no tokenizer"]
+    if ad.causal_lm and family == "llama":
+        if fitted_checkpoint("early_exit", model_name) is None:
+            kw = dict(train_windows=4, cal_windows=2, epochs=3, steps=3, budget=1) if quick else dict(train_windows=16, cal_windows=8, epochs=10, steps=6, budget=3)
+            info = fit_exits(model, tokenizer, model_name, progress=progress, **kw)  # type: ignore[arg-type]
+            notes.append(f"fitted exit heads ({info['seconds']:.0f} s, cached): threshold {info['threshold']:.3g} keeps top-1 agreement "
+                         f"{info['calibration_agreement']:.2f} on calibration text (`lazyneuron fit exits` for a longer fit)")
+        if fitted_checkpoint("module_gating", model_name) is None:
+            domains = {"news": "news"}
+            try:
+                data.windows(tokenizer, "austen", "train", 16, 1)
+                domains["austen"] = "austen"
+            except Exception as e:  # not fetched: news alone
+                log.info("demo gates without the austen context: %s", e)
+            kw = dict(order_windows=1, search_windows=1, heldout_windows=1, budget=1) if quick else dict(order_windows=2, search_windows=4, heldout_windows=2, budget=4)
+            info = fit_gates(model, tokenizer, model_name, {"domain": domains}, DEMO_GATE_TARGET, rounds=1, progress=progress, **kw)  # type: ignore[arg-type]
+            notes.append(f"fitted gates skipping {info['skipped_modules']} of {info['modules']} modules per context {list(domains)} "
+                         f"({info['seconds']:.0f} s, cached; `lazyneuron fit gates` for a longer search)")
+    elif ad.family in ("bert", "gpt2") and fitted_checkpoint("fast_feedforward", model_name) is None:
+        kw = dict(windows=16, distill_steps=10, budget=1) if quick else dict(windows=96, distill_steps=120, budget=5)
+        info = fit_fff(model, tokenizer, model_name, depth=8, epochs=1, progress=progress, **kw)  # type: ignore[arg-type]
+        notes.append(f"fitted FFF trees of depth 8 for {info['modules']} FFNs ({info['seconds']:.0f} s, cached; `lazyneuron fit fff` for a longer fit)")
+    return notes
 
 
 # -- finding fitted checkpoints ----------------------------------------------------------------------

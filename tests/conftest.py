@@ -34,6 +34,21 @@ def torchrun_worker(out: Path, *args: str, timeout: int = 300, fails: bool = Fal
     return res.stderr
 
 
+def empty_checkpoint_cache(tmp_path: Path, monkeypatch) -> Path:
+    """Point $LAZYNEURON_CACHE at a new folder that shares the real cache's models, corpora and
+    compiled kernels but has no fitted checkpoints (fits made there never reach the user's cache)."""
+    from lazyneuron.paths import cache_dir
+
+    real = cache_dir()
+    root = tmp_path / "cache"
+    root.mkdir()
+    for entry in real.iterdir():
+        if entry.name != "checkpoints":
+            (root / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    monkeypatch.setenv("LAZYNEURON_CACHE", str(root))
+    return root
+
+
 def tiny_causal_lm(model_type: str = "llama", seed: int = 0, layers: int = 2) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -126,7 +126,7 @@ def test_demo_skips_settings_that_do_not_apply_and_says_why() -> None:
 
     cfgs, skipped = _demo_configs("tiny-bert", tiny_bert())
     rules = {getattr(c, "rule", None) for c in cfgs if c.name == "activation_sparsity"}
-    assert rules == {"scap", "teal"}  # CATS needs a gated MLP
+    assert rules == {"teal"}  # CATS needs a gated MLP
     assert any("cats" in n and "gated" in n for n in skipped)
     assert not any(getattr(c, "checkpoint", "") for c in cfgs)  # no trained exits / gates / trees of this model
 

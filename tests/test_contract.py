@@ -12,8 +12,20 @@ import lazyneuron as ln
 from lazyneuron.config import MethodConfig, registry
 
 # configs tied to a checkpoint of one real model (trained exit heads, FFF trees) have their own tests
-METHOD_CONFIGS = [c for meth in registry().values() for c in meth.demo_configs() if not getattr(c, "checkpoint", "")]
-IDS = [f"{c.name}-{getattr(c, 'rule', '')}" for c in METHOD_CONFIGS]
+def _contract_configs() -> list[MethodConfig]:
+    """Each registered method's demo settings, one per (method, rule), and every activation
+    sparsity rule (the demo shows two of them)."""
+    from lazyneuron.methods.activation_sparsity import RULES, ActivationSparsityConfig
+
+    out: dict[tuple[str, str], MethodConfig] = {}
+    for c in [c for meth in registry().values() for c in meth.demo_configs()] + [ActivationSparsityConfig(rule=r, sparsity=0.5) for r in RULES]:
+        if not getattr(c, "checkpoint", ""):
+            out.setdefault((c.name, getattr(c, "rule", getattr(c, "dtype", ""))), c)
+    return list(out.values())
+
+
+METHOD_CONFIGS = _contract_configs()
+IDS = [f"{c.name}-{getattr(c, 'rule', getattr(c, 'dtype', ''))}" for c in METHOD_CONFIGS]
 
 
 def _calibrate(model, cfg):

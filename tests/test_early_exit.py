@@ -221,8 +221,9 @@ def test_demo_rows_need_trained_heads(tmp_path, monkeypatch) -> None:
     from lazyneuron.methods.fff import FastFeedForward
 
     monkeypatch.setenv("LAZYNEURON_CACHE", str(tmp_path))
-    assert EarlyExit.demo_configs() == [] and "benchmarks/early_exit.py" in EarlyExit.demo_notes()[0]
-    assert FastFeedForward.demo_configs() == [] and "benchmarks/fff.py" in FastFeedForward.demo_notes()[0]
+    assert EarlyExit.demo_configs() == [] and "`lazyneuron fit exits --model smollm2-135m`" in EarlyExit.demo_notes()[0]
+    assert FastFeedForward.demo_configs() == [] and "lazyneuron demo --model minilm-l6" in FastFeedForward.demo_notes()[0]
+    assert "`lazyneuron fit fff --model minilm-l6`" in FastFeedForward.demo_notes("minilm-l6")[0]
     heads = ExitHeads("causal_lm", [0, 1], 8, 0, "llama")
     heads.save(tmp_path / "checkpoints" / "smollm2-135m.exits.safetensors")
     (cfg,) = EarlyExit.demo_configs()

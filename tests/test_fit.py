@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_causal_lm
+from conftest import empty_checkpoint_cache, tiny_causal_lm
 from test_bench import _bos_tokenizer
 
 from lazyneuron import data, fitting
@@ -37,13 +37,7 @@ def user_model(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
-    """Checkpoints go to an empty cache; the compiled kernels are the shared ones (no rebuild)."""
-    from lazyneuron.paths import cache_dir
-
-    kernels = cache_dir("kernels")
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "kernels").symlink_to(kernels, target_is_directory=True)
-    monkeypatch.setenv("LAZYNEURON_CACHE", str(tmp_path / "cache"))
+    empty_checkpoint_cache(tmp_path, monkeypatch)
 
 
 def test_fit_gates_exits_then_bench_finds_them(user_model, capsys) -> None:

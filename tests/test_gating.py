@@ -11,6 +11,7 @@ from conftest import tiny_causal_lm, torchrun_worker
 
 import lazyneuron as ln
 from lazyneuron.bench.decode import lean_generate
+from lazyneuron.config import MethodConfig
 from lazyneuron.methods.gating import (
     MODULES,
     GatedStack,
@@ -179,6 +180,28 @@ def test_contexts_errors_and_fallback(lm, tmp_path, caplog) -> None:
     with ln.applied(lm, ModuleGatingConfig(checkpoint=path, unknown="error")):
         with pytest.raises(ln.ConfigError, match="never seen in training"):
             set_context(lm, domain="legal")
+
+
+def test_config_context_is_the_default_context(lm, tmp_path) -> None:
+    """ModuleGatingConfig(context="domain=b") runs every input with that context, exactly as
+    set_context does; set_context still overrides it; an unknown key or a malformed one is an error."""
+    _, path = _trained(lm, tmp_path, epochs=1)
+    ln.revert_(lm)
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with ln.applied(lm, ModuleGatingConfig(checkpoint=path)), torch.no_grad():
+        set_context(lm, domain="b")
+        want_b = lm(input_ids=x).logits
+        set_context(lm, domain="a")
+        want_a = lm(input_ids=x).logits
+    with ln.applied(lm, MethodConfig.parse(f"module_gating:checkpoint={path},context=domain=b")), torch.no_grad():
+        assert torch.equal(lm(input_ids=x).logits, want_b)
+        set_context(lm, domain="a")
+        assert torch.equal(lm(input_ids=x).logits, want_a)
+    with pytest.raises(ln.ConfigError, match="'task' is not one this gate predictor was trained with"):
+        ln.apply_(lm, ModuleGatingConfig(checkpoint=path, context="task=mr"))
+    assert type(lm.model).__name__ == "LlamaModel"
+    with pytest.raises(ln.ConfigError, match="context='domain' is invalid"):
+        ModuleGatingConfig(checkpoint=path, context="domain")
 
 
 def test_checkpoint_errors(lm, tmp_path) -> None:
@@ -446,12 +469,12 @@ def test_demo_rows_need_trained_gates(tmp_path, monkeypatch) -> None:
     from lazyneuron.methods.gating import ModuleGating, default_gates_path
 
     monkeypatch.setenv("LAZYNEURON_CACHE", str(tmp_path))
-    assert ModuleGating.demo_configs() == [] and "benchmarks/gating.py" in ModuleGating.demo_notes()[0]
+    assert ModuleGating.demo_configs() == [] and "`lazyneuron fit gates --model smollm2-135m" in ModuleGating.demo_notes()[0]
     path = default_gates_path("smollm2-135m", 0.5)
     path.parent.mkdir(parents=True, exist_ok=True)
     GatePredictor(576, 30, {"domain": ["news"]}, model_type="llama").save(path)
     (cfg,) = ModuleGating.demo_configs()
-    assert cfg.checkpoint == str(path)
+    assert cfg.checkpoint == str(path) and cfg.context == "domain=news"  # the bench reads news: its context
 
 
 def test_plot_gates_cli(tmp_path) -> None:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import empty_checkpoint_cache
 
 import lazyneuron as ln
 from lazyneuron import data
@@ -61,17 +62,24 @@ def test_bench_json_on_minilm_encoder(capsys) -> None:
     assert got[("fast_feedforward", "compute_skipped")] > 0.2  # the FFNs' weight reads, nearly all skipped
 
 
-def test_demo_on_the_default_model_and_on_an_encoder(tmp_path, capsys) -> None:
-    """The README's first command, quick: every activation-sparsity rule gets a row on SmolLM2
-    (one calibration pass serves them all); on the MiniLM encoder the rules that need a gated MLP
-    are left out with a note, and the table reports forwards and output states."""
+def test_demo_on_the_default_model_and_on_an_encoder(tmp_path, capsys, monkeypatch) -> None:
+    """The README's first command, quick, from a cache with no fitted checkpoints: the demo fits
+    exit heads and gates for SmolLM2 on first use and shows a row for every family that applies
+    (activation sparsity at 25% and 50%, module gating, early exit, the runtime), with one
+    calibration pass for the sparsity rules; on the MiniLM encoder it fits FFF trees and leaves out
+    the rules that need a gated MLP with a note; the table reports forwards and output states."""
+    empty_checkpoint_cache(tmp_path, monkeypatch)
     assert main(["demo", "--quick", "--out", str(tmp_path / "lm")]) == 0
     out = capsys.readouterr().out
-    assert all(f"activation_sparsity rule={r},sparsity=0.5" in out for r in ("scap", "teal", "cats")) and "perplexity" in out
+    rows = ["activation_sparsity rule=teal,sparsity=0.25", "activation_sparsity rule=teal,sparsity=0.5", "activation_sparsity rule=cats,sparsity=0.5",
+            "module_gating ", "early_exit ", "runtime dtype=bf16", "runtime dtype=int8"]
+    assert all(r in out for r in rows), out
+    assert "fitted exit heads" in out and "fitted gates" in out and "perplexity" in out
     assert (tmp_path / "lm" / "demo.jsonl").exists() and (tmp_path / "lm" / "pareto.png").exists()
     assert main(["demo", "--model", "minilm-l6", "--quick", "--out", str(tmp_path / "enc")]) == 0
     out = capsys.readouterr().out
-    assert "emb. cosine" in out and "activation_sparsity rule=scap" in out and "rule=cats,sparsity=0.5: not run on minilm-l6" in out
+    assert "emb. cosine" in out and "activation_sparsity rule=teal" in out and "rule=cats,sparsity=0.5: not run on minilm-l6" in out
+    assert "fitted FFF trees" in out and "fast_feedforward " in out
 
 
 def test_hf_generate_reported_next_to_lean_loop(capsys) -> None:

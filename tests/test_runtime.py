@@ -183,6 +183,44 @@ def test_decode_step_logits_match_forward() -> None:
         assert torch.allclose(st.step(ids[:, p], p), full[:, p], atol=1e-4)
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+def test_decode_step_runs_gated_models_skipping_modules(tmp_path, kernels: bool) -> None:
+    """A module-gated model decodes on the lean step: per-sequence masks (here forced, different
+    per sample, with modules every sample skips, some samples skip and none skips) give the gated
+    model's own logits, on the runtime's kernels and in the step's pure-torch form; a module every
+    sequence skips is never called."""
+    from lazyneuron.methods.gating import ModuleGatingConfig, gated_stacks, static_predictor
+    from lazyneuron.runtime import DecodeStep
+
+    m = tiny_causal_lm("llama", layers=4)
+    static_predictor(m, [(1, "attn")]).save(tmp_path / "g.safetensors")
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(3))
+    keep = torch.ones(3, 4, 2, dtype=torch.bool)
+    keep[:, 1, 0] = False  # every sequence skips layer 1's attention
+    keep[:, 3, 1] = False  # and layer 3's MLP
+    keep[0, 2, 0] = keep[2, 0, 1] = False  # only some skip these
+    ln.apply_(m, [ModuleGatingConfig(checkpoint=str(tmp_path / "g.safetensors")), RuntimeConfig()])
+    assert supports_step(m)
+    st = gated_stacks(m)[0]
+    st.force = keep
+    with torch.no_grad():
+        full = m(ids, use_cache=False).logits
+    called = []
+    hooks = [st.layers[1].self_attn.register_forward_hook(lambda *a: called.append("attn1")),
+             st.layers[3].mlp.register_forward_hook(lambda *a: called.append("mlp3"))]
+    step = DecodeStep(m, 3, 16)
+    if not kernels:
+        step._ext = None
+    step.prefill(ids[:, :8])
+    assert torch.equal(step.keep, keep.float())
+    for p in range(8, 12):
+        assert torch.allclose(step.step(ids[:, p], p), full[:, p], atol=1e-4)
+    assert called == []
+    for h in hooks:
+        h.remove()
+    ln.revert_(m)
+
+
 def test_step_falls_back_where_it_does_not_apply() -> None:
     for fam in ("gpt2", "qwen3"):
         m = tiny_causal_lm(fam)

@@ -19,14 +19,50 @@ def _plt() -> Any:
     return plt
 
 
+LABELS = {
+    "decode_speedup_b1": "decode speed, × dense (batch 1, same run)",
+    "decode_speedup": "decode speed, × dense (same run)",
+    "prefill_speedup": "prefill speed, × dense (same run)",
+    "encode_speedup_b1": "forward speed, × dense (batch 1, same run)",
+    "encoder_speedup": "throughput, × dense (same run)",
+    "ppl_delta_pct": "perplexity vs dense",
+    "ppl_news": "perplexity, news test windows",
+    "state_rel_error": "output-state error vs dense (relative)",
+    "accuracy_drop_points": "accuracy lost vs dense (points)",
+    "accuracy_mr": "MR test accuracy",
+    "top1_agreement": "top-1 agreement with dense",
+    "speedup_vs_torch": "speed-up vs torch (same run)",
+    "sparsity": "target sparsity",
+    "target_sparsity": "share of modules skipped",
+    "depth": "tree depth",
+    "batch": "batch size",
+}
+DENSE_QUALITY = {"ppl_delta_pct": 0.0, "state_rel_error": 0.0, "accuracy_drop_points": 0.0, "top1_agreement": 1.0}
+
+
+def label(metric: str) -> str:
+    """A person's words for a metric or parameter name."""
+    return LABELS.get(metric, metric.replace("_", " "))
+
+
+def _ppl_axis(ax: Any) -> None:
+    """Log-scale perplexity ratio axis with ticks written as changes (+10%, +100%, ...)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.25, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{(y - 1) * 100:+.0f}%" if abs(y - 1) > 1e-9 else "dense"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _save(fig: Any, ax: Any, out: str | os.PathLike, legend: bool) -> Path:
     ax.grid(alpha=0.3)
-    if legend:
-        ax.legend(fontsize=8)
+    if legend:  # outside the axes, never over the data
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     fig.tight_layout()
     p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
+    fig.savefig(p, dpi=110, bbox_inches="tight")
     _plt().close(fig)
     return p
 
@@ -36,40 +72,71 @@ def _label(r: dict[str, Any]) -> str:
     return r["method"] + (" " + ",".join(f"{k}={v}" for k, v in sorted(p.items())) if p else "")
 
 
+def _point_label(p: dict[str, Any]) -> str:
+    """The setting that tells the points of one line apart (sparsity, weight format, depth, threshold)."""
+    if "sparsity" in p:
+        return f"{float(p['sparsity']):.0%}"
+    for k in ("dtype", "tree_dtype"):
+        if k in p and p[k] not in ("", None):
+            return str(p[k]).replace("float", "fp").replace("bfloat16", "bf16")
+    if "depth" in p:
+        return f"d{p['depth']}"
+    if "threshold" in p:
+        return f"t={float(p['threshold']):.2g}"
+    if "budget" in p:
+        return str(p["budget"])
+    return ""
+
+
 def pareto(records: list[dict[str, Any]], out: str | os.PathLike, speed_metric: str = "decode_speedup_b1", quality_metric: str = "ppl_delta_pct",
-           series_params: tuple[str, ...] = ("rule", "allocation", "depth", "criterion"), logy: bool | None = None) -> Path:
-    """Speed (x) against quality loss (y): one line per method and series (the values of
-    ``series_params`` a record has, e.g. the rule), through its settings. ``logy``: log scale
-    (default: when the quality values span more than two decades)."""
+           series_params: tuple[str, ...] = ("rule", "allocation", "criterion", "heads", "exit"), logy: bool | None = None,
+           title: str = "") -> Path:
+    """Speed (x, × dense) against quality (y): one line per method and series (the values of
+    ``series_params`` a record has, e.g. the rule), its settings as labelled points along it; the
+    dense model as a star, peer engines (records whose method names one, e.g. ``llama.cpp``) as
+    crosses. Perplexity change is drawn as the ratio to dense on a log scale (ticks read +10%,
+    +100%, ...); other quality metrics on a linear scale (``logy`` forces a log scale)."""
     plt = _plt()
-    pts: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    pts: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
     series_of: dict[tuple[str, str], str] = {}
     for r in records:
         if r["metric"] in (speed_metric, quality_metric):
             key = (r["model"], _label(r))
             pts[key][r["metric"]] = r["value"]
+            pts[key]["_params"] = r.get("params", {})
             p = r.get("params", {})
             series_of[key] = " ".join([r["method"]] + [str(p[k]) for k in series_params if k in p])
-    by_series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    ppl = quality_metric == "ppl_delta_pct"
+    conv = (lambda v: 1.0 + v / 100.0) if ppl else (lambda v: v)
+    by_series: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     for key, d in pts.items():
         if speed_metric in d and quality_metric in d:
-            by_series[series_of[key]].append((d[speed_metric], d[quality_metric]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ys = [y for xs in by_series.values() for _, y in xs]
+            by_series[series_of[key]].append((d[speed_metric], conv(d[quality_metric]), _point_label(d["_params"])))
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for i, (name, xs) in enumerate(sorted(by_series.items())):
         xs.sort()
-        ax.plot([x for x, _ in xs], [y for _, y in xs], marker=_MARKERS[i % len(_MARKERS)], label=name)
+        peer = name.split(" ")[0].lower() in ("llama.cpp", "llamacpp", "faster-whisper", "peer")
+        ax.plot([x for x, _, _ in xs], [y for _, y, _ in xs], marker="X" if peer else _MARKERS[i % len(_MARKERS)], ls=":" if peer else "-",
+                ms=8 if peer else 6, label=name)
+        for x, y, t in xs:
+            if t:
+                ax.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="0.25")
+    if quality_metric in DENSE_QUALITY:
+        ax.plot([1.0], [conv(DENSE_QUALITY[quality_metric])], marker="*", ms=13, color="black", ls="none", label="dense", zorder=5)
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-    if logy is None:
-        pos = [y for y in ys if y > 0]
-        logy = bool(pos) and min(ys) > 0 and max(pos) / min(pos) > 100
-    if logy:
-        ax.set_yscale("log")
+    ys = [y for xs in by_series.values() for _, y, _ in xs]
+    if ppl:
+        _ppl_axis(ax)
+        ax.set_ylabel("perplexity vs dense (log scale)")
     else:
-        ax.axhline(0.0, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel(f"{speed_metric} (x dense, same run)")
-    ax.set_ylabel(quality_metric)
-    ax.set_title("speed against quality")
+        if logy is None:
+            pos = [y for y in ys if y > 0]
+            logy = bool(pos) and min(ys) > 0 and max(pos) / min(pos) > 100
+        if logy:
+            ax.set_yscale("log")
+        ax.set_ylabel(label(quality_metric) + (" (log scale)" if logy else ""))
+    ax.set_xlabel(label(speed_metric))
+    ax.set_title(title or "speed against quality (lower right is better)" if quality_metric != "top1_agreement" else title or "speed against quality (upper right is better)")
     return _save(fig, ax, out, bool(by_series))
 
 
@@ -85,11 +152,11 @@ def per_layer(records: list[dict[str, Any]], out: str | os.PathLike, metric: str
     fig, ax = plt.subplots(figsize=(9, 4))
     n = max(len(series), 1)
     width = 0.8 / n
-    for i, (label, d) in enumerate(sorted(series.items())):
+    for i, (name, d) in enumerate(sorted(series.items())):
         xs = sorted(d)
-        ax.bar([x + i * width for x in xs], [d[x] for x in xs], width=width, label=label)
+        ax.bar([x + i * width for x in xs], [d[x] for x in xs], width=width, label=name)
     ax.set_xlabel("layer")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(label(metric))
     return _save(fig, ax, out, bool(series))
 
 
@@ -104,13 +171,16 @@ def xy(records: list[dict[str, Any]], out: str | os.PathLike, x_param: str, y_me
         if r["metric"] == y_metric and x_param in p:
             group = " ".join(str(p.get(g, "")) for g in group_param.split(","))
             series[f"{r['method']} {group}".strip()].append((float(p[x_param]), r["value"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (label, pts) in enumerate(sorted(series.items())):
+    ppl = y_metric == "ppl_delta_pct"
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for i, (name, pts) in enumerate(sorted(series.items())):
         pts.sort()
-        ax.plot([a for a, _ in pts], [b for _, b in pts], marker=_MARKERS[i % len(_MARKERS)], label=label)
-    ax.set_xlabel(x_param)
-    ax.set_ylabel(y_metric)
-    if logy:
+        ax.plot([a for a, _ in pts], [1 + b / 100 if ppl else b for _, b in pts], marker=_MARKERS[i % len(_MARKERS)], label=name)
+    ax.set_xlabel(label(x_param))
+    ax.set_ylabel(label(y_metric) + (" (log scale)" if ppl or logy else ""))
+    if ppl:
+        _ppl_axis(ax)
+    elif logy:
         ax.set_yscale("log")
     if logx:
         ax.set_xscale("log", base=2)

@@ -439,11 +439,8 @@ class EarlyExit(Method):
     def demo_notes(cls, model_name: str = DEMO_MODEL) -> list[str]:
         if default_lm_exits_path(model_name).exists():
             return []
-        if model_name != DEMO_MODEL:
-            return [f"early_exit: no trained exit heads for {model_name} ({default_lm_exits_path(model_name)}); "
-                    f"`python benchmarks/early_exit.py` trains them for {DEMO_MODEL}."]
-        return ["early_exit: needs trained exit heads for the demo model; `python benchmarks/early_exit.py` trains them "
-                f"(a few minutes) into {default_lm_exits_path(model_name)}, after which the demo adds the early-exit row."]
+        return [f"early_exit: no fitted exit heads for {model_name}; `lazyneuron fit exits --model {model_name}` fits them "
+                "(Llama-family causal LMs; encoder classifiers: lazyneuron.methods.early_exit.train_classifier_exits)."]
 
 
 def default_lm_exits_path(model_name: str) -> "os.PathLike[str] | Any":

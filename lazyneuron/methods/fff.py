@@ -369,16 +369,13 @@ class FastFeedForward(Method):
 
     @classmethod
     def demo_notes(cls, model_name: str = DEMO_MODEL) -> list[str]:
-        path = default_fff_path(model_name)
-        if path.exists():
+        if default_fff_path(model_name).exists():
             return []
         if model_name == DEMO_MODEL:
             return [f"fast_feedforward: converts plain two-layer FFNs (BERT, GPT-2), and {DEMO_MODEL}'s are gated, so it has no row here; "
-                    "`python benchmarks/fff.py --encoder` distils trees for the MiniLM-L6 encoder, after which "
-                    "`lazyneuron demo --model minilm-l6` adds the FFF row."]
-        return [f"fast_feedforward: needs trained FFF trees of {model_name} at {path} (untrained trees lose the model's quality); "
-                "`python benchmarks/fff.py --encoder` makes them for minilm-l6 (layer-wise distillation, minutes), "
-                "and `lazyneuron.methods.fff.distill_layers` + `save_fff` for any BERT- or GPT-2-style model."]
+                    "`lazyneuron demo --model minilm-l6` fits FFF trees for the MiniLM-L6 encoder and shows them."]
+        return [f"fast_feedforward: no fitted FFF trees for {model_name}; `lazyneuron fit fff --model {model_name}` fits them "
+                "(plain two-layer FFNs: BERT, GPT-2)."]
 
 
 def default_fff_path(model_name: str) -> Any:

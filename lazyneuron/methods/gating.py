@@ -514,13 +514,26 @@ def context(model: nn.Module, **ctx: Any) -> Iterator[None]:
 class ModuleGatingConfig(MethodConfig):
     """``checkpoint``: a gate checkpoint (trained with :func:`train_gates` or a static mask);
     ``threshold``: keep where logit > threshold ("" / nan: the checkpoint's calibrated one);
-    ``unknown``: what a context value never seen in training does (fallback | error)."""
+    ``unknown``: what a context value never seen in training does (fallback | error);
+    ``context``: the context every input gets until ``set_context`` says otherwise, written
+    ``key=value`` (several: ``key=value|key=value``; CLI ``module_gating:context=domain=news``);
+    empty: none (the input-only gate path)."""
 
     name: ClassVar[str] = "module_gating"
     targets: tuple[str, ...] = ("layer",)
     checkpoint: str = ""
     threshold: float = float("nan")
     unknown: str = "fallback"
+    context: str = ""
+
+    def context_dict(self) -> dict[str, str]:
+        out = {}
+        for item in (x for x in self.context.split("|") if x.strip()):
+            k, eq, v = item.partition("=")
+            if not eq or not k.strip() or not v.strip():
+                raise ConfigError(f"ModuleGatingConfig.context={self.context!r} is invalid; write key=value, several as key=value|key=value")
+            out[k.strip()] = v.strip()
+        return out
 
     def validate(self) -> None:
         super().validate()
@@ -531,6 +544,7 @@ class ModuleGatingConfig(MethodConfig):
             raise ConfigError("module_gating needs a gate checkpoint: pass checkpoint=PATH (train_gates, or static_predictor(...).save(PATH))")
         if not isinstance(self.threshold, (int, float)):
             raise ConfigError(f"ModuleGatingConfig.threshold={self.threshold!r} is invalid; pass a number or leave it unset")
+        self.context_dict()
 
     def at_zero_strength(self) -> "ModuleGatingConfig":
         return dataclasses.replace(self, threshold=-math.inf)  # every logit is above: every module kept
@@ -551,10 +565,14 @@ class ModuleGating(Method):
         if not math.isnan(float(cfg.threshold)):
             self._pred.threshold = float(cfg.threshold)
         self._pred.unknown = cfg.unknown
+        self._pred.context_ids(cfg.context_dict(), 1)  # a key the gates were not trained with is an error now, not at the first forward
         return cfg
 
     def convert(self, path: str, module: nn.Module, cfg: MethodConfig, stats: Any) -> nn.Module:
-        return GatedStack(module, self._pred, self._lora or None)
+        assert isinstance(cfg, ModuleGatingConfig)
+        st = GatedStack(module, self._pred, self._lora or None)
+        st.context = cfg.context_dict()
+        return st
 
     def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
         p = self._pred
@@ -563,22 +581,26 @@ class ModuleGating(Method):
 
     @classmethod
     def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
-        out = []
-        for level in (0.25, 0.5):
-            path = default_gates_path(model_name, level)
-            if path.exists():
-                out.append(ModuleGatingConfig(checkpoint=str(path)))
-        return out
+        from ..fitting import fitted_checkpoint
+
+        found = fitted_checkpoint("module_gating", model_name)
+        if not found:
+            return []
+        try:  # the bench reads news: the news context where the gates have one
+            pred, _ = GatePredictor.load(found["checkpoint"])
+        except ConfigError:
+            return []
+        ctx = next((f"{k}=news" for k, vals in pred.contexts.items() if "news" in vals), "")
+        return [ModuleGatingConfig(checkpoint=found["checkpoint"], context=ctx)]
 
     @classmethod
     def demo_notes(cls, model_name: str = DEMO_MODEL) -> list[str]:
-        if default_gates_path(model_name, 0.5).exists():
-            return ["module_gating rows run without a context (the input-only gate path, here the static greedy mask); set_context(model, domain=...) picks the per-domain masks."]
-        if model_name != DEMO_MODEL:
-            return [f"module_gating: no trained gates for {model_name} in {default_gates_path(model_name, 0.5).parent}; "
-                    f"`python benchmarks/gating.py --part quality` trains them for {DEMO_MODEL}."]
-        return ["module_gating: needs trained gates for the demo model; `python benchmarks/gating.py --part quality` trains them into "
-                f"{default_gates_path(model_name, 0.5).parent}, after which the demo adds the module-gating rows."]
+        from ..fitting import fitted_checkpoint
+
+        if fitted_checkpoint("module_gating", model_name):
+            return ["module_gating: the bench's text is news, so the gates run with context domain=news (its searched mask); "
+                    "`lazyneuron fit gates --model M --context domain=...` fits gates for your contexts."]
+        return [f"module_gating: no fitted gates for {model_name}; `lazyneuron fit gates --model {model_name} --context domain=news,austen` fits them."]
 
 
 def default_gates_path(model_name: str, target: float, tag: str = "frozen") -> Any:

@@ -9,9 +9,13 @@ RMSNorm + residual add before attention and one before the MLP, and one call for
 embedding, the cache write and attention (``kernels.decode_ops``). Prefill runs the model's own
 forward and copies its keys and values into the static cache.
 
-Models or conversions it does not cover (another architecture, a method that wraps the layer
-stack or the attention: early exit, module gating) decode through the model's own forward
-(:func:`lazyneuron.bench.decode.lean_generate`), with the same results.
+Module gating is covered: the per-sequence keep masks its gate predictor decides in prefill are
+held for the decode, a skipped attention or feed-forward module is not called (and a skipped
+attention neither writes nor reads its cache), and where the masks of a batch differ the union
+runs with the skipping rows' branches zeroed, as the gated model's own forward does. Models or
+conversions it does not cover (another architecture, a method that wraps a layer or the attention,
+early exit) decode through the model's own forward (:func:`lazyneuron.bench.decode.lean_generate`),
+with the same results.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def supports_step(model: nn.Module) -> bool:
         return False
     if getattr(cfg, "pretraining_tp", 1) != 1:
         return False
-    inner = getattr(model, "model", None)
+    inner = _inner(model)
     if inner is None or isinstance(inner, LazyModule) or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         return False
     if not all(hasattr(inner, a) for a in ("embed_tokens", "norm", "rotary_emb")):
@@ -60,6 +64,21 @@ def supports_step(model: nn.Module) -> bool:
     return True
 
 
+def _gated(model: nn.Module) -> Any:
+    """The model's module-gating stack in inference mode, or None."""
+    st = getattr(model, "model", None)
+    if type(st).__name__ == "GatedStack" and getattr(st, "family", "") == "llama" and st.mode == "hard":
+        return st
+    return None
+
+
+def _inner(model: nn.Module) -> Any:
+    """The decoder body (embeddings, layers, norm, rotary tables): ``model.model``, or the model a
+    gating stack wraps."""
+    st = _gated(model)
+    return st.base if st is not None else getattr(model, "model", None)
+
+
 class DecodeStep:
     """Greedy decoding state for ``batch`` sequences of at most ``max_len`` tokens."""
 
@@ -67,7 +86,9 @@ class DecodeStep:
         if not supports_step(model):
             raise ValueError(f"DecodeStep does not cover this {type(model).__name__}; use lazyneuron.runtime.generate, which falls back to the model's forward")
         cfg = model.config
-        inner = model.model
+        inner = _inner(model)
+        self.gated = _gated(model) is not None
+        self.keep: torch.Tensor | None = None  # (B, layers, 2) float {0, 1} of a gated model, set in prefill
         self.model, self.layers, self.embed, self.head = model, list(inner.layers), inner.embed_tokens, model.lm_head
         att = self.layers[0].self_attn
         self.head_dim = int(getattr(att, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
@@ -111,7 +132,11 @@ class DecodeStep:
             raise ValueError(f"prompt of shape {tuple(input_ids.shape)} does not fit a cache of batch {self.batch} and length {self.max_len}")
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, position_ids=torch.arange(n).unsqueeze(0))
+        if self.gated:  # the masks the gates decided from the prompt, held for the whole decode
+            self.keep = (cache._ln_gates > 0.5).float()
         for i in range(len(self.layers)):
+            if self.keep is not None and not bool(self.keep[:, i, 0].any()):
+                continue  # an attention no sequence runs: nothing cached, nothing ever read
             k, v = _layer_kv(cache, i)  # (B, KV, n, D)
             self.kc[i][:, :, :n] = k
             self.vc[i][:, :, :n] = v
@@ -130,36 +155,67 @@ class DecodeStep:
         n = len(self.layers)
         gemv = self._gemv.gemv
         silu = torch.nn.functional.silu
+        plan = self._plan()
         for i, lay in enumerate(self.layers):
             att = lay.self_attn
             fq, fk, fv, fo, fm = self._fast[i]
-            q = gemv(x, *fq)[0] if fq else att.q_proj(x)
-            k = gemv(x, *fk)[0] if fk else att.k_proj(x)
-            v = gemv(x, *fv)[0] if fv else att.v_proj(x)
-            o = ext.attn_decode(q, k, v, cos, sin, self.kc[i], self.vc[i], pos, self.scale)
-            if o is None:
-                raise ValueError(f"attn_decode: {D._MESSAGES.get(ext.last_error(), 'bad input')}")
             _, _, w2, e2 = self.norm_w[i]
-            x = ext.add_rmsnorm(h, gemv(o, *fo)[0] if fo else att.o_proj(o), w2, e2)
             wn, en = (self.norm_w[i + 1][0], self.norm_w[i + 1][1]) if i + 1 < n else self.final
+            ka, km = plan[i]
+            if ka is False:  # attention skipped by every sequence: not called, its cache untouched
+                x = ext.rmsnorm(h, w2, e2)
+            else:
+                q = gemv(x, *fq)[0] if fq else att.q_proj(x)
+                k = gemv(x, *fk)[0] if fk else att.k_proj(x)
+                v = gemv(x, *fv)[0] if fv else att.v_proj(x)
+                o = ext.attn_decode(q, k, v, cos, sin, self.kc[i], self.vc[i], pos, self.scale)
+                if o is None:
+                    raise ValueError(f"attn_decode: {D._MESSAGES.get(ext.last_error(), 'bad input')}")
+                d = gemv(o, *fo)[0] if fo else att.o_proj(o)
+                x = ext.add_rmsnorm(h, d if ka is True else d * ka, w2, e2)
+            if km is False:
+                x = ext.rmsnorm(h, wn, en)
+                continue
             if fm:  # a plain SiLU-gated MLP on the runtime: its three kernels, no module calls
                 m = gemv(silu(gemv(x, *fm[0])[0]).mul_(gemv(x, *fm[1])[0]), *fm[2])[0]
             else:
                 m = lay.mlp(x.unsqueeze(1)).reshape(h.shape)
-            x = ext.add_rmsnorm(h, m, wn, en)
+            x = ext.add_rmsnorm(h, m if km is True else m * km, wn, en)
         return (gemv(x, *self._head)[0] if self._head else self.head(x)).float()
+
+    def _plan(self) -> list[tuple[Any, Any]]:
+        """Per layer, for attention and the MLP: True (every sequence runs it), False (none does:
+        not called) or a (B, 1) column of 0 / 1 (the union runs, skipping rows' branches zeroed)."""
+        if self.keep is None:
+            return [(True, True)] * len(self.layers)
+        if getattr(self, "_plan_cache", None) is None:
+            out = []
+            for i in range(len(self.layers)):
+                row = []
+                for mi in range(2):
+                    col = self.keep[:, i, mi]
+                    row.append(True if bool(col.all()) else False if not bool(col.any()) else col.view(-1, 1).contiguous())
+                out.append(tuple(row))
+            self._plan_cache = out
+        return self._plan_cache
 
     def _step_reference(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         h = self.embed(tokens).float()
         cos, sin = self.cos[pos], self.sin[pos]
         x = D.rmsnorm_reference(h, self.norm_w[0][0], self.norm_w[0][1])
         n = len(self.layers)
+        plan = self._plan()
         for i, lay in enumerate(self.layers):
             att = lay.self_attn
-            o = D.attn_decode_reference(att.q_proj(x), att.k_proj(x), att.v_proj(x), cos, sin, self.kc[i], self.vc[i], pos, self.scale)
-            h = h + att.o_proj(o)
+            ka, km = plan[i]
+            if ka is not False:
+                o = D.attn_decode_reference(att.q_proj(x), att.k_proj(x), att.v_proj(x), cos, sin, self.kc[i], self.vc[i], pos, self.scale)
+                d = att.o_proj(o)
+                h = h + (d if ka is True else d * ka)
             x = D.rmsnorm_reference(h, self.norm_w[i][2], self.norm_w[i][3])
-            h = h + lay.mlp(x.unsqueeze(1)).reshape(h.shape)
+            if km is not False:
+                m = lay.mlp(x.unsqueeze(1)).reshape(h.shape)
+                h = h + (m if km is True else m * km)
             wn, en = (self.norm_w[i + 1][0], self.norm_w[i + 1][1]) if i + 1 < n else self.final
             x = D.rmsnorm_reference(h, wn, en)
         return self.head(x).float()
