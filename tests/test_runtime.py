@@ -221,6 +221,43 @@ def test_decode_step_runs_gated_models_skipping_modules(tmp_path, kernels: bool)
     ln.revert_(m)
 
 
+@pytest.mark.parametrize("lens", [False, True])
+@pytest.mark.parametrize("kernels", [True, False])
+def test_decode_step_runs_early_exit_like_its_own_loop(tmp_path, lens: bool, kernels: bool) -> None:
+    """An early-exit model decodes on the lean step with the logits of its own decode loop: exit
+    scores set far from the threshold (never after layer 0, always after layer 1 from the second
+    token on), so every token leaves after layer 1 and layers 2-3 get CALM keys / values."""
+    from transformers import DynamicCache
+
+    from lazyneuron.methods.early_exit import EarlyExitConfig, ExitHeads, ExitingDecoder
+    from lazyneuron.runtime import DecodeStep
+
+    m = tiny_causal_lm("llama", layers=4)
+    heads = ExitHeads("causal_lm", [0, 1], 64, 0, "llama", lens=lens)
+    with torch.no_grad():
+        for j, b in ((0, -30.0), (1, 30.0)):
+            heads.scores[str(j)].weight.zero_()
+            heads.scores[str(j)].bias.fill_(b)
+    heads.save(tmp_path / "x.safetensors")
+    ln.apply_(m, [EarlyExitConfig(checkpoint=str(tmp_path / "x.safetensors"), threshold=0.5), RuntimeConfig()])
+    assert supports_step(m)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # the model's own loop: prefill, then one token at a time
+        cache = DynamicCache(config=m.config)
+        m(ids[:, :8], past_key_values=cache, use_cache=True)
+        want = [m(ids[:, p:p + 1], past_key_values=cache, use_cache=True).logits[0, -1] for p in range(8, 12)]
+    dec = next(x for x in m.modules() if isinstance(x, ExitingDecoder))
+    dec.track, dec.layers_run = True, []
+    step = DecodeStep(m, 1, 16)
+    if not kernels:
+        step._ext = None
+    step.prefill(ids[:, :8])
+    for p, w in zip(range(8, 12), want):
+        assert torch.allclose(step.step(ids[:, p], p)[0], w, atol=1e-4)
+    assert dec.layers_run[-4:] == [2, 2, 2, 2]
+    ln.revert_(m)
+
+
 def test_step_falls_back_where_it_does_not_apply() -> None:
     for fam in ("gpt2", "qwen3"):
         m = tiny_causal_lm(fam)

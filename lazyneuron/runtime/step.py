@@ -12,10 +12,12 @@ forward and copies its keys and values into the static cache.
 Module gating is covered: the per-sequence keep masks its gate predictor decides in prefill are
 held for the decode, a skipped attention or feed-forward module is not called (and a skipped
 attention neither writes nor reads its cache), and where the masks of a batch differ the union
-runs with the skipping rows' branches zeroed, as the gated model's own forward does. Models or
-conversions it does not cover (another architecture, a method that wraps a layer or the attention,
-early exit) decode through the model's own forward (:func:`lazyneuron.bench.decode.lean_generate`),
-with the same results.
+runs with the skipping rows' branches zeroed, as the gated model's own forward does. So is early
+exit (batch 1, as its own decode loop): after an exit layer the step asks the exit's test, and a
+token that leaves writes the key and value of its state to every later layer's cache (CALM) and
+reads the LM head through the exit's lens. Models or conversions it does not cover (another
+architecture, a method that wraps a layer or the attention) decode through the model's own forward
+(:func:`lazyneuron.bench.decode.lean_generate`), with the same results.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def supports_step(model: nn.Module) -> bool:
     return True
 
 
+def _exiting(model: nn.Module) -> Any:
+    """The model's early-exit decoder, or None."""
+    st = getattr(model, "model", None)
+    return st if type(st).__name__ == "ExitingDecoder" else None
+
+
 def _gated(model: nn.Module) -> Any:
     """The model's module-gating stack in inference mode, or None."""
     st = getattr(model, "model", None)
@@ -75,7 +83,7 @@ def _gated(model: nn.Module) -> Any:
 def _inner(model: nn.Module) -> Any:
     """The decoder body (embeddings, layers, norm, rotary tables): ``model.model``, or the model a
     gating stack wraps."""
-    st = _gated(model)
+    st = _gated(model) or _exiting(model)
     return st.base if st is not None else getattr(model, "model", None)
 
 
@@ -88,6 +96,7 @@ class DecodeStep:
         cfg = model.config
         inner = _inner(model)
         self.gated = _gated(model) is not None
+        self.exiting = _exiting(model)  # early exit: per token, batch 1, after the first dense_prefix positions
         self.keep: torch.Tensor | None = None  # (B, layers, 2) float {0, 1} of a gated model, set in prefill
         self.model, self.layers, self.embed, self.head = model, list(inner.layers), inner.embed_tokens, model.lm_head
         att = self.layers[0].self_attn
@@ -156,6 +165,9 @@ class DecodeStep:
         gemv = self._gemv.gemv
         silu = torch.nn.functional.silu
         plan = self._plan()
+        ee = self.exiting if self.exiting is not None and self.batch == 1 and pos >= self.exiting.dense_prefix else None
+        if ee is not None:
+            streak, prev = torch.zeros(1, dtype=torch.long), torch.full((1,), -1, dtype=torch.long)
         for i, lay in enumerate(self.layers):
             att = lay.self_attn
             fq, fk, fv, fo, fm = self._fast[i]
@@ -181,7 +193,35 @@ class DecodeStep:
             else:
                 m = lay.mlp(x.unsqueeze(1)).reshape(h.shape)
             x = ext.add_rmsnorm(h, m if km is True else m * km, wn, en)
+            if ee is not None and i < n - 1 and str(i) in ee.exits.scores and i >= ee.min_layer:
+                done, streak, prev = ee._check(i, h, streak, prev)
+                if bool(done[0]):
+                    return self._exit(ee, i, h, pos)
+        if self.exiting is not None and self.exiting.track:
+            self.exiting.layers_run.append(n)
+            self.exiting.tokens_seen += self.batch
         return (gemv(x, *self._head)[0] if self._head else self.head(x)).float()
+
+    def _exit(self, ee: Any, j: int, h: torch.Tensor, pos: int) -> torch.Tensor:
+        """A token leaving after layer ``j`` (CALM): every later layer gets the key and value of the
+        exited state written to its cache (so later tokens attend to entries that exist); the LM
+        head reads the exit's lens (or the final norm) of the state."""
+        cos, sin = self.cos[pos], self.sin[pos]
+        kv = self.kc[0].shape[1]
+        for k in range(j + 1, len(self.layers)):
+            att = self.layers[k].self_attn
+            w, e = self.norm_w[k][0], self.norm_w[k][1]
+            xk = D.rmsnorm(h, w, e)
+            key = att.k_proj(xk).view(self.batch, kv, self.head_dim)
+            self.kc[k][:, :, pos] = key * cos + D._rotate_half(key) * sin
+            self.vc[k][:, :, pos] = att.v_proj(xk).view(self.batch, kv, self.head_dim)
+        if ee.track:
+            ee.layers_run.append(j + 1)
+            ee.tokens_seen += 1
+            ee.kv_filled += len(self.layers) - j - 1
+            ee.weights_skipped += float(ee._skip_after[j + 1])
+        out = ee.exits.exit_hidden(j, h, self.model.model.base.norm)
+        return (_gemv_or(self._gemv, self._head, self.head, out)).float()
 
     def _plan(self) -> list[tuple[Any, Any]]:
         """Per layer, for attention and the MLP: True (every sequence runs it), False (none does:
@@ -205,6 +245,9 @@ class DecodeStep:
         x = D.rmsnorm_reference(h, self.norm_w[0][0], self.norm_w[0][1])
         n = len(self.layers)
         plan = self._plan()
+        ee = self.exiting if self.exiting is not None and self.batch == 1 and pos >= self.exiting.dense_prefix else None
+        if ee is not None:
+            streak, prev = torch.zeros(1, dtype=torch.long), torch.full((1,), -1, dtype=torch.long)
         for i, lay in enumerate(self.layers):
             att = lay.self_attn
             ka, km = plan[i]
@@ -218,7 +261,15 @@ class DecodeStep:
                 h = h + (m if km is True else m * km)
             wn, en = (self.norm_w[i + 1][0], self.norm_w[i + 1][1]) if i + 1 < n else self.final
             x = D.rmsnorm_reference(h, wn, en)
+            if ee is not None and i < n - 1 and str(i) in ee.exits.scores and i >= ee.min_layer:
+                done, streak, prev = ee._check(i, h, streak, prev)
+                if bool(done[0]):
+                    return self._exit(ee, i, h, pos)
         return self.head(x).float()
+
+
+def _gemv_or(gemv: Any, direct: tuple[Any, ...] | None, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return gemv.gemv(x, *direct)[0] if direct is not None and gemv is not None else mod(x)
 
 
 def _direct(mod: nn.Module) -> tuple[Any, ...] | None:
