@@ -227,7 +227,11 @@ def main() -> None:
     ap.add_argument("--retime", action="store_true", help="decoder: measure the thresholds of the last full run again (no training / calibration)")
     ap.add_argument("--delta", type=float, default=0.1, help="decoder: thresholds hold their agreement budget with confidence 1 - delta on calibration text")
     ap.add_argument("--out", default=str(OUT / "early_exit.jsonl"))
+    ap.add_argument("--plots-only", action="store_true", help="redraw the plots from the records in --out")
     args = ap.parse_args()
+    if args.plots_only:
+        draw(args.out)
+        return
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     recs: list[Record] = []
@@ -241,7 +245,11 @@ def main() -> None:
             write(keep + [r.to_dict() for r in recs], args.out, append=False)
         else:
             write(recs, args.out, append=False)
-    rd = read(args.out)
+    draw(args.out)
+
+
+def draw(path: str) -> None:
+    rd = read(path)
     # one point per (criterion, heads, batch): its speedup and the accuracy points it lost
     drop = {(r["params"].get("criterion"), r["params"].get("heads")): r["value"] for r in rd if r["metric"] == "accuracy_drop_points"}
     pts = []
@@ -249,8 +257,10 @@ def main() -> None:
         if r["metric"] == "encoder_speedup":
             k = (r["params"]["criterion"], r["params"]["heads"])
             pts += [r, {**r, "metric": "accuracy_drop_points", "value": drop[k]}]
-    plots.pareto(pts, OUT / "ee_accuracy_vs_speed.png", speed_metric="encoder_speedup", quality_metric="accuracy_drop_points", series_params=("heads", "batch"))
-    plots.pareto(rd, OUT / "ee_decoder_agreement_vs_speed.png", speed_metric="decode_speedup_b1", quality_metric="top1_agreement", series_params=("exit",))
+    plots.pareto(pts, OUT / "ee_accuracy_vs_speed.png", speed_metric="encoder_speedup", quality_metric="accuracy_drop_points", series_params=("heads", "batch"),
+                 title="MiniLM-L6 on MR: exits, throughput vs accuracy lost (test split)")
+    plots.pareto(rd, OUT / "ee_decoder_agreement_vs_speed.png", speed_metric="decode_speedup_b1", quality_metric="top1_agreement", series_params=("exit",),
+                 title="SmolLM2-135M per-token exits: decode speed vs agreement with dense (test)")
 
 
 if __name__ == "__main__":

@@ -109,7 +109,12 @@ def main() -> None:
     ap.add_argument("--encoder-depth", type=int, default=10)
     ap.add_argument("--encoder-epochs", type=int, default=3)
     ap.add_argument("--encoder-lr", type=float, default=5e-4)
+    ap.add_argument("--plots-only", action="store_true", help="redraw the plots from the records")
     args = ap.parse_args()
+    if args.plots_only:
+        draw_accuracy([r for r in read(OUT / "fff.jsonl")])
+        kernel_plot(read(OUT / "kernels_cmm.jsonl"))
+        return
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     if args.kernels_only:
@@ -177,9 +182,7 @@ def main() -> None:
             recs.append(Record(MODEL, meth, {**p, "batch": bs}, "encoder_speedup", rmed, "x dense", spread=riqr, repeats=len(ratios)))
             print(f"{name} batch {bs}: {med:.1f} sentences/s, {rmed:.2f}x dense", flush=True)
     write(recs, OUT / "fff.jsonl", append=False)
-    rd = [r if isinstance(r, dict) else r.to_dict() for r in recs]
-    rd = [r for r in rd if "tree_dtype" not in r.get("params", {})]  # the plot: fp32 trees by depth
-    plots.xy(rd, OUT / "fff_accuracy_vs_depth.png", "depth", "accuracy_mr", "task", "MiniLM-L6 on MR: test accuracy of the FFF model vs tree depth")
+    draw_accuracy([r if isinstance(r, dict) else r.to_dict() for r in recs])
     if not args.skip_kernels:
         kernels(args)
 
@@ -214,6 +217,11 @@ def encoder(args: argparse.Namespace) -> None:
         recs.append(Record(MODEL, "fast_feedforward", {**p, "layer": layer}, "distill_rel_error", e, "relative MSE"))
     write(recs, OUT / ("fff_encoder_quick.jsonl" if args.quick else "fff_encoder.jsonl"), append=False)
     sys.stdout.write(runner.table([r for r in recs if isinstance(r, Record) and "layer" not in r.params]) + "\n")
+
+
+def draw_accuracy(rd: list[dict]) -> Path:
+    rd = [r for r in rd if "tree_dtype" not in r.get("params", {})]  # the plot: fp32 trees by depth
+    return plots.xy(rd, OUT / "fff_accuracy_vs_depth.png", "depth", "accuracy_mr", "task", "MiniLM-L6 on MR: test accuracy of the FFF model vs tree depth")
 
 
 def kernel_plot(krecs: list[dict]) -> Path:

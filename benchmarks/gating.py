@@ -596,12 +596,29 @@ def encoder(args: argparse.Namespace, recs: list[Record]) -> None:
 
 
 def draw(path: Path) -> None:
+    """One line per variant (its settings, the share of modules skipped, as points): perplexity as
+    the geometric mean over the four domains of the ratio to dense (log scale), and decode speed-up
+    as the mean over domains."""
+    import math
+
     recs = [r for r in read(path) if r["method"] == "module_gating"]
-    plots.xy([r for r in recs if r["metric"] == "ppl_delta_pct"], OUT / "gating_ppl_vs_skipped.png", "target_sparsity", "ppl_delta_pct",
-             "variant,domain", title="SmolLM2-135M: perplexity vs modules skipped (test split, per domain)", logy=False)
+
+    def mean_over_domains(metric: str, geo: bool) -> list[dict]:
+        groups: dict[tuple[str, float], list[float]] = {}
+        for r in recs:
+            if r["metric"] == metric and "target_sparsity" in r["params"]:
+                groups.setdefault((r["params"]["variant"], r["params"]["target_sparsity"]), []).append(r["value"])
+        out = []
+        for (v, t), vals in groups.items():
+            val = 100 * (math.exp(sum(math.log(1 + x / 100) for x in vals) / len(vals)) - 1) if geo else sum(vals) / len(vals)
+            out.append({"model": MODEL, "method": LABELS.get(v, v), "params": {"target_sparsity": t}, "metric": metric, "value": val})
+        return out
+
+    plots.xy(mean_over_domains("ppl_delta_pct", True), OUT / "gating_ppl_vs_skipped.png", "target_sparsity", "ppl_delta_pct", "",
+             title="SmolLM2-135M module gating: perplexity vs modules skipped (geometric mean of 4 domains, test split)")
     if any(r["metric"] == "decode_speedup" for r in recs):
-        plots.xy([r for r in recs if r["metric"] == "decode_speedup"], OUT / "gating_speed_vs_skipped.png", "target_sparsity", "decode_speedup",
-                 "variant,domain", title="SmolLM2-135M: decode speed-up vs modules skipped (batch 1, same run)")
+        plots.xy(mean_over_domains("decode_speedup", False), OUT / "gating_speed_vs_skipped.png", "target_sparsity", "decode_speedup", "",
+                 title="SmolLM2-135M module gating: decode speed-up vs modules skipped (batch 1, mean of 4 domains)")
     for f in sorted(OUT.glob("gating_keep_*.json")):
         plots.gates(json.loads(f.read_text()), OUT / (f.stem.replace("gating_keep_", "gating_gates_") + ".png"), title=f.stem.replace("gating_keep_", ""))
 

@@ -376,7 +376,8 @@ def _run(args: argparse.Namespace) -> int:
 
             causal = get_adapter(model).causal_lm
             metrics = {} if causal else {"speed_metric": "encode_speedup_b1", "quality_metric": "state_rel_error"}
-            png = plots.pareto([r.to_dict() for r in recs], out / "pareto.png", **metrics)
+            png = plots.pareto([r.to_dict() for r in recs], out / "pareto.png", title=f"{args.model}: speed against quality, methods on the "
+                               f"{s.runtime} runtime (lower right is better)" if causal else f"{args.model}: speed against output error", **metrics)
             if causal:
                 how = "eager dense baseline; methods on the runtime (" + s.runtime + ")" if s.runtime != "eager" else "lean loop, eager modules"
                 sys.stdout.write(f"\n{args.model}, batch 1 decode ({s.new_tokens} new tokens, {how}), perplexity on {s.corpus} test windows\n")

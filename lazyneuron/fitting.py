@@ -442,8 +442,8 @@ DEMO_GATE_TARGET = 0.25
 
 def demo_fits(model_name: str, model: torch.nn.Module, tokenizer: Any, *, quick: bool = False, progress: bool = True) -> list[str]:
     """Fast default fits for ``lazyneuron demo``, run on first use and cached like any fit (a few
-    minutes on 2 cores): for a Llama-family causal LM, exit heads (closed-form lens, 16 x 256 news
-    tokens) and gates at 25% (the static greedy mask, then one swap-search round per domain on news
+    minutes on 2 cores): for a Llama-family causal LM, exit heads (closed-form lens, 24 x 256 news
+    tokens, threshold for at most 20% of tokens decoding differently) and gates at 25% (the static greedy mask, then one swap-search round per domain on news
     and Austen); for a model with plain two-layer FFNs, FFF trees (depth 8). Returns one line per
     fit that ran or was skipped, saying what and how long. ``quick``: smaller fits (smoke runs)."""
     from .methods.gating import _family
@@ -458,7 +458,9 @@ def demo_fits(model_name: str, model: torch.nn.Module, tokenizer: Any, *, quick:
         return ["no fits: the model has no tokenizer"]
     if ad.causal_lm and family == "llama":
         if fitted_checkpoint("early_exit", model_name) is None:
-            kw = dict(train_windows=4, cal_windows=2, epochs=3, steps=3, budget=1) if quick else dict(train_windows=16, cal_windows=8, epochs=10, steps=6, budget=3)
+            # the demo's operating point: at most 20% of tokens decode differently from dense
+            kw = dict(train_windows=4, cal_windows=2, epochs=3, steps=3, budget=1) if quick else dict(train_windows=24, cal_windows=8, epochs=30, steps=8, budget=3)
+            kw["agreement_loss"] = 0.2
             info = fit_exits(model, tokenizer, model_name, progress=progress, **kw)  # type: ignore[arg-type]
             notes.append(f"fitted exit heads ({info['seconds']:.0f} s, cached): threshold {info['threshold']:.3g} keeps top-1 agreement "
                          f"{info['calibration_agreement']:.2f} on calibration text (`lazyneuron fit exits` for a longer fit)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -50,7 +51,7 @@ def _ppl_axis(ax: Any) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.25, 2.0, 5.0)))
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{(y - 1) * 100:+.0f}%" if abs(y - 1) > 1e-9 else "dense"))
     ax.yaxis.set_minor_formatter(NullFormatter())
 
@@ -81,8 +82,10 @@ def _point_label(p: dict[str, Any]) -> str:
             return str(p[k]).replace("float", "fp").replace("bfloat16", "bf16")
     if "depth" in p:
         return f"d{p['depth']}"
-    if "threshold" in p:
+    if "threshold" in p and math.isfinite(float(p["threshold"])):
         return f"t={float(p['threshold']):.2g}"
+    if p.get("context"):
+        return str(p["context"])
     if "budget" in p:
         return str(p["budget"])
     return ""

@@ -104,6 +104,7 @@ def run(model_name: str, model: nn.Module, tok: Any, configs: Sequence[MethodCon
     ref = reference_logprobs(model, wins)
     recs: list[Record] = []
     dense: dict[str, float] = {}
+    base = next((x.name for x in variants if _method_name(x) == "runtime" and x.params.get("dtype") == s.runtime), None)
     for v in variants:
         meth = _method_name(v)
         with applied(model, v.configs, v.calibration):
@@ -114,7 +115,7 @@ def run(model_name: str, model: nn.Module, tok: Any, configs: Sequence[MethodCon
         def rec(metric: str, value: float, unit: str, **kw: Any) -> None:
             recs.append(Record(model_name, meth, dict(v.params), metric, float(value), unit, **kw))
 
-        _paired(recs, rec, times, v, dense)
+        _paired(recs, rec, times, v, dense, base)
         rec(f"ppl_{s.corpus}", ppl, "perplexity")
         if v.configs is None:
             dense["ppl"] = ppl
@@ -136,8 +137,10 @@ def _method_name(v: Variant) -> str:
     return "+".join(c.name for c in v.configs if c.name != "runtime") or "runtime"
 
 
-def _paired(recs: list[Record], rec: Any, times: dict[str, dict[str, list[float]]], v: Variant, dense: dict[str, float]) -> None:
-    """tokens/s records of one variant, and for a method its speed-up over dense from paired samples."""
+def _paired(recs: list[Record], rec: Any, times: dict[str, dict[str, list[float]]], v: Variant, dense: dict[str, float], base: str | None = None) -> None:
+    """tokens/s records of one variant, and for a method its speed-up over dense from paired
+    samples; for a method on the runtime also over the dense model on the same runtime (``base``,
+    ``*_vs_runtime``): what the method itself buys."""
     for k, xs in times[v.name].items():
         if k.startswith("hf_generate") and v.configs is not None:
             continue
@@ -149,6 +152,10 @@ def _paired(recs: list[Record], rec: Any, times: dict[str, dict[str, list[float]
             ratios = [a / b for a, b in zip(xs, times["dense"][k])]  # ratio per repeat, then the median
             rmed, riqr = summary(ratios)
             rec(k.replace("_tps", "_speedup"), rmed, "x dense", spread=riqr, repeats=len(ratios))
+            if base is not None and v.name != base and "runtime" in v.params and k in times[base]:
+                ratios = [a / b for a, b in zip(xs, times[base][k])]
+                rmed, riqr = summary(ratios)
+                rec(k.replace("_tps", "_vs_runtime"), rmed, "x dense on the runtime", spread=riqr, repeats=len(ratios))
 
 
 def run_encoder(model_name: str, model: nn.Module, tok: Any, variants: list[Variant], s: BenchSettings, *, progress: bool = True) -> list[Record]:
@@ -170,6 +177,7 @@ def run_encoder(model_name: str, model: nn.Module, tok: Any, variants: list[Vari
     ref = reference_states(model, wins)
     recs: list[Record] = []
     dense: dict[str, float] = {}
+    base = next((x.name for x in variants if _method_name(x) == "runtime" and x.params.get("dtype") == s.runtime), None)
     for v in variants:
         meth = _method_name(v)
         with applied(model, v.configs, v.calibration):
@@ -180,7 +188,7 @@ def run_encoder(model_name: str, model: nn.Module, tok: Any, variants: list[Vari
         def rec(metric: str, value: float, unit: str, **kw: Any) -> None:
             recs.append(Record(model_name, meth, dict(v.params), metric, float(value), unit, **kw))
 
-        _paired(recs, rec, times, v, dense)
+        _paired(recs, rec, times, v, dense, base)
         rec("embedding_cosine", fid["embedding_cosine"], "cosine to dense")
         rec("state_rel_error", fid["state_rel_error"], "relative L2 error")
         rec("compute_skipped", skipped, "fraction of linear weight reads")
@@ -224,9 +232,13 @@ def table(records: list[dict[str, Any]] | list[Record], batch: int = 1, corpus: 
                 _col("long tok/s", 10, "encode_tps_long", "{:.0f}"), _col("speedup", 8, "encode_speedup_long", "{:.2f}x", 1.0),
                 _col("emb. cosine", 11, "embedding_cosine", "{:.4f}"), _col("state err", 9, "state_rel_error", "{:.3f}")]
     else:
-        cols = [_col("decode tok/s", 12, f"decode_tps_b{batch}", "{:.1f}"), _col("speedup", 8, f"decode_speedup_b{batch}", "{:.2f}x", 1.0),
-                _col("prefill tok/s", 13, "prefill_tps", "{:.0f}"), _col("perplexity", 10, f"ppl_{corpus}", "{:.2f}"),
-                _col("Δ ppl", 8, "ppl_delta_pct", "{:+.1f}%", 0.0)]
+        vs_rt = any(f"decode_vs_runtime_b{batch}" in d for d in rows.values())
+        cols = [_col("decode tok/s", 12, f"decode_tps_b{batch}", "{:.1f}"), _col("x dense", 8, f"decode_speedup_b{batch}", "{:.2f}x", 1.0)]
+        if vs_rt:
+            cols.append(_col("x runtime", 9, f"decode_vs_runtime_b{batch}", "{:.2f}x"))
+        cols += [
+                 _col("prefill tok/s", 13, "prefill_tps", "{:.0f}"), _col("perplexity", 10, f"ppl_{corpus}", "{:.2f}"),
+                 _col("Δ ppl", 8, "ppl_delta_pct", "{:+.1f}%", 0.0)]
     return _render(rows, cols)
 
 
