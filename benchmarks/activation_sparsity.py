@@ -98,7 +98,7 @@ def decode_50() -> None:
 def draw(rd: list[dict]) -> None:
     plots.xy(rd, OUT / "as_ppl_vs_sparsity.png", "sparsity", "ppl_news", "rule,allocation", "SmolLM2-135M: perplexity (news test) vs sparsity", logy=True)
     plots.xy(rd, OUT / "as_speedup_vs_sparsity.png", "sparsity", "decode_speedup_b1", "rule,allocation", "SmolLM2-135M: batch-1 decode speedup vs dense (same run)")
-    plots.pareto(rd, OUT / "as_pareto.png")
+    plots.pareto(rd, OUT / "as_pareto.png", title="SmolLM2-135M activation sparsity (eager modules): decode speed vs perplexity")
 
 
 if __name__ == "__main__":

@@ -258,6 +258,7 @@ def draw(path: str) -> None:
             k = (r["params"]["criterion"], r["params"]["heads"])
             pts += [r, {**r, "metric": "accuracy_drop_points", "value": drop[k]}]
     plots.pareto(pts, OUT / "ee_accuracy_vs_speed.png", speed_metric="encoder_speedup", quality_metric="accuracy_drop_points", series_params=("heads", "batch"),
+                 lines=False, point_param="criterion",
                  title="MiniLM-L6 on MR: exits, throughput vs accuracy lost (test split)")
     plots.pareto(rd, OUT / "ee_decoder_agreement_vs_speed.png", speed_metric="decode_speedup_b1", quality_metric="top1_agreement", series_params=("exit",),
                  title="SmolLM2-135M per-token exits: decode speed vs agreement with dense (test)")

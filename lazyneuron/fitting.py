@@ -6,8 +6,8 @@
 - :func:`fit_gates`: context-aware module gates. On a causal LM: the static greedy mask at the
   target (modules removed one by one, the one that raises the next-token loss least first), then
   per context value that mask improved on the value's own text by swap search and kept only where
-  it helps on held-out text; optionally Gumbel-Softmax training from there. On an encoder: gates
-  trained with the sparsity loss to hold the output states to the dense model's.
+  it helps on held-out text; optionally Gumbel-Softmax training from there. (Encoder
+  classifiers: ``train_gates``, see docs/gating.md.)
 - :func:`fit_fff`: fast-feedforward trees for plain two-layer FFNs (BERT, GPT-2): layer-wise
   distillation, then all trees end to end.
 
@@ -68,6 +68,17 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def _stack_family(model: torch.nn.Module) -> str:
+    """llama / bert: the layer-stack layouts gating and exits run; "" for any other."""
+    from .methods.gating import _family
+
+    ad = get_adapter(model)
+    try:
+        return _family(model.get_submodule(ad.layers_path.rpartition(".")[0]))
+    except ConfigError:
+        return ""
+
+
 def _is_main() -> bool:
     from .train import is_main
 
@@ -91,10 +102,9 @@ def fit_exits(model: torch.nn.Module, tokenizer: Any, model_name: str, *, corpus
     calibration split. Writes the heads (default: where ``bench`` / ``demo`` look) and their
     ``.thresholds.json``; returns what was fitted and measured."""
     from .methods.early_exit import calibrate_lm_threshold, default_lm_exits_path, train_lm_exits
-    from .methods.gating import _family
 
     ad = get_adapter(model)
-    if not ad.causal_lm or _family(model.get_submodule(ad.layers_path.rpartition(".")[0])) != "llama":
+    if not ad.causal_lm or _stack_family(model) != "llama":
         raise ConfigError(f"fit exits: per-token exits run on Llama-family causal LMs, and this is a {ad.model_type} {'LM' if ad.causal_lm else 'encoder'}; "
                           "for an encoder classifier train exit heads with lazyneuron.methods.early_exit.train_classifier_exits")
     if tokenizer is None:
@@ -170,14 +180,13 @@ def fit_gates(model: torch.nn.Module, tokenizer: Any, model_name: str, contexts:
     """Gates that skip ``target`` of the modules (attention and feed-forward blocks) of ``model``,
     per context value (``contexts``: ``{key: {value: corpus or file}}``, one key; none: one static
     mask for every input). Each sequence's mask is decided from its first ``prompt`` tokens;
-    losses are scored on the tokens after them. See the module docstring for the procedure;
-    ``train_steps > 0`` adds Gumbel-Softmax training (KL to the dense model + the sparsity loss)
-    from the searched masks, kept only if it lowers the held-out loss. Writes the gate checkpoint
-    (default: where ``bench`` / ``demo`` look) after every stage, so a stop keeps the best so far."""
-    from .methods.gating import _family
-
+    losses are scored on the tokens after them. Causal LMs of the Llama family; see the module
+    docstring for the procedure. ``train_steps > 0`` adds Gumbel-Softmax training (KL to the
+    dense model + the sparsity loss) from the searched masks, kept only if it lowers the held-out
+    loss. Writes the gate checkpoint (default: where ``bench`` / ``demo`` look) after every stage,
+    so a stop keeps the best so far."""
     ad = get_adapter(model)
-    family = _family(model.get_submodule(ad.layers_path.rpartition(".")[0]))
+    family = _stack_family(model)
     if tokenizer is None:
         raise ConfigError("fit gates needs the model's tokenizer to read text; save it next to the model (tokenizer.save_pretrained(DIR))")
     if not 0 < target < 1:
@@ -192,9 +201,10 @@ def fit_gates(model: torch.nn.Module, tokenizer: Any, model_name: str, contexts:
     from .methods.gating import default_gates_path
 
     path = Path(out) if out else Path(default_gates_path(model_name, target, "fit"))
-    if family != "llama":
-        return _fit_gates_trained(model, tokenizer, model_name, contexts, target, path, corpus=corpus, budget=Budget(budget), length=length,
-                                  prompt=prompt, steps=max(train_steps, 60), progress=progress)
+    if family != "llama" or not ad.causal_lm:
+        raise ConfigError(f"fit gates searches masks of causal LMs (Llama family); this is a {ad.model_type} "
+                          f"{'LM' if ad.causal_lm else 'encoder'}. Gates for an encoder classifier (lazyneuron.tasks.TextClassifier) "
+                          "are trained with lazyneuron.methods.gating.train_gates (docs/gating.md)")
     return _fit_gates_searched(model, tokenizer, model_name, contexts, target, k, path, corpus=corpus, budget=Budget(budget), length=length,
                                prompt=prompt, order_windows=order_windows, search_windows=search_windows, heldout_windows=heldout_windows,
                                rounds=rounds, train_steps=train_steps, progress=progress)
@@ -337,43 +347,6 @@ def _train_from(model: torch.nn.Module, tokenizer: Any, path: Path, contexts: di
     return {"steps": len(batches), "heldout_loss_before": before, "heldout_loss_after": after, "kept": kept}
 
 
-def _fit_gates_trained(model: torch.nn.Module, tokenizer: Any, model_name: str, contexts: dict[str, dict[str, str]], target: float, path: Path, *,
-                       corpus: str, budget: Budget, length: int, prompt: int, steps: int, progress: bool) -> dict[str, Any]:
-    """Encoders: gates trained to hold the output states to the dense model's (relative MSE) with
-    the sparsity loss, from a neutral start; threshold calibrated to the target."""
-    from .api import revert_
-    from .methods.gating import GateTraining, calibrate_threshold, gated_stacks, train_gates
-
-    t0 = time.perf_counter()
-    batches = _gate_batches(tokenizer, contexts, corpus, length, steps)
-
-    def fwd(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return m(input_ids=x).last_hidden_state
-
-    def state_loss(h: torch.Tensor, batch: Any, teacher: torch.Tensor) -> torch.Tensor:
-        return ((h - teacher) ** 2).mean() / teacher.var().clamp_min(1e-12)
-
-    cfg = GateTraining(target=target, lr=3e-3, task_loss=state_loss)
-    ctx_vals = {k: list(v) for k, v in contexts.items()}
-    try:
-        train_gates(model, batches, ctx_vals, cfg, gate_tokens=prompt, forward=fwd, checkpoint=str(path) + ".train", progress=progress,
-                    deadline=budget.deadline())
-        emb = model.get_submodule(get_adapter(model).model_roles["embed"])
-        calibrate_threshold(model, [(b[0][:, :prompt], b[1]) for b in batches], target, embed=lambda x: emb(input_ids=x))
-        stack = gated_stacks(model)[0]
-        stack.predictor.meta.update({"fitted_by": "lazyneuron fit gates", "trained_on": f"{len(batches)} steps on {corpus if not contexts else contexts}"})
-        if _is_main():
-            stack.predictor.save(path)
-    finally:
-        revert_(model)
-        Path(str(path) + ".train").unlink(missing_ok=True)
-    info = {"method": "module_gating", "model": model_name, "checkpoint": str(path), "target": target, "trained_steps": len(batches),
-            "context_key": next(iter(contexts), None), "contexts": list(next(iter(contexts.values()), {})), "seconds": time.perf_counter() - t0}
-    if _is_main():
-        _write_json(_sidecar(path), {"result": info})
-    return info
-
-
 # -- fast feedforward ------------------------------------------------------------------------------
 def fit_fff(model: torch.nn.Module, tokenizer: Any, model_name: str, *, corpus: str = "news", depth: int = 10, windows: int = 160,
             length: int = 128, distill_steps: int = 300, epochs: int = 2, lr: float = 5e-4, max_tokens: int = 40_000, budget: float | None = None,
@@ -443,17 +416,13 @@ DEMO_GATE_TARGET = 0.25
 def demo_fits(model_name: str, model: torch.nn.Module, tokenizer: Any, *, quick: bool = False, progress: bool = True) -> list[str]:
     """Fast default fits for ``lazyneuron demo``, run on first use and cached like any fit (a few
     minutes on 2 cores): for a Llama-family causal LM, exit heads (closed-form lens, 24 x 256 news
-    tokens, threshold for at most 20% of tokens decoding differently) and gates at 25% (the static greedy mask, then one swap-search round per domain on news
-    and Austen); for a model with plain two-layer FFNs, FFF trees (depth 8). Returns one line per
-    fit that ran or was skipped, saying what and how long. ``quick``: smaller fits (smoke runs)."""
-    from .methods.gating import _family
-
+    tokens, threshold for at most 20% of tokens decoding differently) and gates at 25% (the static
+    greedy mask, then one swap-search round per domain on news and Austen); for a model with plain
+    two-layer FFNs, FFF trees (depth 8). Returns one line per fit that ran, saying what and how
+    long. ``quick``: smaller fits (smoke runs)."""
     ad = get_adapter(model)
     notes: list[str] = []
-    try:
-        family = _family(model.get_submodule(ad.layers_path.rpartition(".")[0]))
-    except ConfigError:
-        family = ad.family
+    family = _stack_family(model)
     if tokenizer is None:
         return ["no fits: the model has no tokenizer"]
     if ad.causal_lm and family == "llama":

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import empty_checkpoint_cache, tiny_causal_lm
+from conftest import empty_checkpoint_cache, tiny_bert, tiny_causal_lm
 from test_bench import _bos_tokenizer
 
 from lazyneuron import data, fitting
@@ -123,6 +123,20 @@ def test_context_specs_and_user_files(tmp_path) -> None:
         data.texts(str(bad), "train")
 
 
+def test_fit_gates_training_after_the_search(user_model) -> None:
+    """--train-steps: Gumbel-Softmax training from the searched masks, kept only if it lowers the
+    held-out loss; either way the checkpoint loads for this model and the model is left dense."""
+    from lazyneuron.methods.gating import GatePredictor
+
+    _, model, a, b = user_model
+    m, tok = __import__("lazyneuron").models.load(model)
+    info = fitting.fit_gates(m, tok, model, {"domain": {"alpha": a, "beta": b}}, 0.25, rounds=1, train_steps=2, progress=False)
+    t = info["training"]
+    assert t["steps"] == 2 and t["kept"] == (t["heldout_loss_after"] < t["heldout_loss_before"])
+    GatePredictor.load(info["checkpoint"], m)
+    assert type(m.model).__name__ == "LlamaModel"
+
+
 def test_fit_refuses_bad_targets_and_budgets(user_model) -> None:
     _, model, a, _ = user_model
     m, tok = __import__("lazyneuron").models.load(model)
@@ -134,3 +148,7 @@ def test_fit_refuses_bad_targets_and_budgets(user_model) -> None:
         fitting.fit_exits(m, tok, model, corpus=a, budget=0)
     with pytest.raises(ConfigError, match="one context key at a time"):
         fitting.fit_gates(m, tok, model, {"a": {"x": a}, "b": {"y": a}}, 0.25)
+    with pytest.raises(ConfigError, match="this is a bert encoder"):
+        fitting.fit_gates(tiny_bert(), tok, "tiny-bert", None, 0.25)
+    with pytest.raises(ConfigError, match="per-token exits run on Llama-family causal LMs"):
+        fitting.fit_exits(tiny_causal_lm("gpt2"), tok, "tiny-gpt2", corpus=a)

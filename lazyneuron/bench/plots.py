@@ -46,14 +46,28 @@ def label(metric: str) -> str:
     return LABELS.get(metric, metric.replace("_", " "))
 
 
-def _ppl_axis(ax: Any) -> None:
-    """Log-scale perplexity ratio axis with ticks written as changes (+10%, +100%, ...)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+PPL_CLIP = 20.0  # perplexity ratios above this (+1900%) are drawn off the top edge, and the axis says so
 
+
+def _ppl_axis(ax: Any, ys: list[float]) -> str:
+    """Log-scale perplexity-ratio axis with ticks written as changes (+10%, +100%, ...), fine
+    ticks when the data spans less than ~4x, clipped at ``PPL_CLIP``; returns the y label."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    ys = [y for y in ys if y > 0] + [1.0]
+    lo, hi = min(ys), max(ys)
+    top = min(hi, PPL_CLIP)
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)))
+    fine = math.log10(top / lo) <= 0.6
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.1, 1.25, 1.5, 2.0, 3.0) if fine else (1.0, 1.25, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{(y - 1) * 100:+.0f}%" if abs(y - 1) > 1e-9 else "dense"))
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(lo / 1.1, top * 1.12)
+    if hi > PPL_CLIP:
+        ax.text(0.01, 0.99, f"clipped at {(PPL_CLIP - 1) * 100:+.0f}%: higher points lie off the top", transform=ax.transAxes, va="top", fontsize=7,
+                color="0.3")
+    return "perplexity vs dense (log scale)"
 
 
 def _save(fig: Any, ax: Any, out: str | os.PathLike, legend: bool) -> Path:
@@ -93,12 +107,15 @@ def _point_label(p: dict[str, Any]) -> str:
 
 def pareto(records: list[dict[str, Any]], out: str | os.PathLike, speed_metric: str = "decode_speedup_b1", quality_metric: str = "ppl_delta_pct",
            series_params: tuple[str, ...] = ("rule", "allocation", "criterion", "heads", "exit"), logy: bool | None = None,
-           title: str = "") -> Path:
+           title: str = "", lines: bool = True, point_param: str | None = None) -> Path:
     """Speed (x, × dense) against quality (y): one line per method and series (the values of
     ``series_params`` a record has, e.g. the rule), its settings as labelled points along it; the
     dense model as a star, peer engines (records whose method names one, e.g. ``llama.cpp``) as
     crosses. Perplexity change is drawn as the ratio to dense on a log scale (ticks read +10%,
-    +100%, ...); other quality metrics on a linear scale (``logy`` forces a log scale)."""
+    +100%, ...); other quality metrics on a linear scale (``logy`` forces a log scale).
+    ``lines=False``: markers only (the points of a series are not settings of one knob);
+    ``point_param``: the parameter whose value labels each point (default: the setting that tells
+    a method's points apart)."""
     plt = _plt()
     pts: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
     series_of: dict[tuple[str, str], str] = {}
@@ -114,12 +131,14 @@ def pareto(records: list[dict[str, Any]], out: str | os.PathLike, speed_metric: 
     by_series: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     for key, d in pts.items():
         if speed_metric in d and quality_metric in d:
-            by_series[series_of[key]].append((d[speed_metric], conv(d[quality_metric]), _point_label(d["_params"])))
+            pl = str(d["_params"].get(point_param, "")) if point_param else _point_label(d["_params"])
+            by_series[series_of[key]].append((d[speed_metric], conv(d[quality_metric]), pl))
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for i, (name, xs) in enumerate(sorted(by_series.items())):
         xs.sort()
         peer = name.split(" ")[0].lower() in ("llama.cpp", "llamacpp", "faster-whisper", "peer")
-        ax.plot([x for x, _, _ in xs], [y for _, y, _ in xs], marker="X" if peer else _MARKERS[i % len(_MARKERS)], ls=":" if peer else "-",
+        ax.plot([x for x, _, _ in xs], [y for _, y, _ in xs], marker="X" if peer else _MARKERS[i % len(_MARKERS)],
+                ls="none" if not lines else ":" if peer else "-",
                 ms=8 if peer else 6, label=name)
         for x, y, t in xs:
             if t:
@@ -129,8 +148,7 @@ def pareto(records: list[dict[str, Any]], out: str | os.PathLike, speed_metric: 
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
     ys = [y for xs in by_series.values() for _, y, _ in xs]
     if ppl:
-        _ppl_axis(ax)
-        ax.set_ylabel("perplexity vs dense (log scale)")
+        ax.set_ylabel(_ppl_axis(ax, ys))
     else:
         if logy is None:
             pos = [y for y in ys if y > 0]
@@ -176,13 +194,16 @@ def xy(records: list[dict[str, Any]], out: str | os.PathLike, x_param: str, y_me
             series[f"{r['method']} {group}".strip()].append((float(p[x_param]), r["value"]))
     ppl = y_metric == "ppl_delta_pct"
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    ys = []
     for i, (name, pts) in enumerate(sorted(series.items())):
         pts.sort()
-        ax.plot([a for a, _ in pts], [1 + b / 100 if ppl else b for _, b in pts], marker=_MARKERS[i % len(_MARKERS)], label=name)
+        yv = [1 + b / 100 if ppl else b for _, b in pts]
+        ys += yv
+        ax.plot([a for a, _ in pts], yv, marker=_MARKERS[i % len(_MARKERS)], label=name)
     ax.set_xlabel(label(x_param))
-    ax.set_ylabel(label(y_metric) + (" (log scale)" if ppl or logy else ""))
+    ax.set_ylabel(label(y_metric) + (" (log scale)" if logy else ""))
     if ppl:
-        _ppl_axis(ax)
+        ax.set_ylabel(_ppl_axis(ax, ys))
     elif logy:
         ax.set_yscale("log")
     if logx:

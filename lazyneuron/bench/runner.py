@@ -235,16 +235,17 @@ def table(records: list[dict[str, Any]] | list[Record], batch: int = 1, corpus: 
         vs_rt = any(f"decode_vs_runtime_b{batch}" in d for d in rows.values())
         cols = [_col("decode tok/s", 12, f"decode_tps_b{batch}", "{:.1f}"), _col("x dense", 8, f"decode_speedup_b{batch}", "{:.2f}x", 1.0)]
         if vs_rt:
-            cols.append(_col("x runtime", 9, f"decode_vs_runtime_b{batch}", "{:.2f}x"))
+            cols.append(_col("x runtime", 9, f"decode_vs_runtime_b{batch}", "{:.2f}x", None))
         cols += [
                  _col("prefill tok/s", 13, "prefill_tps", "{:.0f}"), _col("perplexity", 10, f"ppl_{corpus}", "{:.2f}"),
                  _col("Δ ppl", 8, "ppl_delta_pct", "{:+.1f}%", 0.0)]
     return _render(rows, cols)
 
 
-def _col(name: str, width: int, metric: str, fmt: str, default: float = float("nan")) -> tuple[str, int, Any]:
-    """A table column: ``metric`` of each row through ``fmt`` (``default`` where the row has none)."""
-    return (name, width, lambda k, d: fmt.format(d.get(metric, default)))
+def _col(name: str, width: int, metric: str, fmt: str, default: float | None = float("nan")) -> tuple[str, int, Any]:
+    """A table column: ``metric`` of each row through ``fmt`` (``default`` where the row has none;
+    None: left blank)."""
+    return (name, width, lambda k, d: "" if metric not in d and default is None else fmt.format(d.get(metric, default)))
 
 
 def _render(rows: dict[str, dict[str, Any]], cols: list[tuple[str, int, Any]]) -> str:
