@@ -445,8 +445,8 @@ def demo_fits(model_name: str, model: torch.nn.Module, tokenizer: Any, *, quick:
             notes.append(f"fitted gates skipping {info['skipped_modules']} of {info['modules']} modules per context {list(domains)} "
                          f"({info['seconds']:.0f} s, cached; `lazyneuron fit gates` for a longer search)")
     elif ad.family in ("bert", "gpt2") and fitted_checkpoint("fast_feedforward", model_name) is None:
-        kw = dict(windows=16, distill_steps=10, budget=1) if quick else dict(windows=96, distill_steps=120, budget=5)
-        info = fit_fff(model, tokenizer, model_name, depth=8, epochs=1, progress=progress, **kw)  # type: ignore[arg-type]
+        kw = dict(windows=16, distill_steps=10, epochs=1, budget=1) if quick else dict(windows=160, distill_steps=200, epochs=2, budget=4)
+        info = fit_fff(model, tokenizer, model_name, depth=8, progress=progress, **kw)  # type: ignore[arg-type]
         notes.append(f"fitted FFF trees of depth 8 for {info['modules']} FFNs ({info['seconds']:.0f} s, cached; `lazyneuron fit fff` for a longer fit)")
     return notes
 

@@ -440,6 +440,9 @@ class EarlyExit(Method):
     def demo_notes(cls, model_name: str = DEMO_MODEL) -> list[str]:
         if default_lm_exits_path(model_name).exists():
             return []
+        if model_name == "minilm-l6":
+            return ["early_exit: on encoders it runs on a task classifier (lazyneuron.tasks.TextClassifier), and the demo's MiniLM-L6 is a bare "
+                    "sentence encoder; see docs/early_exit.md for the classifier results."]
         return [f"early_exit: no fitted exit heads for {model_name}; `lazyneuron fit exits --model {model_name}` fits them "
                 "(Llama-family causal LMs; encoder classifiers: lazyneuron.methods.early_exit.train_classifier_exits)."]
 

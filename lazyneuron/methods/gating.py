@@ -600,6 +600,9 @@ class ModuleGating(Method):
         if fitted_checkpoint("module_gating", model_name):
             return ["module_gating: the bench's text is news, so the gates run with context domain=news (its searched mask); "
                     "`lazyneuron fit gates --model M --context domain=...` fits gates for your contexts."]
+        if model_name == "minilm-l6":
+            return ["module_gating: on encoders it runs on a task classifier (lazyneuron.tasks.TextClassifier), and the demo's MiniLM-L6 is a bare "
+                    "sentence encoder; see docs/gating.md for the classifier results."]
         return [f"module_gating: no fitted gates for {model_name}; `lazyneuron fit gates --model {model_name} --context domain=news,austen` fits them."]
 
 
