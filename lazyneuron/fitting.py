@@ -238,7 +238,8 @@ def _fit_gates_searched(model: torch.nn.Module, tokenizer: Any, model_name: str,
     static = _keep_from(state["order"], k, n)
 
     def save() -> None:
-        masks = {None: static, **{v: torch.tensor(state["search"][v]["keep"]).bool() for v in state.get("search", {})}}
+        searched = state.get("search", {})  # a value not searched (yet) keeps the static mask, never an empty row
+        masks = {None: static, **{v: torch.tensor(searched[v]["keep"]).bool() if v in searched else static for v in values}}
         torch.manual_seed(0)  # the predictor's unused input path starts the same every run
         if key:
             pred = GatePredictor(model.config.hidden_size, n, {key: list(values)}, gate_tokens=prompt, model_type=model_type_of(model))

@@ -143,6 +143,7 @@ class DecodeStep:
         out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, position_ids=torch.arange(n).unsqueeze(0))
         if self.gated:  # the masks the gates decided from the prompt, held for the whole decode
             self.keep = (cache._ln_gates > 0.5).float()
+            self._plan_cache = None
         for i in range(len(self.layers)):
             if self.keep is not None and not bool(self.keep[:, i, 0].any()):
                 continue  # an attention no sequence runs: nothing cached, nothing ever read
@@ -198,7 +199,7 @@ class DecodeStep:
                 if bool(done[0]):
                     return self._exit(ee, i, h, pos)
         if self.exiting is not None and self.exiting.track:
-            self.exiting.layers_run.append(n)
+            self.exiting.layers_run += [n] * self.batch
             self.exiting.tokens_seen += self.batch
         return (gemv(x, *self._head)[0] if self._head else self.head(x)).float()
 
