@@ -157,7 +157,7 @@ def apply_(
         if not paths:
             raise NoMatchError(f"{cfg.name}: targets {list(cfg.targets)} with include={list(cfg.include)} exclude={list(cfg.exclude)} matched no module of this {ad.model_type} model; run `lazyneuron inspect` to see the paths of each role")
         stats = None
-        if meth.needs_calibration:
+        if meth.wants_calibration(model, paths):
             if calibration is None:
                 raise CalibrationError(f"{cfg.name} needs a calibration; run lazyneuron.calibrate(model, texts, config) first and pass calibration=...")
             stats = calibration.for_method(cfg.name)

@@ -208,7 +208,9 @@ def _configs(specs: Sequence[str], model_name: str | None = None) -> list[Any]:
             if found is None:
                 raise ConfigError(f"{name.strip()} needs a fitted checkpoint and {model_name} has none; run `{fitting.fit_command(name.strip(), model_name)}` "
                                   f"first, or pass {name.strip()}:checkpoint=PATH")
-            given = {kv.partition("=")[0].strip() for kv in rest.split(",") if kv.strip()}
+            given = {k.strip(): v.strip() for k, _, v in (kv.partition("=") for kv in rest.split(",") if kv.strip())}
+            if name.strip() == "early_exit" and given.get("criterion", "learned") != "learned":
+                found.pop("threshold", None)  # the calibrated threshold is the learned score's; another criterion takes its own
             extra = ",".join(f"{k}={v}" for k, v in found.items() if k not in given)
             x = f"{name}:{rest + ',' if rest.strip() else ''}{extra}"
         out.append(MethodConfig.parse(x))
@@ -219,17 +221,24 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def _demo_configs(model_name: str, model: Any) -> tuple[list[Any], list[str]]:
+def _quick_kw(name: str, quick: bool) -> dict[str, bool]:
+    """``demo --quick``: the fitted methods also take the checkpoints a quick demo fitted."""
+    from .fitting import FITTED
+
+    return {"quick": True} if quick and name in FITTED else {}
+
+
+def _demo_configs(model_name: str, model: Any, quick: bool = False) -> tuple[list[Any], list[str]]:
     """Every registered method's demo settings for this model, less those that do not apply to it
-    (each of those becomes a note saying why)."""
+    (each of those becomes a note saying why). ``quick``: ``demo --quick`` (see :func:`_quick_kw`)."""
     from .adapters import get_adapter
     from .config import method_for, registry
     from .errors import ConfigError
 
     adapter = get_adapter(model)
     cfgs, skipped = [], []
-    for meth in registry().values():
-        for c in meth.demo_configs(model_name):
+    for name, meth in registry().items():
+        for c in meth.demo_configs(model_name, **_quick_kw(name, quick)):
             try:
                 if not method_for(c).resolve(model, adapter, c):
                     raise ConfigError(f"its targets {list(c.targets)} match no module of this {adapter.model_type} model")
@@ -359,7 +368,7 @@ def _run(args: argparse.Namespace) -> int:
                 from .fitting import demo_fits
 
                 fitted = demo_fits(args.model, model, tok, quick=args.quick)
-            cfgs, skipped = _demo_configs(args.model, model)
+            cfgs, skipped = _demo_configs(args.model, model, quick=args.quick)
         cal = None
         if args.cmd == "bench" and args.calibration:
             from .calibration import Calibration
@@ -385,7 +394,7 @@ def _run(args: argparse.Namespace) -> int:
                 sys.stdout.write(f"\n{args.model} (encoder), tokens/s of forwards at batch 1 ({s.prompt_tokens} tokens) and on one {s.prefill_tokens}-token "
                                  f"sequence, output states against dense on {s.corpus} test windows\n")
             sys.stdout.write(runner.table(recs, corpus=s.corpus) + "\n")
-            notes = fitted + skipped + [n for meth in registry().values() for n in meth.demo_notes(args.model)]
+            notes = fitted + skipped + [n for name, meth in registry().items() for n in meth.demo_notes(args.model, **_quick_kw(name, args.quick))]
             for n in notes:
                 sys.stdout.write(f"note: {n}\n")
             sys.stdout.write(f"\nrecords: {path}\nplot:    {png}\n")

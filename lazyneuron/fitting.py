@@ -6,7 +6,9 @@
 - :func:`fit_gates`: context-aware module gates. On a causal LM: the static greedy mask at the
   target (modules removed one by one, the one that raises the next-token loss least first), then
   per context value that mask improved on the value's own text by swap search and kept only where
-  it helps on held-out text; optionally Gumbel-Softmax training from there. (Encoder
+  it helps on the value's calibration text; optionally Gumbel-Softmax training from there, kept
+  only if it lowers the loss on calibration windows no search read. Reported held-out losses are
+  on test text. (Encoder
   classifiers: ``train_gates``, see docs/gating.md.)
 - :func:`fit_fff`: fast-feedforward trees for plain two-layer FFNs (BERT, GPT-2): layer-wise
   distillation, then all trees end to end.
@@ -15,7 +17,8 @@ Every fit reads text from a built-in corpus or the user's own files (:mod:`lazyn
 path where a corpus name goes), writes a safetensors checkpoint where ``bench`` and ``demo`` find
 it (:func:`lazyneuron.models.checkpoint_key`) with a JSON sidecar of what it did and measured,
 stops at ``budget`` minutes keeping the best result so far, and resumes: the steps it finished
-(greedy order, per-context searches, training steps) are cached next to the checkpoint. Training
+(greedy order, per-context searches, training steps) are cached next to the checkpoint, and a
+budget-cut greedy order or search is cached as partial and continued by the next run. Training
 runs under ``torchrun`` (see :mod:`lazyneuron.train`).
 """
 
@@ -85,6 +88,14 @@ def _is_main() -> bool:
     return is_main()
 
 
+def _sync() -> None:
+    """Under torchrun, wait until every rank is here (rank 0 has written what the others read next)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 # -- early exit ------------------------------------------------------------------------------------
 def default_exit_layers(num_layers: int) -> list[int]:
     """Exit points from a quarter of the way in to the second-last layer, at most ~12 of them."""
@@ -125,6 +136,7 @@ def fit_exits(model: torch.nn.Module, tokenizer: Any, model_name: str, *, corpus
                             "train_tokens": int(train_w.numel()), "calibration_tokens": int(cal_w.numel()), "agreement_loss": agreement_loss}
     if _is_main():
         heads.save(path, {"trained_on": f"{corpus} train, {train_windows} x {length} tokens", "lens": lens})
+    _sync()  # every rank reads the heads back next
     pick = calibrate_lm_threshold(model, str(path), cal_w, agreement_loss, steps=steps, progress=progress, deadline=b.deadline())
     info.update({"threshold": min(float(pick["threshold"]), 2.0), "calibration_agreement": pick["quality"], "mean_layers": pick["mean_layers"],
                  "num_layers": n, "seconds": time.perf_counter() - t0, "checkpoint": str(path)})
@@ -214,7 +226,7 @@ def _fit_gates_searched(model: torch.nn.Module, tokenizer: Any, model_name: str,
                         path: Path, *, corpus: str, budget: Budget, length: int, prompt: int, order_windows: int, search_windows: int,
                         heldout_windows: int, rounds: int, train_steps: int, progress: bool) -> dict[str, Any]:
     from .models import checkpoint_key
-    from .methods.gating import GatePredictor, MaskScorer, model_type_of, search_context_mask, static_greedy_order
+    from .methods.gating import GatePredictor, MaskScorer, model_type_of, static_greedy_order, swap_search
 
     n = get_adapter(model).num_layers
     key = next(iter(contexts), None)
@@ -227,14 +239,23 @@ def _fit_gates_searched(model: torch.nn.Module, tokenizer: Any, model_name: str,
     state = json.loads(side.read_text()) if side.exists() else {}
     if state.get("job") != job:
         state = {"job": job}
-    # 1. the static greedy mask on calibration text of every source (shared by all contexts)
-    if "order" not in state:
+    changed = not path.exists()  # the checkpoint is rewritten only when what it holds changes (never over gates trained on the same masks)
+    # 1. the static greedy mask on calibration text of every source (shared by all contexts); a budget-cut order is continued
+    if "order" not in state or state.get("order_greedy", k) < k:
         per = max(1, order_windows // len(sources))
         wins = torch.cat([data.windows(tokenizer, s, "calibration", length, per, spread=True) for s in sources])
         shortlist = 0 if 2 * n <= 24 else min(2 * n, max(k + 8, 2 * k))
-        order = static_greedy_order(model, wins, k, score_from=prompt, progress=progress, shortlist=shortlist, deadline=budget.deadline(0.4))
-        state["order"] = [list(x) for x in order]
-        state["order_windows_tokens"] = int(wins.numel())
+        old = state.get("order")
+        done = [tuple(x) for x in old[: state.get("order_greedy", len(old))]] if old else []
+        stats: dict[str, Any] = {}
+        order = static_greedy_order(model, wins, k, score_from=prompt, progress=progress, shortlist=shortlist, deadline=budget.deadline(0.4),
+                                    start=done, stats=stats)
+        state.update(order=[list(x) for x in order], order_greedy=stats["greedy_steps"], order_windows_tokens=int(wins.numel()))
+        if stats["greedy_steps"] < k:
+            log.info("fit gates: time budget reached after %d of %d greedy steps; cached as partial, a rerun continues the order", stats["greedy_steps"], k)
+        if old is None or not torch.equal(_keep_from(old, k, n), _keep_from(state["order"], k, n)):
+            state["search"] = {}  # searched from another static mask: start over
+            changed = True
     static = _keep_from(state["order"], k, n)
 
     def save() -> None:
@@ -251,41 +272,60 @@ def _fit_gates_searched(model: torch.nn.Module, tokenizer: Any, model_name: str,
             pred.gate_tokens = prompt
         pred.meta.update({"target_sparsity": k / (2 * n), "trained_on": "static greedy mask" + (f", swap search per {key} value on its own text" if key else ""),
                           "fitted_by": "lazyneuron fit gates"})
+        state.pop("training", None)  # the checkpoint now holds searched masks, not trained gates
         if _is_main():
             pred.save(path)
             _write_json(side, state)
+        _sync()  # every rank reads the checkpoint next (training)
 
-    save()
-    # 2. per context value: the static mask improved on that value's own text, kept where it helps held out
+    if changed:
+        save()
+    # 2. per context value: the static mask improved on that value's own text, kept where it helps held out;
+    # a budget-cut search is cached as partial (with the masks it went through) and continued by a rerun
     state.setdefault("search", {})
-    todo = [v for v in values if v not in state["search"]]
+    todo = [v for v in values if v not in state["search"] or state["search"][v].get("partial")]
     for i, v in enumerate(todo):
         if budget.passed():
-            log.info("fit gates: time budget reached; %d of %d context values keep the static mask", len(todo) - i, len(values))
+            log.info("fit gates: time budget reached; %d of %d context values keep the static mask or a partial search", len(todo) - i, len(values))
             break
         src = values[v]
         search = data.windows(tokenizer, src, "train", length, search_windows, spread=True)
         held = data.windows(tokenizer, src, "calibration", length, heldout_windows, spread=True)
-        mask, r = search_context_mask(model, search, static, held, score_from=prompt, rounds=rounds, progress=progress,
-                                      desc=f"mask search {key}={v}", deadline=budget.deadline(1.0 / (len(todo) - i)))
-        state["search"][v] = {"keep": mask.int().tolist(), "heldout_loss_static": r["heldout_loss"][0], "heldout_loss": r["heldout_loss"][r["chosen_step"]],
-                              "swaps": r["chosen_step"]}
+        walked = [torch.tensor(m).bool() for m in state["search"].get(v, {}).get("path", [])] or [static]
+        stats = {}
+        res = swap_search(model, search, walked[-1], score_from=prompt, rounds=rounds - (len(walked) - 1), progress=progress,
+                          desc=f"mask search {key}={v}", deadline=budget.deadline(1.0 / (len(todo) - i)), stats=stats)
+        walked += res.masks[1:]
+        sel = MaskScorer(model, held, prompt)  # of the start and each accepted swap, the mask best on the value's calibration text
+        losses = [sel.loss(m) for m in walked]
+        best = min(range(len(losses)), key=losses.__getitem__)
+        state["search"][v] = {"keep": walked[best].int().tolist(), "heldout_loss_static": losses[0], "heldout_loss": losses[best], "swaps": best}
+        if stats["stopped_early"]:
+            state["search"][v].update(partial=True, path=[m.int().tolist() for m in walked])
         save()
-    # held-out next-token loss: dense against the fitted masks, per source
+    # held-out next-token loss on test text (windows no choice above saw): dense against the fitted masks, per source
     report = {}
     with torch.no_grad():
         for v, src in (values.items() if values else [(corpus, corpus)]):
-            held = data.windows(tokenizer, src, "calibration", length, heldout_windows, spread=True)
+            held = data.windows(tokenizer, src, "test", length, heldout_windows, spread=True)
             sc = MaskScorer(model, held, prompt)
             dense = sc.loss(torch.ones_like(static))
             mine = torch.tensor(state["search"][v]["keep"]).bool() if v in state["search"] else static
             report[v] = {"dense_loss": dense, "static_loss": sc.loss(static), "fitted_loss": sc.loss(mine)}
     info = {"method": "module_gating", "model": model_name, "checkpoint": str(path), "target": target, "skipped_modules": k, "modules": 2 * n,
-            "context_key": key, "contexts": list(values), "searched": sorted(state["search"]), "heldout": report,
-            "seconds": time.perf_counter() - t0}
-    if train_steps > 0 and not budget.passed():
-        info["training"] = _train_from(model, tokenizer, path, contexts, target, prompt=prompt, length=length, steps=train_steps, budget=budget,
-                                       progress=progress, corpus=corpus)
+            "context_key": key, "contexts": list(values), "searched": sorted(v for v, r in state["search"].items() if not r.get("partial")),
+            "partial": sorted(v for v, r in state["search"].items() if r.get("partial")), "partial_order": state.get("order_greedy", k) < k,
+            "heldout": report, "heldout_split": "test", "seconds": time.perf_counter() - t0}
+    trained = state.get("training")
+    if train_steps > 0 and trained is not None and trained["steps"] == train_steps:
+        info["training"] = trained  # cached: this training ran on these masks (the checkpoint holds its gates when kept)
+    elif train_steps > 0 and not budget.passed():
+        if trained is not None:
+            save()  # train from the searched masks, not from gates trained before
+        state["training"] = info["training"] = _train_from(model, tokenizer, path, contexts, target, prompt=prompt, length=length, steps=train_steps,
+                                                           budget=budget, progress=progress, corpus=corpus)
+    elif trained is not None and trained["kept"]:
+        info["training"] = trained  # the checkpoint holds these trained gates
     state["result"] = info
     if _is_main():
         _write_json(side, state)
@@ -312,7 +352,9 @@ def _selection_loss(model: torch.nn.Module, tokenizer: Any, contexts: dict[str, 
     losses = []
     with torch.no_grad():
         for v, src in values.items():
-            w = data.windows(tokenizer, src, "calibration", length, 4, spread=True)
+            # the opening windows of the calibration split: the searches read windows spread from an
+            # eighth of the way in, and the test split stays for reporting only
+            w = data.windows(tokenizer, src, "calibration", length, 4)
             set_context(model, **({key: v} if key else {}))
             logits = model(input_ids=w, use_cache=False).logits[:, prompt:-1].float()
             losses.append(float(F.cross_entropy(logits.flatten(0, 1), w[:, prompt + 1:].flatten())))
@@ -412,6 +454,7 @@ def fit_fff(model: torch.nn.Module, tokenizer: Any, model_name: str, *, corpus: 
 
 # -- the demo's fits -------------------------------------------------------------------------------
 DEMO_GATE_TARGET = 0.25
+QUICK_TAG = "quick"  # in the names of the checkpoints ``demo --quick`` fits
 
 
 def demo_fits(model_name: str, model: torch.nn.Module, tokenizer: Any, *, quick: bool = False, progress: bool = True) -> list[str]:
@@ -420,35 +463,58 @@ def demo_fits(model_name: str, model: torch.nn.Module, tokenizer: Any, *, quick:
     tokens, threshold for at most 20% of tokens decoding differently) and gates at 25% (the static
     greedy mask, then one swap-search round per domain on news and Austen); for a model with plain
     two-layer FFNs, FFF trees (depth 8). Returns one line per fit that ran, saying what and how
-    long. ``quick``: smaller fits (smoke runs)."""
+    long. ``quick``: smaller fits (smoke runs), cached under names of their own
+    (:func:`demo_checkpoint_path`). A fit that fails is logged and noted, and its partial
+    checkpoint removed: the demo goes on without that method's rows."""
     ad = get_adapter(model)
     notes: list[str] = []
     family = _stack_family(model)
     if tokenizer is None:
         return ["no fits: the model has no tokenizer"]
+
+    def attempt(method: str, run: Any) -> None:
+        out = demo_checkpoint_path(method, model_name, quick)
+        try:
+            notes.append(run(out))
+        except Exception as e:  # noqa: BLE001 -- one method's failed fit must not end the demo
+            log.warning("demo: fitting %s for %s failed (%s: %s); the demo goes on without its rows. `%s` fits it and shows the full error",
+                        method, model_name, type(e).__name__, e, fit_command(method, model_name))
+            notes.append(f"{method}: the demo's fit failed ({type(e).__name__}: {e}), so it has no rows; run `{fit_command(method, model_name)}` to fit it")
+            if _is_main():
+                out.unlink(missing_ok=True)  # no half-fitted checkpoint for this demo (or a later one) to pick up
+
     if ad.causal_lm and family == "llama":
-        if fitted_checkpoint("early_exit", model_name) is None:
-            # the demo's operating point: at most 20% of tokens decode differently from dense
-            kw = dict(train_windows=4, cal_windows=2, epochs=3, steps=3, budget=1) if quick else dict(train_windows=24, cal_windows=8, epochs=30, steps=8, budget=3)
-            kw["agreement_loss"] = 0.2
-            info = fit_exits(model, tokenizer, model_name, progress=progress, **kw)  # type: ignore[arg-type]
-            notes.append(f"fitted exit heads ({info['seconds']:.0f} s, cached): threshold {info['threshold']:.3g} keeps top-1 agreement "
-                         f"{info['calibration_agreement']:.2f} on calibration text (`lazyneuron fit exits` for a longer fit)")
-        if fitted_checkpoint("module_gating", model_name) is None:
-            domains = {"news": "news"}
-            try:
-                data.windows(tokenizer, "austen", "train", 16, 1)
-                domains["austen"] = "austen"
-            except Exception as e:  # not fetched: news alone
-                log.info("demo gates without the austen context: %s", e)
-            kw = dict(order_windows=1, search_windows=1, heldout_windows=1, budget=1) if quick else dict(order_windows=2, search_windows=4, heldout_windows=2, budget=4)
-            info = fit_gates(model, tokenizer, model_name, {"domain": domains}, DEMO_GATE_TARGET, rounds=1, progress=progress, **kw)  # type: ignore[arg-type]
-            notes.append(f"fitted gates skipping {info['skipped_modules']} of {info['modules']} modules per context {list(domains)} "
-                         f"({info['seconds']:.0f} s, cached; `lazyneuron fit gates` for a longer search)")
-    elif ad.family in ("bert", "gpt2") and fitted_checkpoint("fast_feedforward", model_name) is None:
-        kw = dict(windows=16, distill_steps=10, epochs=1, budget=1) if quick else dict(windows=160, distill_steps=200, epochs=2, budget=4)
-        info = fit_fff(model, tokenizer, model_name, depth=8, progress=progress, **kw)  # type: ignore[arg-type]
-        notes.append(f"fitted FFF trees of depth 8 for {info['modules']} FFNs ({info['seconds']:.0f} s, cached; `lazyneuron fit fff` for a longer fit)")
+        if fitted_checkpoint("early_exit", model_name, quick=quick) is None:
+            def exits(out: Path) -> str:
+                # the demo's operating point: at most 20% of tokens decode differently from dense
+                kw = dict(train_windows=4, cal_windows=2, epochs=3, steps=3, budget=1) if quick else dict(train_windows=24, cal_windows=8, epochs=30, steps=8, budget=3)
+                kw["agreement_loss"] = 0.2
+                info = fit_exits(model, tokenizer, model_name, progress=progress, out=out, **kw)  # type: ignore[arg-type]
+                return (f"fitted exit heads ({info['seconds']:.0f} s, cached): threshold {info['threshold']:.3g} keeps top-1 agreement "
+                        f"{info['calibration_agreement']:.2f} on calibration text (`lazyneuron fit exits` for a longer fit)")
+
+            attempt("early_exit", exits)
+        if fitted_checkpoint("module_gating", model_name, quick=quick) is None:
+            def gates(out: Path) -> str:
+                domains = {"news": "news"}
+                try:
+                    data.windows(tokenizer, "austen", "train", 16, 1)
+                    domains["austen"] = "austen"
+                except Exception as e:  # not fetched: news alone
+                    log.info("demo gates without the austen context: %s", e)
+                kw = dict(order_windows=1, search_windows=1, heldout_windows=1, budget=1) if quick else dict(order_windows=2, search_windows=4, heldout_windows=2, budget=4)
+                info = fit_gates(model, tokenizer, model_name, {"domain": domains}, DEMO_GATE_TARGET, rounds=1, progress=progress, out=out, **kw)  # type: ignore[arg-type]
+                return (f"fitted gates skipping {info['skipped_modules']} of {info['modules']} modules per context {list(domains)} "
+                        f"({info['seconds']:.0f} s, cached; `lazyneuron fit gates` for a longer search)")
+
+            attempt("module_gating", gates)
+    elif ad.family in ("bert", "gpt2") and fitted_checkpoint("fast_feedforward", model_name, quick=quick) is None:
+        def fff(out: Path) -> str:
+            kw = dict(windows=16, distill_steps=10, epochs=1, budget=1) if quick else dict(windows=160, distill_steps=200, epochs=2, budget=4)
+            info = fit_fff(model, tokenizer, model_name, depth=8, progress=progress, out=out, **kw)  # type: ignore[arg-type]
+            return f"fitted FFF trees of depth 8 for {info['modules']} FFNs ({info['seconds']:.0f} s, cached; `lazyneuron fit fff` for a longer fit)"
+
+        attempt("fast_feedforward", fff)
     return notes
 
 
@@ -456,29 +522,46 @@ def demo_fits(model_name: str, model: torch.nn.Module, tokenizer: Any, *, quick:
 FITTED = ("module_gating", "early_exit", "fast_feedforward")
 
 
-def fitted_checkpoint(method: str, model_name: str) -> dict[str, Any] | None:
-    """The settings that point ``method`` at this model's fitted checkpoint (for a config given
-    without ``checkpoint=``), or None when there is none: early exit takes its calibrated
-    threshold too; module gating the most recently fitted gates."""
+def demo_checkpoint_path(method: str, model_name: str, quick: bool = False) -> Path:
+    """Where ``lazyneuron demo`` caches its fit of ``method`` for this model: the default
+    checkpoint (where ``bench`` looks), or for ``demo --quick`` one of its own (``-quick`` in the
+    name), so a full demo never takes the smaller fits of a quick run."""
     from .methods.early_exit import default_lm_exits_path
     from .methods.fff import default_fff_path
     from .methods.gating import default_gates_path
 
-    if method == "early_exit":
-        p = Path(default_lm_exits_path(model_name))
-        if not p.exists():
+    if method == "module_gating":
+        return Path(default_gates_path(model_name, DEMO_GATE_TARGET, QUICK_TAG if quick else "fit"))
+    p = Path({"early_exit": default_lm_exits_path, "fast_feedforward": default_fff_path}[method](model_name))
+    return p.with_name(p.name.removesuffix(".safetensors") + f"-{QUICK_TAG}.safetensors") if quick else p
+
+
+def fitted_checkpoint(method: str, model_name: str, *, quick: bool = False) -> dict[str, Any] | None:
+    """The settings that point ``method`` at this model's fitted checkpoint (for a config given
+    without ``checkpoint=``), or None when there is none: early exit takes its calibrated
+    threshold too; module gating the most recently fitted gates. Fits of ``demo --quick`` count
+    only with ``quick`` (and only where there is no full fit)."""
+    from .models import checkpoint_key
+
+    if method in ("early_exit", "fast_feedforward"):
+        paths = [demo_checkpoint_path(method, model_name)] + ([demo_checkpoint_path(method, model_name, True)] if quick else [])
+        p = next((x for x in paths if x.exists()), None)
+        if p is None:
             return None
+        if method == "fast_feedforward":
+            return {"checkpoint": str(p)}
         t = p.with_suffix(".thresholds.json")
         thr = json.loads(t.read_text()).get("learned") if t.exists() else None
         return {"checkpoint": str(p), **({"threshold": float(thr)} if thr is not None else {})}
-    if method == "fast_feedforward":
-        p = Path(default_fff_path(model_name))
-        return {"checkpoint": str(p)} if p.exists() else None
     if method == "module_gating":
-        probe = Path(default_gates_path(model_name, 0.25, "fit"))
-        found = [f for f in glob.glob(str(probe.with_name(probe.name.replace("-fit-25", "-*")))) if not f.endswith((".init.safetensors", ".train"))]
-        found = [f for f in found if f.endswith(".safetensors")]
-        return {"checkpoint": max(found, key=os.path.getmtime)} if found else None
+        probe = demo_checkpoint_path(method, model_name)
+        key = checkpoint_key(model_name)
+        found = [f for f in glob.glob(glob.escape(str(probe.parent / key)) + ".gates-*.safetensors")
+                 if not f.endswith(".init.safetensors") and not Path(f).name.startswith(f"{key}.gates-{QUICK_TAG}-")]
+        if found:
+            return {"checkpoint": max(found, key=os.path.getmtime)}
+        q = demo_checkpoint_path(method, model_name, True)
+        return {"checkpoint": str(q)} if quick and q.exists() else None
     return None
 
 

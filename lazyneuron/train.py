@@ -34,7 +34,10 @@ def world() -> tuple[int, int]:
     down at exit (see :func:`shutdown`)."""
     n = int(os.environ.get("WORLD_SIZE", "1"))
     if n > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        nccl = torch.cuda.is_available()
+        if nccl:  # one GPU per rank: the tensors NCCL moves (see _past) live on this rank's
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if nccl else "gloo")
         atexit.register(_shutdown_at_exit)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -245,7 +248,8 @@ def _past(deadline: float, n_ranks: int) -> bool:
 
     late = time.monotonic() >= deadline
     if n_ranks > 1:
-        flag = torch.tensor([float(late)])
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")  # NCCL moves GPU tensors only
+        flag = torch.tensor([float(late)], device=device)
         dist.broadcast(flag, 0)
         late = bool(flag.item())
     return late

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,9 +46,11 @@ def test_fit_gates_exits_then_bench_finds_them(user_model, capsys) -> None:
     assert main(["fit", "gates", "--model", model, "--context", f"domain=alpha:{a},beta:{b}", "--target", "0.25", "--budget", "2", "--json"]) == 0
     g = json.loads(capsys.readouterr().out)
     assert g["skipped_modules"] == 2 and g["modules"] == 8 and g["contexts"] == ["alpha", "beta"]
-    for v in ("alpha", "beta"):  # each context's mask is at least as good as the static one on held-out text
-        r = g["heldout"][v]
-        assert r["fitted_loss"] <= r["static_loss"] + 1e-9  # of the start and each accepted swap, the best held out
+    side = json.loads(Path(g["checkpoint"]).with_suffix(".json").read_text())
+    for v in ("alpha", "beta"):  # each context's mask is at least as good as the static one on the calibration text it was chosen on
+        r = side["search"][v]
+        assert r["heldout_loss"] <= r["heldout_loss_static"] + 1e-9  # of the start and each accepted swap, the best there
+    assert g["heldout_split"] == "test" and set(g["heldout"]) == {"alpha", "beta"}  # reported on text no choice saw
     assert main(["fit", "exits", "--model", model, "--corpus", a, "--windows", "8", "--budget", "2", "--json"]) == 0
     e = json.loads(capsys.readouterr().out)
     assert e["layers"] == [1, 2] and 0 <= e["calibration_agreement"] <= 1
@@ -123,16 +126,21 @@ def test_context_specs_and_user_files(tmp_path) -> None:
         data.texts(str(bad), "train")
 
 
-def test_fit_gates_training_after_the_search(user_model) -> None:
+def test_fit_gates_training_after_the_search(user_model, monkeypatch) -> None:
     """--train-steps: Gumbel-Softmax training from the searched masks, kept only if it lowers the
     held-out loss; either way the checkpoint loads for this model and the model is left dense."""
     from lazyneuron.methods.gating import GatePredictor
 
     _, model, a, b = user_model
     m, tok = __import__("lazyneuron").models.load(model)
+    splits = []
+    windows = data.windows
+    monkeypatch.setattr(data, "windows", lambda tok, src, split, *a, **k: splits.append((split, k.get("spread", False))) or windows(tok, src, split, *a, **k))
     info = fitting.fit_gates(m, tok, model, {"domain": {"alpha": a, "beta": b}}, 0.25, rounds=1, train_steps=2, progress=False)
     t = info["training"]
     assert t["steps"] == 2 and t["kept"] == (t["heldout_loss_after"] < t["heldout_loss_before"])
+    # the keep / revert decision reads the opening calibration windows, which the searches (spread windows) never saw; test text is for reporting
+    assert splits[-2:] == [("calibration", False), ("calibration", False)]
     GatePredictor.load(info["checkpoint"], m)
     assert type(m.model).__name__ == "LlamaModel"
 
@@ -152,3 +160,152 @@ def test_fit_refuses_bad_targets_and_budgets(user_model) -> None:
         fitting.fit_gates(tiny_bert(), tok, "tiny-bert", None, 0.25)
     with pytest.raises(ConfigError, match="per-token exits run on Llama-family causal LMs"):
         fitting.fit_exits(tiny_causal_lm("gpt2"), tok, "tiny-gpt2", corpus=a)
+
+
+def test_rerun_keeps_trained_gates(user_model, monkeypatch) -> None:
+    """A rerun of the same job does not overwrite gates trained with --train-steps by the searched
+    masks, reuses the cached training, and reports it."""
+    _, model, a, _ = user_model
+    m, tok = __import__("lazyneuron").models.load(model)
+    losses = iter([1.0, 0.5])  # training "helps": its gates are kept
+    monkeypatch.setattr(fitting, "_selection_loss", lambda *a, **k: next(losses))
+    ctx = {"domain": {"alpha": a}}
+    first = fitting.fit_gates(m, tok, model, ctx, 0.25, rounds=1, train_steps=2, progress=False)
+    assert first["training"]["kept"]
+    trained = Path(first["checkpoint"]).read_bytes()
+    for steps in (0, 2):  # no retraining either way (the loss iterator is spent)
+        again = fitting.fit_gates(m, tok, model, ctx, 0.25, rounds=1, train_steps=steps, progress=False)
+        assert Path(again["checkpoint"]).read_bytes() == trained and again["training"] == first["training"]
+
+
+def test_budget_cut_order_and_search_are_continued(user_model, monkeypatch, tmp_path) -> None:
+    """A greedy order or swap search cut by the budget is cached as partial, and a rerun with more
+    time continues it to what an uninterrupted fit finds."""
+    from lazyneuron.methods import gating
+
+    _, model, a, b = user_model
+    m, tok = __import__("lazyneuron").models.load(model)
+    ctx = {"domain": {"alpha": a, "beta": b}}
+    cut = fitting.fit_gates(m, tok, model, ctx, 0.25, rounds=2, budget=1e-9, progress=False)
+    side = json.loads(Path(cut["checkpoint"]).with_suffix(".json").read_text())
+    assert cut["partial_order"] and side["order_greedy"] == 1 and cut["searched"] == []
+    swap = gating.swap_search
+    monkeypatch.setattr(gating, "swap_search", lambda *a, **k: swap(*a, **{**k, "deadline": 0.0}))  # every search stops before its first round
+    mid = fitting.fit_gates(m, tok, model, ctx, 0.25, rounds=2, progress=False)
+    side = json.loads(Path(mid["checkpoint"]).with_suffix(".json").read_text())
+    assert not mid["partial_order"] and side["order_greedy"] == 2 and mid["partial"] == ["alpha", "beta"] and mid["searched"] == []
+    assert all(side["search"][v]["partial"] and len(side["search"][v]["path"]) == 1 for v in ("alpha", "beta"))
+    monkeypatch.setattr(gating, "swap_search", swap)
+    done = fitting.fit_gates(m, tok, model, ctx, 0.25, rounds=2, progress=False)
+    fresh = fitting.fit_gates(m, tok, model, ctx, 0.25, rounds=2, progress=False, out=tmp_path / "fresh.safetensors")
+    assert done["partial"] == [] and done["searched"] == ["alpha", "beta"]
+    s1, s2 = (json.loads(Path(x["checkpoint"]).with_suffix(".json").read_text()) for x in (done, fresh))
+    assert s1["order"] == s2["order"] and {v: r["keep"] for v, r in s1["search"].items()} == {v: r["keep"] for v, r in s2["search"].items()}
+
+
+def test_swap_search_says_when_the_deadline_cut_it(user_model) -> None:
+    from lazyneuron.methods.gating import swap_search
+
+    _, model, a, _ = user_model
+    m, tok = __import__("lazyneuron").models.load(model)
+    w = data.windows(tok, a, "train", 32, 2)
+    keep = torch.ones(4, 2, dtype=torch.bool)
+    keep[1, 0] = keep[2, 1] = False
+    for deadline, stopped in ((0.0, True), (None, False)):
+        st: dict = {}
+        res = swap_search(m, w, keep, score_from=4, rounds=2, progress=False, deadline=deadline, stats=st)
+        assert st["stopped_early"] is stopped and (len(res.masks) == 1 or not stopped)
+
+
+def test_fitted_checkpoints_literal_names_and_quick_fits(tmp_path, monkeypatch) -> None:
+    """Checkpoint lookup takes the cache path literally (glob characters in it), and fits of
+    `demo --quick` are found only by a quick demo, and only where there is no full fit."""
+    from lazyneuron.methods.early_exit import EarlyExit
+
+    root = tmp_path / "c[1]*"
+    monkeypatch.setenv("LAZYNEURON_CACHE", str(root))
+    name = "smollm2-135m"
+    gates, quick_gates = (fitting.demo_checkpoint_path("module_gating", name, q) for q in (False, True))
+    assert "[" in str(gates) and gates != quick_gates
+    gates.touch()
+    assert fitting.fitted_checkpoint("module_gating", name) == {"checkpoint": str(gates)}
+    gates.unlink()
+    quick_gates.touch()
+    assert fitting.fitted_checkpoint("module_gating", name) is None
+    assert fitting.fitted_checkpoint("module_gating", name, quick=True) == {"checkpoint": str(quick_gates)}
+    exits = fitting.demo_checkpoint_path("early_exit", name, True)
+    exits.touch()
+    exits.with_suffix(".thresholds.json").write_text('{"learned": 0.7}')
+    assert fitting.fitted_checkpoint("early_exit", name) is None and EarlyExit.demo_configs(name) == []
+    (cfg,) = EarlyExit.demo_configs(name, quick=True)
+    assert cfg.checkpoint == str(exits) and cfg.threshold == 0.7
+    full = fitting.demo_checkpoint_path("early_exit", name)
+    full.touch()
+    assert fitting.fitted_checkpoint("early_exit", name, quick=True) == {"checkpoint": str(full)}  # a full fit beats a quick one
+
+
+def test_learned_threshold_only_for_the_learned_criterion(tmp_path) -> None:
+    from lazyneuron.cli import _configs
+    from lazyneuron.methods.early_exit import EarlyExitConfig
+
+    p = fitting.demo_checkpoint_path("early_exit", "smollm2-135m")
+    p.touch()
+    p.with_suffix(".thresholds.json").write_text('{"learned": 0.7}')
+    (learned,) = _configs(["early_exit"], "smollm2-135m")
+    assert learned.threshold == 0.7 and learned.checkpoint == str(p)
+    for crit in ("entropy", "max_prob"):
+        (c,) = _configs([f"early_exit:criterion={crit}"], "smollm2-135m")
+        assert c.criterion == crit and c.threshold == EarlyExitConfig.threshold and c.checkpoint == str(p)
+    (c,) = _configs(["early_exit:criterion=patience,threshold=2"], "smollm2-135m")
+    assert c.threshold == 2 and c.checkpoint == str(p)
+
+
+def test_demo_goes_on_when_a_fit_fails_and_keys_quick_fits_apart(user_model, monkeypatch) -> None:
+    _, model, _, _ = user_model
+    m, tok = __import__("lazyneuron").models.load(model)
+    outs = {}
+
+    def failing_exits(*a, out, **k):
+        outs["exits"] = out
+        Path(out).touch()  # a half-written checkpoint
+        raise RuntimeError("boom")
+
+    def gates(*a, out, **k):
+        outs["gates"] = out
+        Path(out).touch()
+        return {"skipped_modules": 2, "modules": 8, "seconds": 0.0}
+
+    monkeypatch.setattr(fitting, "fit_exits", failing_exits)
+    monkeypatch.setattr(fitting, "fit_gates", gates)
+    notes = fitting.demo_fits(model, m, tok, quick=True, progress=False)
+    assert any("early_exit: the demo's fit failed (RuntimeError: boom)" in n for n in notes) and any("fitted gates" in n for n in notes)
+    assert not outs["exits"].exists() and fitting.fitted_checkpoint("early_exit", model, quick=True) is None
+    assert outs["gates"] == fitting.demo_checkpoint_path("module_gating", model, True)
+    assert fitting.fitted_checkpoint("module_gating", model) is None  # a full demo fits its own
+    assert fitting.fitted_checkpoint("module_gating", model, quick=True) == {"checkpoint": str(outs["gates"])}
+
+
+def test_small_or_unbroken_files_say_what_is_missing(tmp_path) -> None:
+    from lazyneuron.errors import LazyNeuronError
+
+    flat = tmp_path / "flat.txt"
+    flat.write_text("word " * 5000)  # no blank line: one document
+    with pytest.raises(LazyNeuronError, match=r"flat.txt' gives only 1 documents.* from its 1 lines, so its calibration split .* is empty.*more text"):
+        data.texts(str(flat), "calibration")
+    short = tmp_path / "short.jsonl"
+    short.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(9)) + "\n")
+    assert len(data.texts(str(short), "calibration")) == 1
+    with pytest.raises(LazyNeuronError, match=r"short.jsonl' gives only 9 lines with a 'text' field from its 9 lines, so its test split"):
+        data.texts(str(short), "test")
+
+
+def test_sync_waits_only_under_torchrun(monkeypatch) -> None:
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append(1))
+    fitting._sync()
+    assert calls == []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    fitting._sync()
+    assert calls == [1]

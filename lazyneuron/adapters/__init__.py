@@ -35,7 +35,8 @@ class Family:
 
 _LLAMA = Family(
     "llama",
-    ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo", "olmo2"),
+    ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo", "olmo2",
+     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
     ("model.layers", "layers", "model.language_model.layers"),
     {
         "attn": ("self_attn",),

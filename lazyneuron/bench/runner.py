@@ -48,7 +48,8 @@ def quick() -> BenchSettings:
 
 def build_variants(model: nn.Module, tok: Any, configs: Sequence[MethodConfig], s: BenchSettings, progress: bool, calibration: Calibration | None = None) -> list[Variant]:
     variants = [Variant("dense")]
-    need = [c for c in configs if method_for(c).needs_calibration]
+    ad = get_adapter(model)
+    need = [c for c in configs if method_for(c).wants_calibration(model, method_for(c).resolve(model, ad, c))]
     cal = calibration
     if need and cal is None:
         texts = data.texts(s.corpus, "calibration")[: s.calib_texts]

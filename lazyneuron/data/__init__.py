@@ -257,9 +257,23 @@ def _labeled_rows(corpus: str) -> Any:
 
 
 def texts(corpus: str, split: str) -> list[str]:
-    """Documents of ``corpus`` in ``split`` (see the module docstring for the fixed rule)."""
+    """Documents of ``corpus`` in ``split`` (see the module docstring for the fixed rule). A local
+    file too short for a split (fewer than 9 documents: no calibration ones; fewer than 10: no
+    test ones) is an error that says so."""
     _check(corpus, split)
-    return [d for i, d in enumerate(_documents(corpus)) if split_of(i) == split]
+    docs = _documents(corpus)
+    out = [d for i, d in enumerate(docs) if split_of(i) == split]
+    if not out and corpus not in CORPORA:
+        name = corpus.partition("::")[0]
+        try:
+            lines = len(Path(name).expanduser().read_text(encoding="utf-8", errors="replace").splitlines())
+        except OSError:
+            lines = -1
+        unit = "lines with a 'text' field" if name.endswith(".jsonl") else "documents of ~4,000 characters (cut only at blank lines)"
+        raise LazyNeuronError(f"{corpus!r} gives only {len(docs)} {unit} from its {lines} lines, so its {split} split (every 10th document from the "
+                              f"{9 if split == 'calibration' else 10}th) is empty; it needs at least 10 documents: add more text (for a .txt file, with "
+                              f"blank lines between paragraphs), or pass a larger file")
+    return out
 
 
 def labeled(corpus: str, split: str) -> list[tuple[str, int]]:
@@ -308,7 +322,8 @@ def windows(tokenizer: Any, corpus: str, split: str, length: int, count: int, *,
     body = length - (bos is not None)
     ids = token_stream(tokenizer, corpus, split, 1 << 62 if spread else body * count)
     if body < 1 or len(ids) < body * count:
-        raise LazyNeuronError(f"{corpus}/{split} holds only {len(ids)} tokens, fewer than {count} windows of {length}; lower count or length")
+        more = "" if corpus in CORPORA else f", or give {corpus!r} more text (its {split} split is one document in 10)"
+        raise LazyNeuronError(f"{corpus}/{split} holds only {len(ids)} tokens, fewer than {count} windows of {length}; lower count or length{more}")
     if not spread:
         starts = [i * body for i in range(count)]
     else:

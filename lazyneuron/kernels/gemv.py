@@ -79,6 +79,11 @@ def kernel_error(code: int, x: torch.Tensor, w: torch.Tensor) -> str:
         14: "int8 weights need one float32 scale per output channel (and other dtypes none); use prepare_weight",
         15: "bad scale: float32, contiguous, one entry per output",
         16: "the probe buffer must be contiguous float32",
+        17: f"bad expert gate/up blocks: (E, d, C) contiguous with d = {x.shape[-1]} (C even for gated experts), got {tuple(w.shape)}",
+        18: "bad expert down weight: (E * Fe, out) contiguous, in the dtype of the gate/up blocks",
+        19: "bad expert coefficients: (B, E) float32 contiguous, one row per token",
+        20: "unknown activation code (0 silu, 1 gelu, 2 gelu_tanh, 3 relu)",
+        21: "bad router: kind 0 (learned: w1 (d, H), b1 (H), w2 (H, K), b2 (K)), 1 (analytic: w1 (d, P[*2]), b1, norm (P)) or 2 (native: w1 (d, E)), fp32 contiguous, 0 <= top_k",
     }.get(code, "bad input")
 
 

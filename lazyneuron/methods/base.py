@@ -44,6 +44,11 @@ class Method:
                 raise ConfigError(f"{cfg.name} works on linear layers, but {bad[0]!r} is a {type(model.get_submodule(bad[0])).__name__}; drop its role from targets")
         return paths
 
+    def wants_calibration(self, model: nn.Module, paths: list[str]) -> bool:
+        """Whether ``apply_`` needs a calibration for these targets (a method may need none on some
+        models, e.g. expert routing on a native MoE)."""
+        return self.needs_calibration
+
     def group_key(self, path: str, adapter: ModelAdapter) -> str:
         """Calibration key: modules that read the same input tensor may share one observer."""
         return path

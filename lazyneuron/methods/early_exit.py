@@ -429,16 +429,20 @@ class EarlyExit(Method):
         return {"exits_after_layers": self._heads.layers, "criterion": cfg.criterion, "threshold": cfg.threshold}
 
     @classmethod
-    def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
-        path = default_lm_exits_path(model_name)
-        if not path.exists():
+    def demo_configs(cls, model_name: str = DEMO_MODEL, *, quick: bool = False) -> list[MethodConfig]:
+        """``quick``: ``demo --quick``, which also takes the exit heads a quick demo fitted."""
+        from ..fitting import fitted_checkpoint
+
+        found = fitted_checkpoint("early_exit", model_name, quick=quick)
+        if not found:
             return []
-        t = json.loads(path.with_suffix(".thresholds.json").read_text()) if path.with_suffix(".thresholds.json").exists() else {}
-        return [EarlyExitConfig(criterion="learned", threshold=float(t.get("learned", 0.9)), checkpoint=str(path))]
+        return [EarlyExitConfig(criterion="learned", threshold=float(found.get("threshold", 0.9)), checkpoint=found["checkpoint"])]
 
     @classmethod
-    def demo_notes(cls, model_name: str = DEMO_MODEL) -> list[str]:
-        if default_lm_exits_path(model_name).exists():
+    def demo_notes(cls, model_name: str = DEMO_MODEL, *, quick: bool = False) -> list[str]:
+        from ..fitting import fitted_checkpoint
+
+        if fitted_checkpoint("early_exit", model_name, quick=quick):
             return []
         if model_name == "minilm-l6":
             return ["early_exit: on encoders it runs on a task classifier (lazyneuron.tasks.TextClassifier), and the demo's MiniLM-L6 is a bare "

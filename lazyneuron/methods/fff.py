@@ -363,13 +363,18 @@ class FastFeedForward(Method):
                 "tree_dtype": str(f.w_in.dtype).removeprefix("torch.")}
 
     @classmethod
-    def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
-        path = default_fff_path(model_name)  # untrained trees lose the model's quality: a trained checkpoint only
-        return [FastFeedForwardConfig(checkpoint=str(path))] if path.exists() else []
+    def demo_configs(cls, model_name: str = DEMO_MODEL, *, quick: bool = False) -> list[MethodConfig]:
+        """``quick``: ``demo --quick``, which also takes the trees a quick demo fitted."""
+        from ..fitting import fitted_checkpoint
+
+        found = fitted_checkpoint("fast_feedforward", model_name, quick=quick)  # untrained trees lose the model's quality: a trained checkpoint only
+        return [FastFeedForwardConfig(checkpoint=found["checkpoint"])] if found else []
 
     @classmethod
-    def demo_notes(cls, model_name: str = DEMO_MODEL) -> list[str]:
-        if default_fff_path(model_name).exists():
+    def demo_notes(cls, model_name: str = DEMO_MODEL, *, quick: bool = False) -> list[str]:
+        from ..fitting import fitted_checkpoint
+
+        if fitted_checkpoint("fast_feedforward", model_name, quick=quick):
             return []
         if model_name == DEMO_MODEL:
             return [f"fast_feedforward: converts plain two-layer FFNs (BERT, GPT-2), and {DEMO_MODEL}'s are gated, so it has no row here; "

@@ -580,10 +580,11 @@ class ModuleGating(Method):
                 "target_sparsity": p.meta.get("target_sparsity"), "lora": bool(self._lora)}
 
     @classmethod
-    def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
+    def demo_configs(cls, model_name: str = DEMO_MODEL, *, quick: bool = False) -> list[MethodConfig]:
+        """``quick``: ``demo --quick``, which also takes the gates a quick demo fitted."""
         from ..fitting import fitted_checkpoint
 
-        found = fitted_checkpoint("module_gating", model_name)
+        found = fitted_checkpoint("module_gating", model_name, quick=quick)
         if not found:
             return []
         try:  # the bench reads news: the news context where the gates have one
@@ -594,10 +595,10 @@ class ModuleGating(Method):
         return [ModuleGatingConfig(checkpoint=found["checkpoint"], context=ctx)]
 
     @classmethod
-    def demo_notes(cls, model_name: str = DEMO_MODEL) -> list[str]:
+    def demo_notes(cls, model_name: str = DEMO_MODEL, *, quick: bool = False) -> list[str]:
         from ..fitting import fitted_checkpoint
 
-        if fitted_checkpoint("module_gating", model_name):
+        if fitted_checkpoint("module_gating", model_name, quick=quick):
             return ["module_gating: the bench's text is news, so the gates run with context domain=news (its searched mask); "
                     "`lazyneuron fit gates --model M --context domain=...` fits gates for your contexts."]
         if model_name == "minilm-l6":
@@ -887,7 +888,8 @@ class MaskScorer:
 
 @torch.no_grad()
 def static_greedy_order(model: nn.Module, windows: torch.Tensor, count: int, *, score_from: int = 0, progress: bool = True,
-                        shortlist: int = 0, deadline: float | None = None) -> list[tuple[int, str]]:
+                        shortlist: int = 0, deadline: float | None = None, start: Sequence[tuple[int, str]] = (),
+                        stats: dict[str, Any] | None = None) -> list[tuple[int, str]]:
     """Greedy removal order for a causal LM: repeatedly remove the (layer, module) whose removal
     raises the mean next-token loss on ``windows`` (B, T) least. Returns the first ``count``
     removals; the first k of them are the static baseline at k modules removed.
@@ -896,45 +898,60 @@ def static_greedy_order(model: nn.Module, windows: torch.Tensor, count: int, *, 
     ``shortlist > 0``: after the first step only the ``shortlist`` modules whose single removal
     cost least are candidates (fewer evaluations; the order can differ from the full greedy).
     ``deadline`` (a ``time.monotonic()`` value): once it passes, the rest of the order is the
-    last step's single-removal ranking (one step, not a greedy step per module)."""
+    last step's single-removal ranking (one step, not a greedy step per module).
+    ``start``: greedy removals already made (the greedy steps of a budget-cut run), continued
+    from. ``stats``: a dict that gets ``greedy_steps``, how many of the returned removals are
+    greedy steps (``count`` unless the deadline cut the search)."""
     import time
 
     sc = MaskScorer(model, windows, score_from)
     n = sc.n
     keep = torch.ones(n, len(MODULES), dtype=torch.bool)
+
+    def single_costs(allowed: set[tuple[int, int]] | None) -> dict[tuple[int, int], float]:
+        """The loss after removing each kept (allowed) module on top of ``keep``."""
+        states: list = [None] * n
+        sc.loss(keep, fill=states)
+        out: dict[tuple[int, int], float] = {}
+        for j in range(n):
+            for mi in range(len(MODULES)):
+                if keep[j, mi] and (allowed is None or (j, mi) in allowed):
+                    kp = keep.clone()
+                    kp[j, mi] = False
+                    out[(j, mi)] = sc.loss(kp, j, states)
+        return out
+
+    allowed: set[tuple[int, int]] | None = None
+    if shortlist and start:  # resumed: the shortlist comes from the first step's costs, as in an uninterrupted run
+        first = single_costs(None)
+        allowed = set(sorted(first, key=first.get)[:shortlist])
     order: list[tuple[int, str]] = []
-    it: Any = range(count)
+    for j, m in start[:count]:
+        keep[int(j), MODULES.index(str(m))] = False
+        order.append((int(j), str(m)))
+    greedy = len(order)
+    it: Any = range(len(order), count)
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="static greedy removal", unit="module")
-    allowed: set[tuple[int, int]] | None = None
+        it = tqdm(it, desc="static greedy removal", unit="module", initial=len(order), total=count)
     for _ in it:
-        states: list = [None] * n
-        sc.loss(keep, fill=states)
-        best, best_loss = None, math.inf
-        first: dict[tuple[int, int], float] = {}
-        for j in range(n):
-            for mi in range(len(MODULES)):
-                if not keep[j, mi] or (allowed is not None and (j, mi) not in allowed):
-                    continue
-                kp = keep.clone()
-                kp[j, mi] = False
-                loss = sc.loss(kp, j, states)
-                first[(j, mi)] = loss
-                if loss < best_loss:
-                    best, best_loss = (j, mi), loss
-        if best is None:
+        first = single_costs(allowed)
+        if not first:
             raise ConfigError(f"static_greedy_order: shortlist={shortlist} is smaller than count={count}")
+        best = min(first, key=first.get)
         if shortlist and allowed is None:
             allowed = set(sorted(first, key=first.get)[:shortlist])
         keep[best] = False
         order.append((best[0], MODULES[best[1]]))
+        greedy += 1
         if deadline is not None and time.monotonic() >= deadline and len(order) < count:
             rest = [c for c in sorted(first, key=first.get) if c != best][: count - len(order)]
             order += [(j, MODULES[mi]) for j, mi in rest]
-            log.info("static greedy order: time budget reached after %d greedy steps; the remaining %d by single-removal cost", len(order) - len(rest), len(rest))
+            log.info("static greedy order: time budget reached after %d greedy steps; the remaining %d by single-removal cost", greedy, len(rest))
             break
+    if stats is not None:
+        stats["greedy_steps"] = greedy
     return order
 
 
@@ -947,7 +964,7 @@ class SwapSearch(NamedTuple):
 @torch.no_grad()
 def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, score_from: int = 0, rounds: int = 4, shortlist: int = 12,
                 top: int = 3, verify: torch.Tensor | None = None, progress: bool = True, desc: str = "mask swap search",
-                deadline: float | None = None) -> SwapSearch:
+                deadline: float | None = None, stats: dict[str, Any] | None = None) -> SwapSearch:
     """Improve a keep mask (layers, 2) for the text in ``windows`` at a fixed number of skipped
     modules: each round scores restoring every skipped module and removing each of the
     ``shortlist`` kept modules whose single removal cost least (all kept modules are scored in
@@ -962,7 +979,9 @@ def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, 
     Used per context value (for example on each domain's own text) to turn a static mask into
     context-aware ones; every accepted swap lowers the loss on ``windows`` only, so choose among
     ``masks`` on held-out text (the start included) before keeping one. ``deadline`` (a
-    ``time.monotonic()`` value): no new round starts after it."""
+    ``time.monotonic()`` value): no new round starts after it. ``stats``: a dict that gets
+    ``stopped_early``, whether the deadline cut the search with rounds left (a search continued
+    from ``keep=masks[-1]`` with the rounds left goes on where it stopped)."""
     import time
 
     keep = keep.clone().bool()
@@ -984,8 +1003,10 @@ def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, 
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=desc, unit="round")
+    stopped = False
     for _ in it:
         if deadline is not None and time.monotonic() >= deadline:
+            stopped = True
             break
         skipped = [tuple(x) for x in (~keep).nonzero().tolist()]
         if not skipped or bool((~keep).all()):
@@ -1016,6 +1037,8 @@ def swap_search(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, *, 
         jcur = judge.loss(keep, fill=jstates) if verify is not None else cur
         history.append(jcur)
         path.append(keep.clone())
+    if stats is not None:
+        stats["stopped_early"] = stopped
     return SwapSearch(keep, history, path)
 
 

@@ -186,14 +186,14 @@ class DecodeStep:
                     raise ValueError(f"attn_decode: {D._MESSAGES.get(ext.last_error(), 'bad input')}")
                 d = gemv(o, *fo)[0] if fo else att.o_proj(o)
                 x = ext.add_rmsnorm(h, d if ka is True else d * ka, w2, e2)
-            if km is False:
+            if km is False:  # feed-forward skipped by every sequence: not called (the exit test below still runs)
                 x = ext.rmsnorm(h, wn, en)
-                continue
-            if fm:  # a plain SiLU-gated MLP on the runtime: its three kernels, no module calls
-                m = gemv(silu(gemv(x, *fm[0])[0]).mul_(gemv(x, *fm[1])[0]), *fm[2])[0]
             else:
-                m = lay.mlp(x.unsqueeze(1)).reshape(h.shape)
-            x = ext.add_rmsnorm(h, m if km is True else m * km, wn, en)
+                if fm:  # a plain SiLU-gated MLP on the runtime: its three kernels, no module calls
+                    m = gemv(silu(gemv(x, *fm[0])[0]).mul_(gemv(x, *fm[1])[0]), *fm[2])[0]
+                else:
+                    m = lay.mlp(x.unsqueeze(1)).reshape(h.shape)
+                x = ext.add_rmsnorm(h, m if km is True else m * km, wn, en)
             if ee is not None and i < n - 1 and str(i) in ee.exits.scores and i >= ee.min_layer:
                 done, streak, prev = ee._check(i, h, streak, prev)
                 if bool(done[0]):

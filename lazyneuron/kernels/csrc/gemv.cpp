@@ -198,37 +198,11 @@ inline void finish(float* y, const float* acc, const float* bias, const float* s
   }
 }
 
-// Returns the number of weight rows read. thr == nullptr: dense.
+// y (B, out) = finish(sum_{k < n} vals[k * B + b] * Wt[idx ? idx[k] : k, :]): the weight rows in
+// idx (all rows when idx is null) read once for all B tokens. Returns n.
 template <typename W>
-int64_t run(const float* x, const W* wt, const float* scale, const float* bias, const float* centre, const float* thr, bool thr_per_channel,
-            float* y, int64_t B, int64_t in, int64_t out) {
-  // 1. the rows to read and each token's coefficient: vals[k * B + b] (zero where token b skips row k)
-  thread_local std::vector<int32_t> idx_buf;
-  thread_local std::vector<float> vals;
-  vals.resize(static_cast<size_t>(in * B));
-  const int32_t* idx = nullptr;
-  int64_t n = in;
-  if (!thr) {
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < in; ++i) vals[i * B + b] = x[b * in + i];
-  } else {
-    idx_buf.resize(static_cast<size_t>(in));
-    n = 0;
-    for (int64_t i = 0; i < in; ++i) {
-      const float c = centre ? centre[i] : 0.f;
-      const float t = thr_per_channel ? thr[i] : thr[0];
-      bool any = false;
-      for (int64_t b = 0; b < B; ++b) {
-        const float d = x[b * in + i] - c;
-        const bool a = std::fabs(d) > t;
-        vals[n * B + b] = a ? d : 0.f;
-        any |= a;
-      }
-      if (any) idx_buf[n++] = static_cast<int32_t>(i);
-    }
-    idx = idx_buf.data();
-  }
-  const float* vp = vals.data();
+int64_t apply_rows(const W* wt, const float* scale, const float* bias, const int32_t* idx, int64_t n, const float* vp, float* y, int64_t B,
+                   int64_t out) {
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
 
   if (B * out * static_cast<int64_t>(sizeof(float)) <= kSplitAccBytes) {
@@ -264,6 +238,228 @@ int64_t run(const float* x, const W* wt, const float* scale, const float* bias, 
     }
   });
   return n;
+}
+
+// Returns the number of weight rows read. thr == nullptr: dense.
+template <typename W>
+int64_t run(const float* x, const W* wt, const float* scale, const float* bias, const float* centre, const float* thr, bool thr_per_channel,
+            float* y, int64_t B, int64_t in, int64_t out) {
+  // 1. the rows to read and each token's coefficient: vals[k * B + b] (zero where token b skips row k)
+  thread_local std::vector<int32_t> idx_buf;
+  thread_local std::vector<float> vals;
+  vals.resize(static_cast<size_t>(in * B));
+  const int32_t* idx = nullptr;
+  int64_t n = in;
+  if (!thr) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < in; ++i) vals[i * B + b] = x[b * in + i];
+  } else {
+    idx_buf.resize(static_cast<size_t>(in));
+    n = 0;
+    for (int64_t i = 0; i < in; ++i) {
+      const float c = centre ? centre[i] : 0.f;
+      const float t = thr_per_channel ? thr[i] : thr[0];
+      bool any = false;
+      for (int64_t b = 0; b < B; ++b) {
+        const float d = x[b * in + i] - c;
+        const bool a = std::fabs(d) > t;
+        vals[n * B + b] = a ? d : 0.f;
+        any |= a;
+      }
+      if (any) idx_buf[n++] = static_cast<int32_t>(i);
+    }
+    idx = idx_buf.data();
+  }
+  return apply_rows<W>(wt, scale, bias, idx, n, vals.data(), y, B, out);
+}
+
+
+inline float act_fn(float v, int64_t act) {
+  switch (act) {
+    case 0:  // silu
+      return v / (1.f + std::exp(-v));
+    case 1:  // gelu (erf)
+      return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+    case 2:  // gelu (tanh approximation)
+      return 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    default:  // relu
+      return v > 0.f ? v : 0.f;
+  }
+}
+
+// Feed-forward experts (MoEfication, native MoE). gu: (E, d, C) input-major per expert, C = 2 * Fe
+// (the expert's gate columns, then its up columns) when gated, else Fe; down: (E * Fe, out)
+// input-major, expert e's rows contiguous. coef (B, E): token b runs expert e when coef != 0 and
+// scales its output by coef. Tokens are grouped by expert: each hit expert's blocks are read once
+// for all its tokens; experts no token chose are never read. Returns the number of hit experts.
+template <typename W>
+int64_t expert_run(const float* x, const W* gu, const float* gu_scale, const float* gu_bias, const W* down, const float* down_scale,
+                   const float* down_bias, const float* coef, int64_t act, bool gated, float* y, int64_t B, int64_t d, int64_t E, int64_t Fe,
+                   int64_t out) {
+  const int64_t C = gated ? 2 * Fe : Fe;
+  // 1. hit experts and, per hit expert, its tokens
+  std::vector<int32_t> hit, tok, off(1, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    const size_t before = tok.size();
+    for (int64_t b = 0; b < B; ++b)
+      if (coef[b * E + e] != 0.f) tok.push_back(static_cast<int32_t>(b));
+    if (tok.size() > before) {
+      hit.push_back(static_cast<int32_t>(e));
+      off.push_back(static_cast<int32_t>(tok.size()));
+    }
+  }
+  const int64_t nh = static_cast<int64_t>(hit.size());
+  std::vector<int32_t> rows(static_cast<size_t>(nh * Fe));
+  for (int64_t k = 0; k < nh; ++k)
+    for (int64_t j = 0; j < Fe; ++j) rows[k * Fe + j] = static_cast<int32_t>(hit[k] * Fe + j);
+  // 2. gate / up of each hit expert for its tokens. A work item streams a contiguous range of the
+  // expert's block rows (whole rows: gate and up columns together) into its own (tokens, C)
+  // partial sums; ranges are split only as far as every thread needs work.
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t nsplit = 1;
+  while (nh * nsplit < nthreads && d / (nsplit * 2) >= 64) nsplit *= 2;
+  std::vector<int64_t> acc_off(static_cast<size_t>(nh + 1), 0);  // offset of hit expert k's partial sums
+  for (int64_t k = 0; k < nh; ++k) acc_off[k + 1] = acc_off[k] + nsplit * (off[k + 1] - off[k]) * C;
+  std::vector<float> part(static_cast<size_t>(acc_off[nh]), 0.f);
+  const int32_t* hp = hit.data();
+  const int32_t* tp = tok.data();
+  const int32_t* op = off.data();
+  const int64_t* ao = acc_off.data();
+  float* pp = part.data();
+  at::parallel_for(0, nh * nsplit, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> xv;
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t k = it / nsplit, r = it % nsplit;
+      const int64_t e = hp[k], nt = op[k + 1] - op[k];
+      const int64_t r0 = d * r / nsplit / kR * kR, r1 = r + 1 == nsplit ? d : d * (r + 1) / nsplit / kR * kR;
+      const int32_t* tb = tp + op[k];
+      xv.resize(static_cast<size_t>((r1 - r0) * nt));
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t t = 0; t < nt; ++t) xv[(i - r0) * nt + t] = x[tb[t] * d + i];
+      rows_pass(gu + e * d * C + r0 * C, C, nullptr, xv.data(), nt, 0, r1 - r0, 0, C, pp + ao[k] + r * nt * C, C);
+    }
+  });
+  // the partial sums of each expert added, then activation (x up) times the token's coefficient
+  std::vector<float> hv(static_cast<size_t>(nh * Fe * B), 0.f);  // (nh * Fe rows) x B: the down pass's coefficients
+  float* hvp = hv.data();
+  for (int64_t k = 0; k < nh; ++k) {
+    const int64_t e = hp[k], nt = op[k + 1] - op[k];
+    float* a0 = pp + ao[k];
+    for (int64_t r = 1; r < nsplit; ++r) {
+      const float* src = a0 + r * nt * C;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < nt * C; ++j) a0[j] += src[j];
+    }
+    const float* sc = gu_scale ? gu_scale + e * C : nullptr;
+    const float* bs = gu_bias ? gu_bias + e * C : nullptr;
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t b = tp[op[k] + t];
+      const float cf = coef[b * E + e];
+      const float* at = a0 + t * C;
+      for (int64_t j = 0; j < Fe; ++j) {
+        float g = at[j];
+        if (sc) g *= sc[j];
+        if (bs) g += bs[j];
+        float h = act_fn(g, act);
+        if (gated) {
+          float u = at[Fe + j];
+          if (sc) u *= sc[Fe + j];
+          if (bs) u += bs[Fe + j];
+          h *= u;
+        }
+        hvp[(k * Fe + j) * B + b] = h * cf;
+      }
+    }
+  }
+  // 3. down: the rows of the hit experts, each read once for all tokens
+  apply_rows<W>(down, down_scale, down_bias, rows.data(), nh * Fe, hvp, y, B, out);
+  return nh;
+}
+
+// Router of expert_route: coef (B, E) for x (B, d), and the number of (token, expert) pairs run.
+//   kind 0 (learned): logits = relu(x @ w1 + b1) @ w2 + b2, w1 (d, H), w2 (H, K); probs = softmax
+//   kind 1 (analytic): a = x @ w1 + b1, w1 (d, P) (P = K * probes, times 2 gated: gate then up
+//          columns); score_k = sum over its probes of |act(a_g) (* a_u)| * norm; probs = score / sum
+//   kind 2 (native): logits = x @ w1, w1 (d, K); probs = softmax over all K experts
+// The top_k experts by score run; with share < 1 only the fewest of them whose probs reach share of
+// the total (kinds 0, 1) or of the top-k mass (kind 2). Experts [0, shared) always run with coef 1.
+// Coefficient of a routed expert: 1 (kinds 0, 1), its prob (kind 2; renormalised over those run
+// when renorm).
+int64_t route(const float* x, const float* w1, const float* b1, const float* w2, const float* b2, const float* norm, int64_t kind, int64_t H,
+              int64_t probes, int64_t act, bool gated, int64_t top_k, double share, int64_t shared, bool renorm, float* coef, int64_t B, int64_t d,
+              int64_t E) {
+  const int64_t K = E - shared;
+  const int64_t cols = kind == 0 ? H : kind == 1 ? K * probes * (gated ? 2 : 1) : K;
+  std::vector<float> a(static_cast<size_t>(cols)), hid, sc(static_cast<size_t>(K)), pr(static_cast<size_t>(K));
+  std::vector<int32_t> ord(static_cast<size_t>(K));
+  int64_t used = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = x + b * d;
+    for (int64_t j = 0; j < cols; ++j) a[j] = b1 ? b1[j] : 0.f;
+    for (int64_t i = 0; i < d; ++i) {
+      const float xi = xb[i];
+      const float* wr = w1 + i * cols;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < cols; ++j) a[j] += xi * wr[j];
+    }
+    if (kind == 0) {
+      for (int64_t k = 0; k < K; ++k) sc[k] = b2 ? b2[k] : 0.f;
+      for (int64_t j = 0; j < H; ++j) {
+        const float hj = a[j] > 0.f ? a[j] : 0.f;
+        if (hj == 0.f) continue;
+        const float* wr = w2 + j * K;
+        for (int64_t k = 0; k < K; ++k) sc[k] += hj * wr[k];
+      }
+    } else if (kind == 1) {
+      const int64_t P = K * probes;
+      for (int64_t k = 0; k < K; ++k) {
+        float t = 0.f;
+        for (int64_t q = k * probes; q < (k + 1) * probes; ++q) {
+          float h = act_fn(a[q], act);
+          if (gated) h *= a[P + q];
+          t += std::fabs(h) * norm[q];
+        }
+        sc[k] = t;
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k) sc[k] = a[k];
+    }
+    if (kind == 1) {
+      double tot = 0;
+      for (int64_t k = 0; k < K; ++k) tot += sc[k];
+      for (int64_t k = 0; k < K; ++k) pr[k] = tot > 0 ? static_cast<float>(sc[k] / tot) : 1.f / K;
+    } else {
+      float mx = sc[0];
+      for (int64_t k = 1; k < K; ++k) mx = std::max(mx, sc[k]);
+      double tot = 0;
+      for (int64_t k = 0; k < K; ++k) tot += (pr[k] = std::exp(sc[k] - mx));
+      for (int64_t k = 0; k < K; ++k) pr[k] = static_cast<float>(pr[k] / tot);
+    }
+    for (int64_t k = 0; k < K; ++k) ord[k] = static_cast<int32_t>(k);
+    const int64_t n = std::min(top_k, K);
+    std::partial_sort(ord.begin(), ord.begin() + n, ord.end(), [&](int32_t i, int32_t j) { return sc[i] > sc[j] || (sc[i] == sc[j] && i < j); });
+    double ref = 1.0;
+    if (kind == 2) {
+      ref = 0;
+      for (int64_t q = 0; q < n; ++q) ref += pr[ord[q]];
+    }
+    int64_t keep = n;
+    if (share < 1.0) {
+      double cum = 0;
+      keep = 0;
+      while (keep < n && cum < share * ref) cum += pr[ord[keep++]];
+    }
+    float* cb = coef + b * E;
+    for (int64_t e = 0; e < E; ++e) cb[e] = e < shared ? 1.f : 0.f;
+    double kept = 0;
+    for (int64_t q = 0; q < keep; ++q) kept += pr[ord[q]];
+    for (int64_t q = 0; q < keep; ++q) {
+      const int64_t k = ord[q];
+      cb[shared + k] = kind == 2 ? static_cast<float>(renorm ? pr[k] / kept : pr[k]) : 1.f;
+    }
+    used += shared + keep;
+  }
+  return used;
 }
 
 }  // namespace
@@ -374,6 +570,77 @@ torch::Tensor sparsify(torch::Tensor x, torch::Tensor centre, torch::Tensor thr)
   return d;
 }
 
+// x: (B, d) fp32; gu: (E, d, C) and down: (E * Fe, out), both fp32, bf16 or int8 (the same dtype),
+// contiguous; gu_scale (E, C) / down_scale (out) fp32 for int8, else empty; gu_bias (E, C) and
+// down_bias (out) fp32 or empty; coef (B, E) fp32; act: 0 silu, 1 gelu, 2 gelu_tanh, 3 relu.
+// Returns (y (B, out) fp32, number of experts read).
+std::tuple<torch::Tensor, int64_t> expert_mlp(torch::Tensor x, torch::Tensor gu, torch::Tensor gu_scale, torch::Tensor gu_bias, torch::Tensor down,
+                                              torch::Tensor down_scale, torch::Tensor down_bias, torch::Tensor coef, int64_t act, bool gated) {
+  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), 9);
+  LN_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxBatch, 2);
+  LN_CHECK(gu.dim() == 3 && gu.is_contiguous() && gu.size(1) == x.size(1), 17);
+  const auto wd = gu.scalar_type();
+  LN_CHECK(wd == torch::kFloat32 || wd == torch::kBFloat16 || wd == torch::kChar, 4);
+  const int64_t B = x.size(0), d = x.size(1), E = gu.size(0), C = gu.size(2);
+  LN_CHECK(!gated || C % 2 == 0, 17);
+  const int64_t Fe = gated ? C / 2 : C;
+  LN_CHECK(down.dim() == 2 && down.is_contiguous() && down.scalar_type() == wd && down.size(0) == E * Fe, 18);
+  const int64_t out = down.size(1);
+  LN_CHECK(coef.dim() == 2 && coef.scalar_type() == torch::kFloat32 && coef.is_contiguous() && coef.size(0) == B && coef.size(1) == E, 19);
+  LN_CHECK((wd == torch::kChar) == (gu_scale.numel() > 0) && (wd == torch::kChar) == (down_scale.numel() > 0), 14);
+  LN_CHECK(gu_scale.numel() == 0 || (gu_scale.numel() == E * C && gu_scale.scalar_type() == torch::kFloat32 && gu_scale.is_contiguous()), 15);
+  LN_CHECK(down_scale.numel() == 0 || (down_scale.numel() == out && down_scale.scalar_type() == torch::kFloat32 && down_scale.is_contiguous()), 15);
+  LN_CHECK(gu_bias.numel() == 0 || (gu_bias.numel() == E * C && gu_bias.scalar_type() == torch::kFloat32 && gu_bias.is_contiguous()), 6);
+  LN_CHECK(down_bias.numel() == 0 || (down_bias.numel() == out && down_bias.scalar_type() == torch::kFloat32 && down_bias.is_contiguous()), 6);
+  LN_CHECK(act >= 0 && act <= 3, 20);
+  auto y = torch::empty({B, out}, x.options());
+  const float* gs = gu_scale.numel() ? gu_scale.data_ptr<float>() : nullptr;
+  const float* ds = down_scale.numel() ? down_scale.data_ptr<float>() : nullptr;
+  const float* gb = gu_bias.numel() ? gu_bias.data_ptr<float>() : nullptr;
+  const float* db = down_bias.numel() ? down_bias.data_ptr<float>() : nullptr;
+  const float* xp = x.data_ptr<float>();
+  const float* cp = coef.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  int64_t nh = 0;
+  if (wd == torch::kFloat32) {
+    nh = expert_run<float>(xp, gu.data_ptr<float>(), gs, gb, down.data_ptr<float>(), ds, db, cp, act, gated, yp, B, d, E, Fe, out);
+  } else if (wd == torch::kBFloat16) {
+    nh = expert_run<uint16_t>(xp, reinterpret_cast<const uint16_t*>(gu.data_ptr<at::BFloat16>()), gs, gb,
+                              reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>()), ds, db, cp, act, gated, yp, B, d, E, Fe, out);
+  } else {
+    nh = expert_run<int8_t>(xp, gu.data_ptr<int8_t>(), gs, gb, down.data_ptr<int8_t>(), ds, db, cp, act, gated, yp, B, d, E, Fe, out);
+  }
+  return {y, nh};
+}
+
+// expert_mlp with the router run here too (see route): one call per FFN and token batch.
+// r_w1 (d, cols) fp32; r_b1 (cols) or empty; r_w2 (H, K) and r_b2 (K) for kind 0, else empty;
+// r_norm (P) for kind 1, else empty. Returns (y, experts read, coef (B, E), (token, expert) pairs run).
+std::tuple<torch::Tensor, int64_t, torch::Tensor, int64_t> expert_route(
+    torch::Tensor x, torch::Tensor r_w1, torch::Tensor r_b1, torch::Tensor r_w2, torch::Tensor r_b2, torch::Tensor r_norm, int64_t kind,
+    int64_t probes, int64_t top_k, double share, int64_t shared, bool renorm, torch::Tensor gu, torch::Tensor gu_scale, torch::Tensor gu_bias,
+    torch::Tensor down, torch::Tensor down_scale, torch::Tensor down_bias, int64_t act, bool gated) {
+  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), 9);
+  LN_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxBatch, 2);
+  LN_CHECK(gu.dim() == 3 && gu.size(1) == x.size(1), 17);
+  const int64_t B = x.size(0), d = x.size(1), E = gu.size(0), K = E - shared;
+  LN_CHECK(kind >= 0 && kind <= 2 && shared >= 0 && K >= 1 && top_k >= 0, 21);
+  const int64_t H = kind == 0 ? r_w2.size(0) : 0;
+  const int64_t cols = kind == 0 ? H : kind == 1 ? K * probes * (gated ? 2 : 1) : K;
+  LN_CHECK(r_w1.dim() == 2 && r_w1.scalar_type() == torch::kFloat32 && r_w1.is_contiguous() && r_w1.size(0) == d && r_w1.size(1) == cols, 21);
+  LN_CHECK(r_b1.numel() == 0 || (r_b1.numel() == cols && r_b1.scalar_type() == torch::kFloat32 && r_b1.is_contiguous()), 21);
+  LN_CHECK(kind != 0 || (r_w2.dim() == 2 && r_w2.size(1) == K && r_w2.scalar_type() == torch::kFloat32 && r_w2.is_contiguous() &&
+                         r_b2.numel() == K && r_b2.scalar_type() == torch::kFloat32 && r_b2.is_contiguous()), 21);
+  LN_CHECK(kind != 1 || (probes >= 1 && r_norm.numel() == K * probes && r_norm.scalar_type() == torch::kFloat32 && r_norm.is_contiguous()), 21);
+  auto coef = torch::empty({B, E}, x.options());
+  const int64_t used = route(x.data_ptr<float>(), r_w1.data_ptr<float>(), r_b1.numel() ? r_b1.data_ptr<float>() : nullptr,
+                             kind == 0 ? r_w2.data_ptr<float>() : nullptr, kind == 0 ? r_b2.data_ptr<float>() : nullptr,
+                             kind == 1 ? r_norm.data_ptr<float>() : nullptr, kind, H, probes, act, gated, top_k, share, shared, renorm,
+                             coef.data_ptr<float>(), B, d, E);
+  auto [y, nh] = expert_mlp(x, gu, gu_scale, gu_bias, down, down_scale, down_bias, coef, act, gated);
+  return {y, nh, coef, used};
+}
+
 // Sum of a large fp32 buffer read by all threads: the in-run memory-bandwidth probe.
 double read_sum(torch::Tensor buf) {
   LN_CHECK(buf.scalar_type() == torch::kFloat32 && buf.is_contiguous(), 16);
@@ -405,6 +672,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("last_error", &last_error, "the number of the last failed input check");
   m.def("gemv", &gemv, "dense or sparse-input GEMV over input-major fp32 / bf16 / int8 weights");
   m.def("cats_mlp", &cats_mlp, "CATS MLP reading only the up / down rows of active neurons");
+  m.def("expert_mlp", &expert_mlp, "feed-forward experts: tokens grouped by expert, only chosen experts' blocks read");
+  m.def("expert_route", &expert_route, "router (learned, analytic or native) and feed-forward experts in one call");
   m.def("sparsify", &sparsify, "(x - c) where |x - c| > t, else 0");
   m.def("read_sum", &read_sum, "sum of a large fp32 buffer (memory-bandwidth probe)");
   m.attr("max_batch") = kMaxBatch;

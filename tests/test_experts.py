@@ -1,0 +1,235 @@
+"""Expert routing: the experts kernel and router against their pure-torch references, k = E equal
+to dense, native MoE models reproduced exactly, checkpoints, runtime formats, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import calib_batches, tiny_causal_lm
+
+import lazyneuron as ln
+from lazyneuron.bench.accounting import tracking
+from lazyneuron.errors import ConfigError
+from lazyneuron.kernels import experts as X
+from lazyneuron.kernels import gemv as G
+from lazyneuron.methods.experts import ExpertMLP, ExpertRoutingConfig as C, NativeMoE, TokenSample, balanced_assign, split_experts
+from lazyneuron.runtime import RuntimeConfig
+
+kernel = pytest.mark.skipif(not G.available(), reason="C++ kernel did not build here (the fallback is the reference itself)")
+
+
+def _blocks(gated: bool, dtype: str, E: int = 8, fe: int = 40, d: int = 48, out: int = 56, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(E * fe, d, generator=g) if gated else None
+    up, down = torch.randn(E * fe, d, generator=g), torch.randn(out, E * fe, generator=g)
+    gb = torch.randn(E * fe, generator=g) if gated else None
+    return X.prepare_experts(gate, up, down, E, dtype, gate_bias=gb, up_bias=torch.randn(E * fe, generator=g)), torch.randn(out, generator=g)
+
+
+@kernel
+@pytest.mark.parametrize("gated,act", [(True, "silu"), (False, "gelu"), (False, "gelu_tanh"), (True, "relu")])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("batch", [1, 3, 8, 16])
+def test_expert_kernel_matches_reference(gated: bool, act: str, dtype: str, batch: int) -> None:
+    blk, db = _blocks(gated, dtype, seed=batch)
+    g = torch.Generator().manual_seed(batch + 7)
+    x = torch.randn(batch, 48, generator=g)
+    coef = torch.rand(batch, 8, generator=g) * (torch.rand(batch, 8, generator=g) < 0.4)
+    ref = X.reference(x, blk["gu"], blk["gu_scale"], blk["gu_bias"], blk["down"], blk["down_scale"], db, coef, act, gated)
+    y, hit = X.expert_mlp(x, blk, db, coef, act, gated)
+    assert (y - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())
+    assert hit == int((coef != 0).any(0).sum())  # experts no token chose are never read
+
+
+def test_prepared_blocks_dequantize_to_the_weights() -> None:
+    g = torch.Generator().manual_seed(0)
+    gate, up, down = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g), torch.randn(24, 64, generator=g)
+    blk = X.prepare_experts(gate, up, down, 4, "fp32")
+    assert torch.equal(blk["gu"][1][:, :16], gate[16:32].t()) and torch.equal(blk["gu"][1][:, 16:], up[16:32].t())
+    assert torch.equal(blk["down"], down.t())
+    with pytest.raises(ValueError, match="do not split into 5 equal experts"):
+        X.prepare_experts(gate, up, down, 5)
+
+
+def _router(kind: str, gated: bool, E: int = 8, shared: int = 2, top_k: int = 3, share: float = 1.0, d: int = 48, seed: int = 0) -> X.Router:
+    g = torch.Generator().manual_seed(seed)
+    K = E - shared if kind != "native" else E
+    if kind == "learned":
+        return X.Router("learned", torch.randn(d, 32, generator=g), torch.randn(32, generator=g), torch.randn(32, K, generator=g), torch.randn(K, generator=g),
+                        top_k=top_k, share=share, shared=shared)
+    if kind == "analytic":
+        P = K * 3
+        return X.Router("analytic", torch.randn(d, P * (2 if gated else 1), generator=g), torch.randn(P * (2 if gated else 1), generator=g),
+                        norm=torch.rand(P, generator=g) + 0.1, probes=3, top_k=top_k, share=share, shared=shared)
+    return X.Router("native", torch.randn(d, K, generator=g), top_k=top_k, share=share, renorm=share < 1)
+
+
+@kernel
+@pytest.mark.parametrize("kind", ["learned", "analytic", "native"])
+@pytest.mark.parametrize("share", [1.0, 0.5])
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_router_and_experts_in_one_call_match_reference(kind: str, share: float, batch: int) -> None:
+    gated = kind != "learned"  # both FFN kinds covered
+    blk, db = _blocks(gated, "fp32", seed=batch)
+    r = _router(kind, gated, shared=0 if kind == "native" else 2, share=share, seed=batch)
+    x = torch.randn(batch, 48, generator=torch.Generator().manual_seed(batch))
+    y, coef = X.routed_mlp(x, r, blk, db, "silu" if gated else "gelu", gated)
+    ref_coef = X.route_reference(x, r, 8, "silu" if gated else "gelu", gated)
+    assert torch.equal(coef != 0, ref_coef != 0)
+    assert torch.allclose(coef, ref_coef, atol=1e-6)
+    ref = X.reference(x, blk["gu"], blk["gu_scale"], blk["gu_bias"], blk["down"], blk["down_scale"], db, ref_coef, "silu" if gated else "gelu", gated)
+    assert (y - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())
+    routed = (coef[:, 0 if kind == "native" else 2:] != 0).sum(1)
+    assert (routed <= 3).all() and (routed >= 1).all()
+    if share == 1.0:
+        assert (routed == 3).all()
+
+
+def test_balanced_split_is_a_partition() -> None:
+    sim = torch.randn(96, 6, generator=torch.Generator().manual_seed(0))
+    a = balanced_assign(sim, 16)
+    assert torch.equal(torch.bincount(a, minlength=6), torch.full((6,), 16))
+    contrib = torch.rand(200, 96, generator=torch.Generator().manual_seed(1))
+    perm, _ = split_experts(contrib, 8, 2)
+    assert sorted(perm.tolist()) == list(range(96))
+    assert set(perm[:24].tolist()) == set(contrib.mean(0).argsort(descending=True)[:24].tolist())  # shared experts: the most active neurons
+
+
+def test_token_sample_keeps_a_bounded_seeded_sample() -> None:
+    a, b = TokenSample(capacity=50), TokenSample(capacity=50)
+    for i in range(7):
+        x = torch.randn(2, 13, 8, generator=torch.Generator().manual_seed(i))
+        a.update(x)
+        b.update(x)
+    assert a.state()["x"].shape == (50, 8) and torch.equal(a.state()["x"], b.state()["x"])
+    with pytest.raises(ConfigError, match="saw no tokens"):
+        TokenSample().state()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("router", ["analytic", "learned"])
+def test_all_experts_reproduce_dense(family: str, router: str, ids: torch.Tensor) -> None:
+    """k = E (and shared + k = E) computes the dense FFN: logits within 1e-5, prefill and decode shapes."""
+    m = tiny_causal_lm(family)
+    dense, step = m(ids).logits, m(ids[:1, :1]).logits
+    cfg = C(experts=8, shared=2, top_k=6, router=router)
+    cal = ln.calibrate(m, calib_batches(), cfg)
+    ln.apply_(m, cfg, cal)
+    from lazyneuron.adapters import get_adapter
+
+    assert isinstance(m.get_submodule(get_adapter(m).paths("mlp")[0]), ExpertMLP)
+    assert (m(ids).logits - dense).abs().max() <= 1e-5
+    assert (m(ids[:1, :1]).logits - step).abs().max() <= 1e-5
+    ln.revert_(m)
+    assert torch.equal(m(ids).logits, dense)
+
+
+def test_fewer_experts_read_less_and_say_so(ids: torch.Tensor) -> None:
+    m = tiny_causal_lm("llama")
+    cfg = C(experts=8, shared=1, top_k=2, router="learned")
+    cal = ln.calibrate(m, calib_batches(), cfg)
+    dense = m(ids).logits
+    with ln.applied(m, cfg, cal):
+        with tracking(m):
+            out = m(ids[:1, :1]).logits
+            m(ids)
+        mods = [x for x in m.modules() if isinstance(x, ExpertMLP)]
+        assert all(x.experts_read == 3 * x.tokens_seen for x in mods)  # shared + top_k per token
+        from lazyneuron.bench.accounting import achieved_sparsity
+
+        x = mods[0]  # 5 of 8 experts skipped per token, less the router's own weights
+        expect = (5 * x.fe * (2 * x.d + x.out_features) - x.router_spec.elements()) / x.weight_elements()
+        assert achieved_sparsity(m) == pytest.approx(expect)
+    assert not torch.allclose(out, dense[:1, :1])
+
+
+def test_checkpoint_round_trip_and_another_models_checkpoint(tmp_path, ids: torch.Tensor) -> None:
+    path = str(tmp_path / "experts.safetensors")
+    m = tiny_causal_lm("llama")
+    cfg = C(experts=8, top_k=3, router="learned", checkpoint=path)
+    cal = ln.calibrate(m, calib_batches(), cfg)
+    with ln.applied(m, cfg, cal):
+        a = m(ids).logits
+    cal2 = ln.calibrate(m, calib_batches(), cfg)  # a fresh calibration object: the experts come from the file
+    with ln.applied(m, cfg, cal2):
+        assert torch.equal(m(ids).logits, a)
+    other = tiny_causal_lm("llama", layers=3)
+    cal3 = ln.calibrate(other, calib_batches(), cfg)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ConfigError, match="made for another model"):
+        ln.apply_(other, cfg, cal3)
+    assert not any(isinstance(x, ln.LazyModule) for x in other.modules())
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    with pytest.raises(ConfigError, match="built with"):
+        ln.apply_(m, C(experts=8, top_k=3, router="analytic", checkpoint=path), cal)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_runs_on_the_runtime_formats(dtype: str, ids: torch.Tensor) -> None:
+    m = tiny_causal_lm("llama")
+    cfg = C(experts=8, top_k=4, router="learned")
+    cal = ln.calibrate(m, calib_batches(), cfg)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with ln.applied(m, cfg, cal):
+        fp32 = m(ids[:1, :4]).logits
+    with ln.applied(m, [cfg, RuntimeConfig(dtype=dtype)], cal):
+        mod = next(x for x in m.modules() if isinstance(x, ExpertMLP))
+        assert mod.weight_dtype == dtype and mod.blocks["gu"].dtype == {"bf16": torch.bfloat16, "int8": torch.int8}[dtype]
+        step = m(ids[:1, :4]).logits
+    assert (step - fp32).abs().max() < 0.05 * (1 + fp32.abs().max())
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_bad_input_stops_with_one_clear_error(ids: torch.Tensor) -> None:
+    m = tiny_causal_lm("llama")  # 128 neurons per FFN
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ConfigError, match="does not divide the 128 neurons"):
+        ln.apply_(m, C(experts=12, top_k=4), None)
+    with pytest.raises(ConfigError, match="top_k=9 must be in"):
+        C(experts=8, top_k=9)
+    with pytest.raises(ConfigError, match="shared=8 must be in"):
+        C(experts=8, shared=8, top_k=0)
+    with pytest.raises(Exception, match="needs a calibration"):
+        ln.apply_(m, C(experts=8, top_k=4), None)
+    from conftest import tiny_bert
+
+    with pytest.raises(ConfigError, match="needs feed-forward blocks"):
+        ln.apply_(tiny_bert(), C(experts=8, top_k=4), None)
+    assert not any(isinstance(x, ln.LazyModule) for x in m.modules())
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def _tiny_moe(kind: str):
+    from transformers import MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    c = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**c, intermediate_size=64, num_local_experts=8)).eval()
+    if kind == "qwen2_moe":
+        return Qwen2MoeForCausalLM(Qwen2MoeConfig(**c, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8)).eval()
+    if kind == "qwen3_moe":
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**c, head_dim=16, intermediate_size=64, moe_intermediate_size=32, num_experts=8, norm_topk_prob=True)).eval()
+    return OlmoeForCausalLM(OlmoeConfig(**c, intermediate_size=32, num_experts=8, pad_token_id=0, eos_token_id=1, bos_token_id=2)).eval()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_native_moe_most_conservative_setting_is_exact(kind: str, ids: torch.Tensor) -> None:
+    """share=1 reproduces the model (prefill and decode shapes); share=0.5 runs one expert per
+    token (the top expert always holds at least half of the top-2 mass), and the count is reported."""
+    m = _tiny_moe(kind)
+    dense, step = m(ids).logits, m(ids[:1, :1]).logits
+    reps = ln.apply_(m, C(top_k=0, share=1.0))  # no calibration needed
+    assert reps[0].summary["native"] and isinstance(m.model.layers[0].mlp, NativeMoE)
+    with tracking(m):
+        assert (m(ids).logits - dense).abs().max() <= 1e-5
+        assert (m(ids[:1, :1]).logits - step).abs().max() <= 1e-5
+    mods = [x for x in m.modules() if isinstance(x, NativeMoE)]
+    assert all(x.experts_read == 2 * x.tokens_seen for x in mods)
+    ln.revert_(m)
+    assert torch.equal(m(ids).logits, dense)
+    ln.apply_(m, C(top_k=0, share=0.5))
+    with tracking(m):
+        half = m(ids).logits
+    assert all(x.experts_read == x.tokens_seen for x in m.modules() if isinstance(x, NativeMoE))
+    assert not torch.allclose(half, dense)
