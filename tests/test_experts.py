@@ -233,3 +233,12 @@ def test_native_moe_most_conservative_setting_is_exact(kind: str, ids: torch.Ten
         half = m(ids).logits
     assert all(x.experts_read == x.tokens_seen for x in m.modules() if isinstance(x, NativeMoE))
     assert not torch.allclose(half, dense)
+
+
+def test_learned_routers_build_under_inference_mode(ids: torch.Tensor) -> None:
+    m = tiny_causal_lm("llama")
+    cfg = C(experts=8, top_k=4, router="learned")
+    cal = ln.calibrate(m, calib_batches(), cfg)
+    with torch.inference_mode():
+        ln.apply_(m, cfg, cal)
+        assert m(ids).logits.isfinite().all()

@@ -232,6 +232,11 @@ def split_experts(contrib: torch.Tensor, experts: int, shared: int, iters: int =
 def train_router(x: torch.Tensor, target: torch.Tensor, hidden: int, steps: int = 300, seed: int = 0) -> dict[str, torch.Tensor]:
     """Two-layer MLP router (d -> hidden -> E) fit by soft cross-entropy to the experts' mass
     shares ``target`` (N, E) on the calibration tokens x (N, d)."""
+    with torch.inference_mode(False), torch.enable_grad():  # callers may hold inference mode (bench, demo)
+        return _train_router(x.clone(), target.clone(), hidden, steps, seed)
+
+
+def _train_router(x: torch.Tensor, target: torch.Tensor, hidden: int, steps: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     n, d = x.shape
     E = target.shape[1]
@@ -243,14 +248,13 @@ def train_router(x: torch.Tensor, target: torch.Tensor, hidden: int, steps: int 
     b2 = torch.zeros(E, requires_grad=True)
     opt = torch.optim.Adam([w1, b1, w2, b2], lr=3e-3, weight_decay=1e-4)
     bs = min(1024, n)
-    with torch.enable_grad():
-        for _ in range(steps):
-            i = torch.randint(0, n, (bs,), generator=g)
-            logits = torch.relu(xs[i] @ w1 + b1) @ w2 + b2
-            loss = -(target[i] * torch.log_softmax(logits, -1)).sum(-1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    for _ in range(steps):
+        i = torch.randint(0, n, (bs,), generator=g)
+        logits = torch.relu(xs[i] @ w1 + b1) @ w2 + b2
+        loss = -(target[i] * torch.log_softmax(logits, -1)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     # fold the input normalisation into the first layer: relu(x @ w1' + b1')
     w1f = (w1.detach() / sd[:, None]).contiguous()
     b1f = (b1.detach() - (mu / sd) @ w1.detach()).contiguous()

@@ -1,0 +1,133 @@
+"""Expert routing (MoEfication) on SmolLM2-135M against dense, CATS and TEAL-on-the-MLP, in one run.
+
+    .venv/bin/python benchmarks/experts.py             # ~20 min on 2 cores
+    .venv/bin/python benchmarks/experts.py --quick     # smoke run
+    .venv/bin/python benchmarks/experts.py --plots-only
+
+Writes benchmarks/results/experts.jsonl and experts_pareto.png. Every method runs on the fp32
+runtime; decode speed is paired with the dense model on the same runtime (``decode_vs_runtime_b*``,
+medians of per-repeat ratios, interleaved), batch 1 and 8. Quality: perplexity on the news and
+Austen test windows. ``mlp_bytes_read``: the fraction of the FFN weight bytes (and the router's)
+a token reads, measured on held-out text; ``step_bytes_skipped``: the fraction of all linear
+weight reads of a decode step skipped (``compute_skipped``), set against the decode time saved.
+No recovery fine-tune: the experts are the dense FFN split as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+import lazyneuron as ln
+from lazyneuron import data
+from lazyneuron.adapters import get_adapter
+from lazyneuron.bench import BenchSettings, Record, plots, read, runner, write
+from lazyneuron.bench.accounting import tracking
+from lazyneuron.bench.quality import perplexity
+from lazyneuron.methods import ActivationSparsityConfig as A
+from lazyneuron.methods.experts import ExpertRoutingConfig as C
+
+OUT = Path(__file__).parent / "results"
+MODEL = "smollm2-135m"
+
+
+def configs(quick: bool) -> list:
+    if quick:
+        return [C(experts=16, shared=2, top_k=6, router="learned"), A(rule="cats", sparsity=0.75)]
+    out = []
+    for E, sh, ks in ((16, 2, (2, 6, 10)), (8, 1, (1, 3, 5)), (32, 4, (4, 12, 20))):
+        out += [C(experts=E, shared=sh, top_k=k, router="learned") for k in ks]
+    out += [C(experts=16, shared=2, top_k=k, router="analytic") for k in (2, 6, 10)]
+    out += [C(experts=16, shared=0, top_k=8, router="learned"), C(experts=16, shared=2, top_k=14, share=0.6, router="learned")]
+    # the same fractions of MLP weight bytes skipped by activation sparsity: CATS reads the whole
+    # gate, so its sparsity s skips 2s/3 of the MLP; TEAL on the MLP's three linears skips s
+    out += [A(rule="cats", sparsity=s) for s in (0.375, 0.75)]
+    out += [A(rule="teal", sparsity=s, targets=("mlp_in", "mlp_out"), allocation="uniform") for s in (0.25, 0.5, 0.75)]
+    return out
+
+
+def mlp_bytes_read(model: torch.nn.Module) -> float:
+    """Fraction of the FFN weight elements a token read in the last tracked run (routers count)."""
+    ad = get_adapter(model)
+    total = skipped = 0.0
+    for p in ad.paths("mlp"):
+        mod = model.get_submodule(p)
+        base = getattr(mod, "base", mod)
+        total += sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))
+        for m in mod.modules():
+            if isinstance(m, ln.LazyModule) and getattr(m, "tokens_seen", 0):
+                skipped += m.weights_skipped / m.tokens_seen
+    return 1.0 - skipped / total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(OUT / "experts.jsonl"))
+    ap.add_argument("--plots-only", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    if args.plots_only:
+        draw(list(read(args.out)))
+        return
+    s = runner.quick() if args.quick else BenchSettings(new_tokens=24, repeats=3, ppl_windows=4, ppl_length=256, calib_texts=32, batches=(1, 8), hf_generate=False)
+    model, tok = ln.models.load(MODEL)
+    cfgs = configs(args.quick)
+    cal = ln.calibrate(model, data.texts("news", "calibration")[: s.calib_texts], [C(), A(rule="cats"), A(rule="teal", targets=("mlp_in", "mlp_out"))], tok, max_length=512, progress=True)
+    # build every split / router once (progress bars), so timing below only converts
+    for c in cfgs:
+        with ln.applied(model, c, cal):
+            pass
+    recs = runner.run(MODEL, model, tok, cfgs, s, progress=True, calibration=cal)
+    write(recs, args.out, append=False)
+    wins = data.windows(tok, "austen", "test", s.ppl_length, s.ppl_windows)
+    news = data.windows(tok, "news", "test", s.ppl_length, 2)
+    dense_ppl = perplexity(model, wins)
+    recs.append(Record(MODEL, "dense", {}, "ppl_austen", dense_ppl, "perplexity"))
+    with torch.inference_mode():
+        ref = model(news[:1]).logits
+        for E, sh in ((16, 2), (8, 0)):  # every expert run: the dense FFN (fp32 kernel and prefill path)
+            c = C(experts=E, shared=sh, top_k=E - sh, router="learned")
+            with ln.applied(model, c, cal):
+                diff = float((model(news[:1]).logits - ref).abs().max())
+                step = float((model(news[:1, :1]).logits - ref[:, :1]).abs().max())
+            params = {**{k: v for k, v in c.to_dict().items() if k != "method"}, "runtime": s.runtime}
+            recs.append(Record(MODEL, c.name, params, "max_abs_logit_diff_vs_dense", max(diff, step), "logit"))
+    for c in cfgs:  # the records of the runner carry the runtime's format among the params
+        params = {**{k: v for k, v in c.to_dict().items() if k != "method"}, "runtime": s.runtime}
+        with ln.applied(model, c, cal):
+            with tracking(model):
+                p = perplexity(model, wins)
+            read_frac = mlp_bytes_read(model)
+        recs.append(Record(MODEL, c.name, params, "ppl_austen", p, "perplexity"))
+        recs.append(Record(MODEL, c.name, params, "ppl_austen_delta_pct", 100 * (p / dense_ppl - 1), "%"))
+        recs.append(Record(MODEL, c.name, params, "mlp_bytes_read", read_frac, "fraction of FFN weight reads (Austen test)"))
+    # decode time saved against the step's weight bytes skipped (same run)
+    by = {}
+    for r in recs:
+        if r.method != "dense":
+            by.setdefault((r.method, str(sorted(r.params.items()))), {})[r.metric] = r
+    for d in by.values():
+        if "decode_vs_runtime_b1" in d and "compute_skipped" in d:
+            r0 = d["compute_skipped"]
+            saved = 1 - 1 / d["decode_vs_runtime_b1"].value
+            recs.append(Record(MODEL, r0.method, r0.params, "decode_time_saved_b1", saved, "fraction of the dense runtime's step"))
+            if r0.value > 0:
+                recs.append(Record(MODEL, r0.method, r0.params, "time_saved_per_byte_skipped", saved / r0.value, "ratio"))
+    write(recs, args.out, append=False)
+    draw([r.to_dict() for r in recs])
+    sys.stdout.write(runner.table(recs) + "\n")
+
+
+def draw(rd: list[dict]) -> None:
+    plots.pareto(rd, OUT / "experts_pareto.png", speed_metric="decode_vs_runtime_b1", series_params=("rule", "router", "experts", "shared"),
+                 title="SmolLM2-135M FFN: expert routing vs CATS / TEAL, fp32 runtime, batch 1 (no recovery)")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
