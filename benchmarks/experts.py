@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/experts.py             # ~20 min on 2 cores
     .venv/bin/python benchmarks/experts.py --quick     # smoke run
     .venv/bin/python benchmarks/experts.py --plots-only
+    .venv/bin/python benchmarks/experts.py --encoder   # MiniLM-L6 on MR (~6 min), replaces its records
 
 Writes benchmarks/results/experts.jsonl and experts_pareto.png. Every method runs on the fp32
 runtime; decode speed is paired with the dense model on the same runtime (``decode_vs_runtime_b*``,
@@ -69,8 +70,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(OUT / "experts.jsonl"))
     ap.add_argument("--plots-only", action="store_true")
+    ap.add_argument("--encoder", action="store_true", help="MiniLM-L6 on MR: accuracy and sentences/s against dense")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
+    if args.encoder:
+        encoder(args)
+        return
     if args.plots_only:
         draw(list(read(args.out)))
         return
@@ -121,6 +126,58 @@ def main() -> None:
     write(recs, args.out, append=False)
     draw([r.to_dict() for r in recs])
     sys.stdout.write(runner.table(recs) + "\n")
+
+
+ENCODER = "minilm-l6"
+
+
+def encoder(args: argparse.Namespace) -> None:
+    """MiniLM-L6 fine-tuned on MR: its FFNs as experts (BERT's intermediate / output pair)."""
+    from lazyneuron import tasks
+    from lazyneuron.bench.timing import summary
+
+    clf, tok = tasks.finetuned_classifier(ENCODER, "mr", quick=args.quick)
+    cal_rows, test_rows = data.labeled("mr", "calibration"), data.labeled("mr", "test")
+    if args.quick:
+        test_rows = test_rows[::8]
+    test = tasks.make_batches(tok, test_rows, 64, sort=True)
+    texts = [t for t, _ in cal_rows[:400]]
+    cal = ln.calibrate(clf, texts, C(), tok, max_length=64, progress=True)
+    cfgs = {"dense": None, **{f"k{k}": C(experts=16, shared=2, top_k=k, router="learned") for k in (2, 6, 10, 14)}}
+    recs = []
+    dense_acc = tasks.accuracy(clf, test)
+    recs.append(Record(ENCODER, "dense", {"task": "mr"}, "accuracy_mr", dense_acc, "fraction"))
+    for name, c in cfgs.items():
+        if c is None:
+            continue
+        with ln.applied(clf, c, cal):
+            acc = tasks.accuracy(clf, test)
+        p = {"task": "mr", **{k: v for k, v in c.to_dict().items() if k != "method"}}
+        recs += [Record(ENCODER, c.name, p, "accuracy_mr", acc, "fraction"),
+                 Record(ENCODER, c.name, p, "accuracy_drop_points", 100 * (dense_acc - acc), "points"),
+                 Record(ENCODER, c.name, p, "active_neurons", c.active_fraction(), "fraction of FFN neurons")]
+    sizes = {1: tasks.make_batches(tok, test_rows[::16], 1), 32: tasks.make_batches(tok, test_rows[::2], 32, seed=0)}
+    times: dict = {}
+    with torch.inference_mode():
+        for bs, bl in sizes.items():
+            for _ in range(2 if args.quick else 5):
+                for name, c in cfgs.items():
+                    with ln.applied(clf, c, cal):
+                        times.setdefault((name, bs), []).append(tasks.sentences_per_s(clf, bl, warmup=2))
+    for (name, bs), xs in times.items():
+        c = cfgs[name]
+        p = {"task": "mr", "batch": bs, **({} if c is None else {k: v for k, v in c.to_dict().items() if k != "method"})}
+        med, iqr = summary(xs)
+        meth = "dense" if c is None else c.name
+        recs.append(Record(ENCODER, meth, p, "encoder_sentences_per_s", med, "sentences/s", spread=iqr, repeats=len(xs)))
+        if c is not None:
+            ratio = summary([a / b for a, b in zip(xs, times[("dense", bs)])])[0]
+            recs.append(Record(ENCODER, meth, p, "encoder_speedup", ratio, "x dense (paired)"))
+    kept = [r for r in read(args.out) if r["model"] != ENCODER] if Path(args.out).exists() else []
+    write(kept, args.out, append=False)
+    write(recs, args.out, append=True)
+    for r in recs:
+        sys.stdout.write(f"{r.method:15s} {r.params} {r.metric} {r.value:.4g}\n")
 
 
 def draw(rd: list[dict]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import calib_batches, tiny_causal_lm
+from conftest import UnknownNet, calib_batches, tiny_causal_lm
 
 import lazyneuron as ln
 from lazyneuron.bench.accounting import tracking
@@ -193,8 +193,10 @@ def test_bad_input_stops_with_one_clear_error(ids: torch.Tensor) -> None:
         ln.apply_(m, C(experts=8, top_k=4), None)
     from conftest import tiny_bert
 
+    with pytest.raises(ConfigError, match="does not divide the 128 neurons"):  # a BERT FFN is checked the same way
+        ln.apply_(tiny_bert(), C(experts=12, top_k=4), None)
     with pytest.raises(ConfigError, match="needs feed-forward blocks"):
-        ln.apply_(tiny_bert(), C(experts=8, top_k=4), None)
+        ln.apply_(UnknownNet(), C(experts=8, top_k=4), None)
     assert not any(isinstance(x, ln.LazyModule) for x in m.modules())
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
@@ -242,3 +244,24 @@ def test_learned_routers_build_under_inference_mode(ids: torch.Tensor) -> None:
     with torch.inference_mode():
         ln.apply_(m, cfg, cal)
         assert m(ids).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("router", ["analytic", "learned"])
+def test_bert_ffn_as_experts(router: str) -> None:
+    """BERT's FFN (intermediate + output.dense siblings): every expert reproduces the encoder;
+    fewer change it; revert restores both modules exactly."""
+    from conftest import tiny_bert
+
+    m = tiny_bert()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    dense = m(ids).last_hidden_state
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    cal = ln.calibrate(m, calib_batches(), C(experts=8, top_k=8, router=router))
+    with ln.applied(m, C(experts=8, top_k=8, router=router), cal):
+        assert type(m.encoder.layer[0].output.dense).__name__ == "FFNDone"
+        assert (m(ids).last_hidden_state - dense).abs().max() <= 1e-5
+    with ln.applied(m, C(experts=8, top_k=2, router=router), cal):
+        assert not torch.allclose(m(ids).last_hidden_state, dense, atol=1e-4)
+    assert type(m.encoder.layer[0].output.dense) is torch.nn.Linear and type(m.encoder.layer[0].intermediate).__name__ == "BertIntermediate"
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert torch.equal(m(ids).last_hidden_state, dense)

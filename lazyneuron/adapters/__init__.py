@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 
-BLOCK_ROLES = ("attn", "attn_in", "attn_out", "mlp", "mlp_in", "mlp_out")
+BLOCK_ROLES = ("attn", "attn_in", "attn_out", "mlp", "mlp_in", "mlp_out", "router", "experts")  # router / experts: native MoE blocks
 MODEL_ROLES = ("final_norm", "head", "embed")
 ROLE_ORDER = ("layer",) + BLOCK_ROLES + MODEL_ROLES
 
@@ -45,6 +45,8 @@ _LLAMA = Family(
         "mlp": ("mlp",),
         "mlp_in": ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj"),
         "mlp_out": ("mlp.down_proj",),
+        "router": ("mlp.gate",),  # native MoE (Mixtral, Qwen2/3-MoE, OLMoE): the top-k router and the experts
+        "experts": ("mlp.experts",),
     },
     {"final_norm": ("model.norm", "norm"), "head": ("lm_head",), "embed": ("model.embed_tokens", "embed_tokens")},
     True,

@@ -143,8 +143,19 @@ def _bias(lin: nn.Module) -> torch.Tensor | None:
     return None if b is None else b.detach().float()
 
 
+# BERT keeps its FFN as two sibling modules (``intermediate``: dense + activation; ``output``:
+# dense, dropout, LayerNorm with the residual): the experts replace ``intermediate`` and compute
+# the whole FFN, ``output.dense`` is passed through (:class:`FFNDone`). Intermediate -> its layer's output.
+_SIBLING: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
 def ffn_parts(mod: nn.Module) -> dict[str, Any]:
     """gate (F, d) or None, up (F, d), down (out, F), biases and activation of a dense FFN."""
+    if all(hasattr(mod, a) for a in ("dense", "intermediate_act_fn")) and mod in _SIBLING:  # BERT
+        down = _SIBLING[mod].dense
+        down = down.base if isinstance(down, FFNDone) else down
+        return {"gate": None, "up": _weight(mod.dense), "down": _weight(down), "gate_bias": None, "up_bias": _bias(mod.dense),
+                "down_bias": _bias(down), "act": _act_name(mod, mod.intermediate_act_fn)}
     if all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return {"gate": _weight(mod.gate_proj), "up": _weight(mod.up_proj), "down": _weight(mod.down_proj), "gate_bias": _bias(mod.gate_proj),
                 "up_bias": _bias(mod.up_proj), "down_bias": _bias(mod.down_proj), "act": _act_name(mod, mod.act_fn)}
@@ -285,6 +296,19 @@ def build_layer(x: torch.Tensor, parts: dict[str, Any], cfg: ExpertRoutingConfig
 
 
 # -- the modules ------------------------------------------------------------------------------
+class FFNDone(LazyModule):
+    """BERT's ``output.dense`` while the experts in ``intermediate`` compute the whole FFN: its
+    input already is the FFN's output (down projection and bias included)."""
+
+    method_name = "expert_routing"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def weight_elements(self) -> int:
+        return 0
+
+
 class ExpertMLP(LazyModule):
     """A dense FFN run as experts (MoEfication): a router picks experts per token; only they run."""
 
@@ -294,6 +318,7 @@ class ExpertMLP(LazyModule):
     def __init__(self, base: nn.Module, built: dict[str, torch.Tensor], cfg: ExpertRoutingConfig) -> None:
         super().__init__(base)
         p = ffn_parts(base)
+        self._out = [_SIBLING[base]] if base in _SIBLING else []  # BERT: the layer's output module (a list: not a submodule)
         self.act, self.gated = p["act"], p["gate"] is not None
         self.F, self.d = p["up"].shape
         self.out_features = p["down"].shape[0]
@@ -343,6 +368,16 @@ class ExpertMLP(LazyModule):
             self.experts_read += used
             self.weights_skipped += (x2.shape[0] * self.E - used) * per - x2.shape[0] * self.router_spec.elements()
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def attach(self) -> None:
+        """BERT: pass ``output.dense`` through, since this module computes the whole FFN."""
+        if self._out and not isinstance(self._out[0].dense, FFNDone):
+            self._out[0].dense = FFNDone(self._out[0].dense)
+
+    def restore_base(self) -> nn.Module:
+        if self._out and isinstance(self._out[0].dense, FFNDone):
+            self._out[0].dense = self._out[0].dense.base
+        return self.base
 
     def weight_elements(self) -> int:
         return self.F * (self.d * (2 if self.gated else 1) + self.out_features)
@@ -461,10 +496,20 @@ class ExpertRouting(Method):
 
     def resolve(self, model: nn.Module, adapter: ModelAdapter, cfg: MethodConfig) -> list[str]:
         assert isinstance(cfg, ExpertRoutingConfig)
-        if not adapter.paths("mlp"):
-            raise ConfigError(f"expert_routing needs feed-forward blocks under the 'mlp' role; this {adapter.model_type} model has none "
-                              "(BERT-style encoders keep their FFN as two sibling modules): use activation_sparsity or fff there")
-        paths = filter_paths(adapter.paths("mlp"), cfg.include, cfg.exclude)
+        if adapter.family == "bert":  # the FFN as two siblings: experts replace `intermediate`
+            paths = filter_paths([f"{p}.intermediate" for p in adapter.paths("layer")], cfg.include, cfg.exclude)
+            for p in paths:
+                layer = model.get_submodule(p.rpartition(".")[0])
+                if isinstance(layer.intermediate, LazyModule):
+                    continue  # reported below
+                if not (hasattr(layer, "output") and hasattr(layer.output, "dense") and hasattr(layer.intermediate, "intermediate_act_fn")):
+                    raise ConfigError(f"expert_routing: {p!r} is not a BERT intermediate / output pair")
+                _SIBLING[layer.intermediate] = layer.output
+        elif not adapter.paths("mlp"):
+            raise ConfigError(f"expert_routing needs feed-forward blocks under the 'mlp' role; this {adapter.model_type} model has none; "
+                              "run `lazyneuron inspect` to see its roles")
+        else:
+            paths = filter_paths(adapter.paths("mlp"), cfg.include, cfg.exclude)
         for p in paths:
             m = model.get_submodule(p)
             if isinstance(m, LazyModule):
@@ -511,7 +556,9 @@ class ExpertRouting(Method):
             return NativeMoE(module, cfg, mc if mc is not None else _ModelCfg(module))
         assert stats is not None
         built = _cache_for(stats["x"])[(cfg.experts, cfg.shared, cfg.router, cfg.probes)]
-        return ExpertMLP(module, built, cfg)
+        mod = ExpertMLP(module, built, cfg)
+        mod.attach()
+        return mod
 
     def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
         assert isinstance(cfg, ExpertRoutingConfig)
