@@ -30,7 +30,7 @@ from lazyneuron.bench import BenchSettings, Record, plots, read, runner, write
 from lazyneuron.bench.accounting import tracking
 from lazyneuron.bench.quality import perplexity
 from lazyneuron.methods import ActivationSparsityConfig as A
-from lazyneuron.methods.experts import ExpertRoutingConfig as C
+from lazyneuron.methods.experts import ExpertMLP, ExpertRoutingConfig as C
 
 OUT = Path(__file__).parent / "results"
 MODEL = "smollm2-135m"
@@ -71,10 +71,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT / "experts.jsonl"))
     ap.add_argument("--plots-only", action="store_true")
     ap.add_argument("--encoder", action="store_true", help="MiniLM-L6 on MR: accuracy and sentences/s against dense")
+    ap.add_argument("--kernel", action="store_true", help="the experts kernel alone on 30 SmolLM2-shaped FFNs against the dense GEMV (~1 min)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     if args.encoder:
         encoder(args)
+        return
+    if args.kernel:
+        kernel(args)
         return
     if args.plots_only:
         draw(list(read(args.out)))
@@ -88,9 +92,11 @@ def main() -> None:
         with ln.applied(model, c, cal):
             pass
     recs = runner.run(MODEL, model, tok, cfgs, s, progress=True, calibration=cal)
-    write(recs, args.out, append=False)
+    others = [r for r in read(args.out) if r["model"] != MODEL] if Path(args.out).exists() and not args.quick else []  # --encoder / --kernel records
+    write(others + [r.to_dict() for r in recs], args.out, append=False)
     wins = data.windows(tok, "austen", "test", s.ppl_length, s.ppl_windows)
     news = data.windows(tok, "news", "test", s.ppl_length, 2)
+    news_ppl = data.windows(tok, "news", "test", s.ppl_length, s.ppl_windows)  # the runner's perplexity windows
     dense_ppl = perplexity(model, wins)
     recs.append(Record(MODEL, "dense", {}, "ppl_austen", dense_ppl, "perplexity"))
     with torch.inference_mode():
@@ -111,6 +117,12 @@ def main() -> None:
         recs.append(Record(MODEL, c.name, params, "ppl_austen", p, "perplexity"))
         recs.append(Record(MODEL, c.name, params, "ppl_austen_delta_pct", 100 * (p / dense_ppl - 1), "%"))
         recs.append(Record(MODEL, c.name, params, "mlp_bytes_read", read_frac, "fraction of FFN weight reads (Austen test)"))
+        if c.name == "expert_routing" and c.experts == 16 and c.shared == 2 and c.share == 1.0 and c.router == "learned":
+            with ln.applied(model, c, cal):  # the best any router could do with this split: routed by true output mass
+                for m in model.modules():
+                    if isinstance(m, ExpertMLP):
+                        m.oracle = True
+                recs.append(Record(MODEL, c.name, params, "ppl_news_oracle_router", perplexity(model, news_ppl), "perplexity"))
     # decode time saved against the step's weight bytes skipped (same run)
     by = {}
     for r in recs:
@@ -123,9 +135,59 @@ def main() -> None:
             recs.append(Record(MODEL, r0.method, r0.params, "decode_time_saved_b1", saved, "fraction of the dense runtime's step"))
             if r0.value > 0:
                 recs.append(Record(MODEL, r0.method, r0.params, "time_saved_per_byte_skipped", saved / r0.value, "ratio"))
-    write(recs, args.out, append=False)
-    draw([r.to_dict() for r in recs])
+    write(others + [r.to_dict() for r in recs], args.out, append=False)
+    draw(others + [r.to_dict() for r in recs])
     sys.stdout.write(runner.table(recs) + "\n")
+
+
+def kernel(args: argparse.Namespace) -> None:
+    """30 SmolLM2-shaped FFNs (d 576, F 1536, 16 experts, fp32; ~320 MB, beyond any L3): the
+    experts kernel with n experts hit against the runtime's dense GEMV, median ms per pass."""
+    import time
+
+    from lazyneuron.kernels import experts as X
+    from lazyneuron.kernels import gemv as G
+
+    d, F, E, L = 576, 1536, 16, 30
+    g = torch.Generator().manual_seed(0)
+    gate, up, down = torch.randn(F, d, generator=g), torch.randn(F, d, generator=g), torch.randn(d, F, generator=g)
+    blks = [X.prepare_experts(gate.clone(), up.clone(), down.clone(), E) for _ in range(L)]
+    dense = [(G.prepare_weight(torch.cat([gate, up]), "fp32")[0], G.prepare_weight(down, "fp32")[0]) for _ in range(L)]
+
+    def ms(fn, n: int = 20) -> float:
+        fn()
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return 1e3 * sorted(ts)[n // 2]
+
+    recs = []
+    for B in (1, 8):
+        x = torch.randn(B, d, generator=g)
+
+        def run_dense() -> None:
+            for gu, dw in dense:
+                a = G.gemv(x, gu)[0]
+                G.gemv(torch.nn.functional.silu(a[:, :F]) * a[:, F:], dw)
+
+        recs.append(Record("kernel", "dense", {"batch": B, "experts": E}, "ffn30_ms", ms(run_dense), "ms"))
+        choices = {f"first {k}": (torch.arange(E) < k).float().expand(B, E).contiguous() for k in (16, 8, 4, 2)}
+        choices["4 random per token"] = (torch.rand(B, E, generator=g).argsort(1) < 4).float()
+        for name, coef in choices.items():
+            def run_experts(coef: torch.Tensor = coef) -> None:
+                for bl in blks:
+                    X.expert_mlp(x, bl, None, coef, "silu", True)
+
+            p = {"batch": B, "experts": E, "chosen": name, "hit": int((coef.sum(0) > 0).sum())}
+            recs.append(Record("kernel", "expert_mlp", p, "ffn30_ms", ms(run_experts), "ms"))
+    recs.append(Record("kernel", "probe", {}, "read_bandwidth", G.read_bandwidth(), "GB/s"))
+    kept = [r for r in read(args.out) if r["model"] != "kernel"] if Path(args.out).exists() else []
+    write(kept, args.out, append=False)
+    write(recs, args.out, append=True)
+    for r in recs:
+        sys.stdout.write(f"{r.method:11s} {r.params} {r.value:.2f} {r.unit}\n")
 
 
 ENCODER = "minilm-l6"
@@ -181,8 +243,9 @@ def encoder(args: argparse.Namespace) -> None:
 
 
 def draw(rd: list[dict]) -> None:
-    plots.pareto(rd, OUT / "experts_pareto.png", speed_metric="decode_vs_runtime_b1", series_params=("rule", "router", "experts", "shared"),
-                 title="SmolLM2-135M FFN: expert routing vs CATS / TEAL, fp32 runtime, batch 1 (no recovery)")
+    plots.pareto(rd, OUT / "experts_pareto.png", speed_metric="decode_vs_runtime_b1", series_params=("rule", "router", "experts", "shared", "share"),
+                 title="SmolLM2-135M FFN: expert routing vs CATS / TEAL on the MLP, fp32 runtime (no recovery);\n"
+                 "labels: share of FFN neurons run (experts) or sparsity")
 
 
 if __name__ == "__main__":

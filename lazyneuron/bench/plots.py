@@ -23,6 +23,7 @@ def _plt() -> Any:
 LABELS = {
     "decode_speedup_b1": "decode speed, × dense (batch 1, same run)",
     "decode_speedup": "decode speed, × dense (same run)",
+    "decode_vs_runtime_b1": "decode speed, × dense on the same runtime (batch 1, same run)",
     "prefill_speedup": "prefill speed, × dense (same run)",
     "encode_speedup_b1": "forward speed, × dense (batch 1, same run)",
     "encoder_speedup": "throughput, × dense (same run)",
@@ -91,6 +92,9 @@ def _point_label(p: dict[str, Any]) -> str:
     """The setting that tells the points of one line apart (sparsity, weight format, depth, threshold)."""
     if "sparsity" in p:
         return f"{float(p['sparsity']):.0%}"
+    if "top_k" in p and "experts" in p:  # expert routing: the share of neurons a token runs
+        act = (int(p.get("shared", 0)) + int(p["top_k"])) / int(p["experts"])
+        return f"≤{act:.0%} adaptive" if float(p.get("share", 1.0)) < 1 else f"{act:.0%}"
     for k in ("dtype", "tree_dtype"):
         if k in p and p[k] not in ("", None):
             return str(p[k]).replace("float", "fp").replace("bfloat16", "bf16")
@@ -125,7 +129,7 @@ def pareto(records: list[dict[str, Any]], out: str | os.PathLike, speed_metric: 
             pts[key][r["metric"]] = r["value"]
             pts[key]["_params"] = r.get("params", {})
             p = r.get("params", {})
-            series_of[key] = " ".join([r["method"]] + [str(p[k]) for k in series_params if k in p])
+            series_of[key] = " ".join([r["method"]] + [f"{k}={p[k]}" if isinstance(p[k], (int, float)) else str(p[k]) for k in series_params if k in p])
     ppl = quality_metric == "ppl_delta_pct"
     conv = (lambda v: 1.0 + v / 100.0) if ppl else (lambda v: v)
     by_series: dict[str, list[tuple[float, float, str]]] = defaultdict(list)

@@ -89,6 +89,42 @@ def reference(x: torch.Tensor, gu: torch.Tensor, gu_scale: torch.Tensor | None, 
     return acc + down_bias if down_bias is not None else acc
 
 
+def masked_reference(x: torch.Tensor, gu: torch.Tensor, gu_scale: torch.Tensor | None, gu_bias: torch.Tensor | None, down: torch.Tensor,
+                     down_scale: torch.Tensor | None, down_bias: torch.Tensor | None, coef: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor:
+    """:func:`reference`'s result computed as dense products (every expert, then weighted by
+    ``coef``): for inputs too short for grouping by expert to pay (a sentence through an encoder),
+    where it costs what the dense FFN costs."""
+    E, d, C = gu.shape
+    fe = C // 2 if gated else C
+    x = x.float()
+    w = gu if gu.dtype == torch.float32 else gu.float()
+    a = torch.bmm(x.unsqueeze(0).expand(E, -1, -1), w)  # (E, N, C)
+    if gu_scale is not None:
+        a = a * gu_scale[:, None, :]
+    if gu_bias is not None:
+        a = a + gu_bias[:, None, :]
+    h = act(act_name, a[..., :fe])
+    if gated:
+        h = h * a[..., fe:]
+    h = h * coef.t()[:, :, None]  # (E, N, fe)
+    dw = down if down.dtype == torch.float32 else down.float()
+    y = h.permute(1, 0, 2).reshape(x.shape[0], E * fe) @ dw
+    if down_scale is not None:
+        y = y * down_scale
+    return y + down_bias if down_bias is not None else y
+
+
+GROUP_OVERHEAD = 36  # token-expert products one grouped expert's gather / scatter costs (measured on MiniLM / SmolLM2 shapes)
+
+
+def grouping_pays(coef: torch.Tensor) -> bool:
+    """Whether grouping a long input by expert beats the dense products: twice the (token, expert)
+    pairs run plus a fixed cost per hit expert, against every pair."""
+    n, E = coef.shape
+    nz = coef != 0
+    return 2 * int(nz.sum()) + GROUP_OVERHEAD * int(nz.any(0).sum()) < n * E
+
+
 def expert_mlp(x: torch.Tensor, blocks: dict[str, torch.Tensor | None], down_bias: torch.Tensor | None, coef: torch.Tensor, act_name: str,
                gated: bool, backend: str = "auto") -> tuple[torch.Tensor, int]:
     """(y (N, out) float32, experts read) for x (N, d). Batches up to ``G.MAX_BATCH`` run the
@@ -193,7 +229,8 @@ def routed_mlp(x: torch.Tensor, r: Router, blocks: dict[str, torch.Tensor | None
     x = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     if backend == "reference" or ext is None or x.shape[0] > G.MAX_BATCH or x.shape[0] == 0 or not x.is_cpu:
         coef = route_reference(x, r, E, act_name, gated)
-        return reference(x, blocks["gu"], blocks["gu_scale"], blocks["gu_bias"], blocks["down"], blocks["down_scale"], down_bias, coef, act_name, gated), coef
+        run = reference if backend == "reference" or grouping_pays(coef) else masked_reference
+        return run(x, blocks["gu"], blocks["gu_scale"], blocks["gu_bias"], blocks["down"], blocks["down_scale"], down_bias, coef, act_name, gated), coef
     opt = lambda t: _EMPTY if t is None else t  # noqa: E731
     y, _, coef, _ = ext.expert_route(x, r.w1, opt(r.b1), opt(r.w2), opt(r.b2), opt(r.norm), ROUTER_KINDS[r.kind], r.probes, r.top_k, float(r.share),
                                      r.shared, r.renorm, blocks["gu"], opt(blocks["gu_scale"]), opt(blocks["gu_bias"]), blocks["down"],

@@ -357,10 +357,32 @@ class ExpertMLP(LazyModule):
                                         None if p["gate_bias"] is None else p["gate_bias"][perm], None if p["up_bias"] is None else p["up_bias"][perm])
         self.weight_dtype = dtype
 
+    oracle = False  # analysis only: route by each expert's true output mass (computes every expert)
+
+    def oracle_coef(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, E) choice of the experts with the largest true contribution ``sum |h_j| ||down_j||``:
+        the best any router could do with this split (computes the dense FFN)."""
+        b = self.blocks
+        a = torch.einsum("nd,edc->nec", x.float(), G.dequantize(b["gu"], None) if b["gu_scale"] is None else b["gu"].float() * b["gu_scale"][:, None, :])
+        if b["gu_bias"] is not None:
+            a = a + b["gu_bias"]
+        h = X.act(self.act, a[..., : self.fe]) * a[..., self.fe:] if self.gated else X.act(self.act, a)
+        dn = b["down"].float().view(self.E, self.fe, -1).norm(dim=-1)  # (E, fe); int8 scales are per output: a common factor per column
+        mass = (h.abs() * dn).sum(-1)[:, self.shared:]
+        coef = torch.zeros(x.shape[0], self.E)
+        coef[:, : self.shared] = 1.0
+        coef[:, self.shared:] = torch.zeros_like(mass).scatter_(1, mass.topk(self.top_k, -1).indices, 1.0)
+        return coef
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y, coef = X.routed_mlp(x2, self.router_spec, self.blocks, self.down_bias, self.act, self.gated, self.backend)
+        if self.oracle:
+            coef = self.oracle_coef(x2)
+            b = self.blocks
+            y = X.reference(x2, b["gu"], b["gu_scale"], b["gu_bias"], b["down"], b["down_scale"], self.down_bias, coef, self.act, self.gated)
+        else:
+            y, coef = X.routed_mlp(x2, self.router_spec, self.blocks, self.down_bias, self.act, self.gated, self.backend)
         if self.track:
             used = int((coef != 0).sum())
             per = self.fe * (self.d * (2 if self.gated else 1) + self.out_features)
