@@ -292,3 +292,16 @@ def test_masked_path_for_short_inputs_matches_grouped_reference(dtype: str, gate
     ref = X.reference(*args)
     assert (X.masked_reference(*args) - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
     assert not X.grouping_pays(torch.ones(20, 16)) and X.grouping_pays((torch.arange(16) < 2).float().expand(640, 16))
+
+
+@kernel
+def test_analytic_router_with_no_active_probe_routes_as_the_reference() -> None:
+    """ReLU probes all inactive: no predicted mass; the kernel keeps every top-k expert, as the
+    reference (and prefill) does (before: the kernel treated the scores as uniform and kept fewer)."""
+    blk, db = _blocks(False, "fp32", seed=9)
+    r = X.Router("analytic", torch.zeros(48, 6 * 3), -torch.ones(6 * 3), norm=torch.ones(6 * 3), probes=3, top_k=3, share=0.5, shared=2)
+    x = torch.randn(4, 48, generator=torch.Generator().manual_seed(9))
+    _, coef = X.routed_mlp(x, r, blk, db, "relu", False)
+    ref = X.route_reference(x, r, 8, "relu", False)
+    # which of the equal-scored experts run is a tie either path may break its own way; how many is not
+    assert torch.equal(coef.sum(1), ref.sum(1)) and (coef.sum(1) == 5).all() and (coef[:, :2] == 1).all()

@@ -600,6 +600,6 @@ class _ModelCfg:
     """Routing settings read from a native MoE block when its config is not reachable."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.model_type = ""
+        self.model_type = "mixtral" if type(module).__name__.startswith("Mixtral") else ""  # Mixtral always renormalises its top-k
         self.num_experts_per_tok = int(getattr(module.gate, "top_k", 2))
         self.norm_topk_prob = bool(getattr(module.gate, "norm_topk_prob", False))

@@ -461,7 +461,7 @@ int64_t route(const float* x, const float* w1, const float* b1, const float* w2,
     if (kind == 1) {
       double tot = 0;
       for (int64_t k = 0; k < K; ++k) tot += sc[k];
-      for (int64_t k = 0; k < K; ++k) pr[k] = tot > 0 ? static_cast<float>(sc[k] / tot) : 1.f / K;
+      for (int64_t k = 0; k < K; ++k) pr[k] = tot > 0 ? static_cast<float>(sc[k] / tot) : 0.f;  // as route_reference: no mass, every top_k expert kept
     } else {
       float mx = sc[0];
       for (int64_t k = 1; k < K; ++k) mx = std::max(mx, sc[k]);
