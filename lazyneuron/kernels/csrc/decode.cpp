@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "ln_check.h"
+#include "ln_math.h"
 
 namespace {
 
@@ -30,25 +31,6 @@ inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64
   for (; i < n; ++i) tot += a[i] * b[i];
   for (int j = 0; j < 16; ++j) tot += s[j];
   return tot;
-}
-
-// exp(x) for x <= 0 (softmax after subtracting the maximum): Cephes' polynomial, relative error
-// ~1e-7, branch-free so that a loop over it vectorises (std::exp is a scalar call per element)
-inline float exp_neg(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
 }
 
 inline void rms_row(const float* x, const float* w, float* y, int64_t d, float eps) {
@@ -127,7 +109,7 @@ torch::Tensor attn_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
         s[t] = dot(qr.data(), K + t * D, D) * static_cast<float>(scale);
         mx = std::max(mx, s[t]);
       }
-      for (int64_t t = 0; t < T; ++t) s[t] = exp_neg(s[t] - mx);
+      for (int64_t t = 0; t < T; ++t) s[t] = exp_fast(s[t] - mx);
       float den = 0.f;
       for (int64_t t = 0; t < T; ++t) den += s[t];
       std::fill(acc.begin(), acc.end(), 0.f);

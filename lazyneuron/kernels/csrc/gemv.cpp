@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "ln_check.h"
+#include "ln_math.h"
 
 #ifndef LN_PREFETCH
 #define LN_PREFETCH 2048
@@ -285,25 +286,6 @@ inline float act_fn(float v, int64_t act) {
     default:  // relu
       return v > 0.f ? v : 0.f;
   }
-}
-
-// exp without a library call (Cephes' expf: range reduction by ln 2, degree-6 polynomial,
-// relative error ~1e-7), so that loops over it vectorise.
-inline float exp_fast(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
 }
 
 // v[j] = act(v[j]) for j < n; silu and gelu_tanh vectorised through exp_fast.
