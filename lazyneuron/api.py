@@ -144,18 +144,10 @@ def apply_(
 ) -> list[ApplyReport]:
     """Convert ``model`` in place, one config after another. All or nothing: on any error the
     modules replaced by this call are put back and the error is re-raised."""
-    cfgs = _as_list(configs)
-    names = [c.name for c in cfgs]
-    if "runtime" in names[:-1]:
-        raise ConfigError(f"configs {names}: apply the runtime last, after every method, so that it takes the linears no method converted "
-                          "and gives the converted ones its weight format: apply_(model, [method_cfg, RuntimeConfig(...)])")
+    cfgs = ordered(configs)
     ad = get_adapter(model)
     plans = []
-    for cfg in cfgs:  # validate everything before touching the model
-        meth = method_for(cfg)
-        paths = meth.resolve(model, ad, cfg)
-        if not paths:
-            raise NoMatchError(f"{cfg.name}: targets {list(cfg.targets)} with include={list(cfg.include)} exclude={list(cfg.exclude)} matched no module of this {ad.model_type} model; run `lazyneuron inspect` to see the paths of each role")
+    for cfg, meth, paths in _resolved(model, ad, cfgs):  # validate everything before touching the model
         stats = None
         if meth.wants_calibration(model, paths):
             if calibration is None:
@@ -188,6 +180,60 @@ def apply_(
                     set_module(model, p, m.restore_base())
         raise
     return reports
+
+
+def ordered(configs: MethodConfig | Sequence[MethodConfig]) -> list[MethodConfig]:
+    """The order ``apply_`` converts in: methods that convert modules inside the layers first,
+    then one that runs the layer stack (early exit, module gating), then the runtime (each
+    method's ``stage``); the given order is kept within a stage."""
+    cfgs = _as_list(configs)
+    return sorted(cfgs, key=lambda c: method_for(c).stage)
+
+
+def _overlap(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _resolved(model: nn.Module, ad: Any, cfgs: list[MethodConfig]) -> list[tuple[MethodConfig, Any, list[str]]]:
+    """Each config with its method and target paths, after checking that they can share the
+    model: at most one method runs the layer stack, and no module is taken by two configs (one
+    module, one replacement; a module inside another's target counts)."""
+    out = []
+    stack: MethodConfig | None = None
+    owner: dict[str, MethodConfig] = {}
+    for cfg in cfgs:
+        meth = method_for(cfg)
+        paths = meth.resolve(model, ad, cfg)
+        if not paths and not getattr(meth, "resolve_late", False):
+            raise NoMatchError(f"{cfg.name}: targets {list(cfg.targets)} with include={list(cfg.include)} exclude={list(cfg.exclude)} matched no module of this {ad.model_type} model; run `lazyneuron inspect` to see the paths of each role")
+        if meth.stage == 1:
+            if stack is not None:
+                raise ConfigError(f"{stack.name} and {cfg.name} both run the whole layer stack and cannot be combined; apply one of them "
+                                  "(either composes with activation_sparsity, expert_routing, fast_feedforward and the runtime)")
+            stack = cfg
+        elif meth.stage == 0:
+            for p in paths:
+                hit = next((q for q in owner if _overlap(p, q)), None)
+                if hit is not None:
+                    other = owner[hit]
+                    where = repr(p) if p == hit else f"{p!r} and {hit!r} (one inside the other)"
+                    names = {other.name, cfg.name}
+                    fix = (f"e.g. activation_sparsity:targets=attn_in|attn_out with {(names - {'activation_sparsity'}).pop()} on the MLP"
+                           if len(names) == 2 and "activation_sparsity" in names else "or include= / exclude= patterns on one of them")
+                    raise ConfigError(f"{other.name} and {cfg.name} both convert {where}; a module takes one method: give them disjoint targets, {fix}")
+            for p in paths:
+                owner[p] = cfg
+        out.append((cfg, meth, paths))
+    return out
+
+
+def check_compose(model: nn.Module, configs: MethodConfig | Sequence[MethodConfig]) -> list[MethodConfig]:
+    """Raise the error ``apply_`` would raise before touching the model when ``configs`` cannot
+    share ``model`` (overlapping targets, two methods running the layer stack, no matching
+    module); return the configs in the order ``apply_`` converts them."""
+    cfgs = ordered(configs)
+    _resolved(model, get_adapter(model), cfgs)
+    return cfgs
 
 
 def revert_(model: nn.Module) -> nn.Module:

@@ -42,13 +42,19 @@ def linear_weight_elements(model: nn.Module) -> int:
 
 
 def skipped_fraction(model: nn.Module) -> float:
-    """Per-token skipped weight reads over all linear weight reads, from the last tracked run."""
+    """Per-token skipped weight reads over all linear weight reads, from the last tracked run.
+
+    Each lazy module counts what it skipped on the tokens that reached it; methods that combine
+    nest (sparse linears inside a gated or early-exited layer stack), and a module inside a
+    skipped one sees no token, so every weight byte is counted once when the sum is divided by
+    the tokens the model ran: the most any lazy module saw (an outer one, or one in the first
+    layer, sees them all)."""
     total = linear_weight_elements(model)
-    skipped = 0.0
-    for _, m in lazy_modules(model):
-        if getattr(m, "tokens_seen", 0):
-            skipped += m.weights_skipped / m.tokens_seen
-    return skipped / total if total else 0.0
+    mods = [m for _, m in lazy_modules(model) if getattr(m, "tokens_seen", 0)]
+    if not mods or not total:
+        return 0.0
+    tokens = max(m.tokens_seen for m in mods)
+    return sum(m.weights_skipped for m in mods) / tokens / total
 
 
 def per_module(model: nn.Module) -> dict[str, float]:

@@ -32,6 +32,11 @@ class Method:
     config_cls: type[MethodConfig] = MethodConfig
     needs_calibration: bool = False
     linear_only: bool = False  # targets must be nn.Linear / Conv1D
+    # where the method sits when several are applied (``apply_`` orders configs by it, stably):
+    # 0 converts modules inside the layers, 1 runs the whole layer stack (early exit, module
+    # gating: the modules the stage-0 methods converted run inside it), 2 is the runtime, which
+    # takes the linears left over and gives the converted modules its weight format
+    stage: int = 0
 
     def resolve(self, model: nn.Module, adapter: ModelAdapter, cfg: MethodConfig) -> list[str]:
         paths: list[str] = []

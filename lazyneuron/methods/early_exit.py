@@ -271,8 +271,10 @@ class ExitingDecoder(LazyModule):
         # (every later layer's, less the key / value projections CALM still computes)
         from ..adapters import is_linear
 
-        saved = [sum(m.weight.numel() for m in layer.modules() if is_linear(m)) - layer.self_attn.k_proj.weight.numel()
-                 - layer.self_attn.v_proj.weight.numel() for layer in base.layers]
+        def elems(mod: nn.Module) -> int:  # dense linear weights under ``mod`` (another method's lazy module keeps them as its base)
+            return sum(m.weight.numel() for m in mod.modules() if is_linear(m))
+
+        saved = [elems(layer) - elems(layer.self_attn.k_proj) - elems(layer.self_attn.v_proj) for layer in base.layers]
         self._skip_after = torch.tensor([sum(saved[j:]) for j in range(len(saved) + 1)], dtype=torch.float64)
         self._stack_weights = sum(m.weight.numel() for m in base.layers.modules() if is_linear(m))
         self.tokens_seen, self.weights_skipped = 0, 0.0
@@ -398,6 +400,7 @@ class ExitingDecoder(LazyModule):
 @register
 class EarlyExit(Method):
     config_cls = EarlyExitConfig
+    stage = 1
 
     def resolve(self, model: nn.Module, adapter: ModelAdapter, cfg: MethodConfig) -> list[str]:
         return [stack_path(model, adapter, "early_exit")]

@@ -553,6 +553,7 @@ class ModuleGatingConfig(MethodConfig):
 @register
 class ModuleGating(Method):
     config_cls = ModuleGatingConfig
+    stage = 1
 
     def resolve(self, model: nn.Module, adapter: ModelAdapter, cfg: MethodConfig) -> list[str]:
         path = stack_path(model, adapter, "module_gating")

@@ -112,6 +112,7 @@ def _is_shared(base: nn.Linear) -> bool:
 @register
 class Runtime(Method):
     config_cls = RuntimeConfig
+    stage = 2
     resolve_late = True  # apply_ resolves its targets after the configs before it have converted theirs
 
     def resolve(self, model: nn.Module, adapter: ModelAdapter, cfg: MethodConfig) -> list[str]:
