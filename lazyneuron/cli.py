@@ -22,6 +22,8 @@ EPILOG = """examples:
   lazyneuron fit gates --model DIR --context domain=news,austen --target 0.25 --budget 5
   lazyneuron fit gates --model DIR --context domain=legal:contracts.txt,chat:chat.jsonl --target 0.25
   lazyneuron bench --model DIR --method module_gating --method early_exit   # the fitted checkpoints
+  lazyneuron plan --model smollm2-135m --budget ppl:+5% --time 20   # fastest combination within +5% perplexity
+  lazyneuron bench --model smollm2-135m --method "activation_sparsity:sparsity=0.3 + runtime:dtype=bf16"   # a combination
   lazyneuron demo                       # every method at its default setting vs dense, table + plot
   lazyneuron plot pareto lazyneuron-results/demo.jsonl --out pareto.png
   lazyneuron plot gates ~/.cache/lazyneuron/checkpoints/smollm2-135m.gates-frozen-25.safetensors --out gates.png
@@ -62,6 +64,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the records as a JSON list instead of a table")
     s.add_argument("--out", help="append the records to this JSON-lines file")
     _runtime_arg(s)
+
+    s = sub.add_parser("plan", help="the fastest combination of methods within a quality budget, verified on the test split",
+                       epilog="examples:\n  lazyneuron plan --model smollm2-135m --budget ppl:+5% --time 20\n"
+                              "  lazyneuron plan --model minilm-l6 --task mr --budget acc:-0.5 --budget acc:-1\n"
+                              "budgets: ppl:+X% (perplexity increase), agree:F (top-1 agreement with dense), acc:-X (accuracy points; --task)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--budget", action="append", required=True, help="quality budget; repeat to plan several in one search")
+    s.add_argument("--time", type=float, default=20.0, help="minutes the search may take (default 20)")
+    s.add_argument("--task", help="a labelled corpus (mr, rt, tweets): plan the model fine-tuned on it as a classifier (encoders)")
+    s.add_argument("--corpus", default="news", help="text for perplexity / agreement and calibration (causal LMs)")
+    s.add_argument("--methods", help="comma-separated methods to consider (default: every registered one)")
+    s.add_argument("--exclude", default="", help="comma-separated methods to leave out")
+    s.add_argument("--fit", action="store_true", help="fit the trained methods this model has no checkpoint for first (exit heads, gates; within the time)")
+    s.add_argument("--quick", action="store_true", help="small sizes (smoke runs)")
+    s.add_argument("--no-verify", action="store_true", help="skip the test-split verification")
+    s.add_argument("--out", default="lazyneuron-plan", help="folder for plan.jsonl and plan.png")
+    s.add_argument("--json", action="store_true", help="print the records as JSON")
 
     s = sub.add_parser("demo", help="every registered method at its default setting against dense: one table, records, plot")
     s.add_argument("--model", default="smollm2-135m")
@@ -195,16 +215,27 @@ def _configs(specs: Sequence[str], model_name: str | None = None) -> list[Any]:
     from .config import MethodConfig
     from .errors import ConfigError
 
-    out = []
-    for x in specs:
+    from .plan import split_spec
+
+    out: list[Any] = []
+    for text in specs:  # a combination is written a:k=v + b:k=v (one variant running both)
+        parts = [_configs_one(x, model_name) for x in split_spec(text)]
+        out.append(parts[0] if len(parts) == 1 else parts)
+    return out
+
+
+def _configs_one(x: str, model_name: str | None) -> Any:
+    from .config import MethodConfig
+    from .errors import ConfigError
+
+    if True:
         name, _, rest = x.partition(":")
         if model_name is not None and name.strip() in ("module_gating", "early_exit", "fast_feedforward") and "checkpoint=" not in rest:
             from . import fitting
 
             found = fitting.fitted_checkpoint(name.strip(), model_name)
             if found is None and name.strip() == "fast_feedforward":  # FFF also converts without training (trees from the dense weights)
-                out.append(MethodConfig.parse(x))
-                continue
+                return MethodConfig.parse(x)
             if found is None:
                 raise ConfigError(f"{name.strip()} needs a fitted checkpoint and {model_name} has none; run `{fitting.fit_command(name.strip(), model_name)}` "
                                   f"first, or pass {name.strip()}:checkpoint=PATH")
@@ -213,8 +244,48 @@ def _configs(specs: Sequence[str], model_name: str | None = None) -> list[Any]:
                 found.pop("threshold", None)  # the calibrated threshold is the learned score's; another criterion takes its own
             extra = ",".join(f"{k}={v}" for k, v in found.items() if k not in given)
             x = f"{name}:{rest + ',' if rest.strip() else ''}{extra}"
-        out.append(MethodConfig.parse(x))
-    return out
+        return MethodConfig.parse(x)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from . import models, plan
+    from .bench import plots, write
+
+    budgets = [plan.Budget.parse(b) for b in args.budget]  # bad budgets stop here, before any loading
+    s = plan.quick_settings(corpus=args.corpus, task=args.task) if args.quick else plan.Settings(corpus=args.corpus, task=args.task)
+    if args.task:
+        from . import tasks
+
+        model, tok = tasks.finetuned_classifier(args.model, args.task, quick=args.quick)
+    else:
+        model, tok = models.load(args.model)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    exclude = [m.strip() for m in args.exclude.split(",") if m.strip()]
+    minutes = args.time
+    if args.fit:  # the demo's fits (exit heads, gates, FFF trees; a few minutes each, cached), then the search in the time left
+        import time
+
+        from .fitting import demo_fits
+
+        t0 = time.monotonic()
+        for line in demo_fits(args.model, model, tok, quick=args.quick):
+            sys.stderr.write(f"note: {line}\n")
+        minutes = max(1.0, args.time - (time.monotonic() - t0) / 60)
+    res = plan.plan(model, tok, budgets, model_name=args.model, minutes=minutes, settings=s, methods=methods, exclude=exclude, strict=False)
+    recs = plan.candidate_records(args.model, res)
+    if not args.no_verify and any(c.candidate is not None for c in res.choices):
+        recs += plan.verify(args.model, model, tok, res, repeats=3 if args.quick else 5, windows=s.windows[-1])
+    out = Path(args.out)
+    path = write(recs, out / "plan.jsonl", append=False)
+    png = plots.plan_front([r.to_dict() for r in recs], out / "plan.png", title=f"{args.model}: every setting the planner measured")
+    if args.json:
+        _print_json([r.to_dict() for r in recs])
+    else:
+        sys.stdout.write(plan.table(res, recs) + f"\nrecords: {path}\nplot:    {png}\n")
+    missing = [c for c in res.choices if c.candidate is None]
+    for c in missing:
+        sys.stderr.write(f"error: {c.budget.text}: {c.reason}; loosen the budget, or fit more methods (`lazyneuron fit`) and plan again\n")
+    return 3 if missing else 0
 
 
 def _print_json(obj: Any) -> None:
@@ -313,6 +384,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "fit":
         return _fit(args)
+    if args.cmd == "plan":
+        return _plan(args)
     if args.cmd == "bench-kernels":
         from .kernels import bench as kbench
 

@@ -147,6 +147,15 @@ def _smollm2() -> tuple[Any, Any]:
     return _dequantized(pkg / _SMOL_GGUF, cached)
 
 
+def gguf_source(name_or_path: str) -> Path | None:
+    """The GGUF file a model's weights come from (what a llama.cpp peer runs), or None."""
+    if name_or_path == "smollm2-135m":
+        info = BUILTIN["smollm2-135m"]
+        return package_dir(info["module"], info["package"], "the smollm2-135m model", info["install"]) / _SMOL_GGUF
+    p = Path(name_or_path).expanduser()
+    return p if p.is_file() and p.suffix == ".gguf" else None
+
+
 def load(name_or_path: str) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` in eval mode, fp32.
 

@@ -239,3 +239,63 @@ def gates(keep: dict[str, Any], out: str | os.PathLike, title: str = "", modules
     fig.savefig(p, dpi=110)
     plt.close(fig)
     return p
+
+
+def plan_front(records: list[dict[str, Any]], out: str | os.PathLike, title: str = "") -> Path:
+    """What ``lazyneuron plan`` measured: every candidate's speed (× dense, the search's timing)
+    against its quality loss on the calibration split, single methods and combinations apart, the
+    Pareto front, each budget as a line and each budget's choice as a star. One panel per budget
+    metric (perplexity, agreement, accuracy); the loss axis is linear near zero and logarithmic
+    beyond, so that losses far past every budget stay on the plot without flattening the rest."""
+    plt = _plt()
+    cands: dict[tuple[str, str], dict[str, Any]] = {}  # (configs, metric) -> point
+    budgets: dict[str, dict[str, float]] = defaultdict(dict)  # metric -> budget text -> limit
+    chosen: dict[str, dict[str, str]] = defaultdict(dict)  # metric -> budget text -> configs
+    speed: dict[str, float] = {}
+    base = "dense"
+    for r in records:
+        p = r.get("params", {})
+        if r["method"] == "candidate" and r["metric"] == "cal_speedup":
+            speed[p["configs"]] = r["value"]
+            base = p.get("base", "dense")
+        if r["method"] == "candidate" and r["metric"] == "cal_loss":
+            m = str(p["budget"]).partition(":")[0]
+            cands[(p["configs"], m)] = {"loss": r["value"], "single": len(p.get("methods", [])) <= 1, "methods": p.get("methods", [])}
+        if r["method"] == "plan" and r["metric"] == "budget_limit":
+            budgets[str(p["budget"]).partition(":")[0]][p["budget"]] = r["value"]
+            chosen[str(p["budget"]).partition(":")[0]][p["budget"]] = p["configs"]
+    metrics = sorted({m for _, m in cands})
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(8.5 * max(1, len(metrics)) ** 0.8, 5.0), squeeze=False)
+    ylabels = {"ppl": "perplexity increase on calibration text, %", "agree": "tokens whose top-1 differs from dense, %",
+               "acc": "accuracy lost on calibration rows, points"}
+    for ax, m in zip(axes[0], metrics):
+        pts = [(speed[c], d["loss"], d) for (c, mm), d in cands.items() if mm == m and c in speed]
+        for single, marker, name in ((True, "o", "one method (on its best runtime format)"), (False, "D", "combination")):
+            xs = [(x, y) for x, y, d in pts if d["single"] == single]
+            if xs:
+                ax.plot([x for x, _ in xs], [y for _, y in xs], marker=marker, ls="none", ms=5, alpha=0.6, label=f"{name} ({len(xs)})")
+        front = sorted((x, y) for x, y, _ in pts if not any(x2 >= x and y2 <= y and (x2 > x or y2 < y) for x2, y2, _ in pts))
+        if front:
+            ax.plot([x for x, _ in front], [y for _, y in front], color="black", lw=1, ls="-", label="Pareto front")
+        for i, (b, lim) in enumerate(sorted(budgets.get(m, {}).items(), key=lambda kv: kv[1])):
+            color = f"C{(i + 2) % 10}"
+            ax.axhline(lim, color=color, lw=1, ls="--", label=f"budget {b}")
+            c = chosen[m].get(b)
+            if c in speed and (c, m) in cands:
+                ax.plot([speed[c]], [cands[(c, m)]["loss"]], marker="*", ms=15, color=color, mec="black", ls="none", label=f"choice for {b}", zorder=5)
+        ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+        ys = [abs(y) for _, y, _ in pts] + list(budgets.get(m, {}).values())
+        lin = max(0.5, min([v for v in budgets.get(m, {}).values() if v > 0], default=1.0))
+        if ys and max(ys) > 20 * lin:
+            ax.set_yscale("symlog", linthresh=lin)
+        ax.set_xlabel(f"speed, × {base} (search timing: " + ("batch-1 decode)" if "runtime" in base else "classification throughput)"))
+        ax.set_ylabel(ylabels.get(m, m) + (" (log beyond the budgets)" if ax.get_yscale() == "symlog" else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+    fig.suptitle(title or "planner: speed against quality loss (lower right is better)", fontsize=10)
+    fig.tight_layout()
+    p = Path(out)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return p

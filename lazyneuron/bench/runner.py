@@ -46,10 +46,11 @@ def quick() -> BenchSettings:
     return BenchSettings(new_tokens=16, prefill_tokens=128, batches=(1,), repeats=3, ppl_windows=4, ppl_length=128, calib_texts=16, hf_generate=False)
 
 
-def build_variants(model: nn.Module, tok: Any, configs: Sequence[MethodConfig], s: BenchSettings, progress: bool, calibration: Calibration | None = None) -> list[Variant]:
+def build_variants(model: nn.Module, tok: Any, configs: Sequence[MethodConfig | Sequence[MethodConfig]], s: BenchSettings, progress: bool, calibration: Calibration | None = None) -> list[Variant]:
     variants = [Variant("dense")]
     ad = get_adapter(model)
-    need = [c for c in configs if method_for(c).wants_calibration(model, method_for(c).resolve(model, ad, c))]
+    flat = [x for c in configs for x in _as_list(c)]
+    need = [c for c in flat if method_for(c).wants_calibration(model, method_for(c).resolve(model, ad, c))]
     cal = calibration
     if need and cal is None:
         texts = data.texts(s.corpus, "calibration")[: s.calib_texts]
@@ -63,6 +64,9 @@ def build_variants(model: nn.Module, tok: Any, configs: Sequence[MethodConfig], 
         rt = RuntimeConfig(dtype=s.runtime)
         variants.append(Variant("runtime", rt, None, {"dtype": s.runtime}))
     for c in configs:
+        if isinstance(c, (list, tuple)):  # a combination: one variant running every config in it
+            variants.append(_combination(list(c), cal, s.runtime if on_runtime else None))
+            continue
         params = {k: v for k, v in c.to_dict().items() if k not in ("method",)}
         if on_runtime and c.name != "runtime":
             both = [c, RuntimeConfig(dtype=s.runtime)]
@@ -81,7 +85,26 @@ def build_variants(model: nn.Module, tok: Any, configs: Sequence[MethodConfig], 
     return variants
 
 
-def run(model_name: str, model: nn.Module, tok: Any, configs: Sequence[MethodConfig], s: BenchSettings | None = None, *, progress: bool = True,
+def _as_list(c: MethodConfig | Sequence[MethodConfig]) -> list[MethodConfig]:
+    return list(c) if isinstance(c, (list, tuple)) else [c]
+
+
+def _combination(cfgs: list[MethodConfig], cal: Calibration | None, runtime: str | None) -> Variant:
+    """A variant applying several configs together (``lazyneuron bench --method 'a:... + b:...'``);
+    on the runtime unless the combination names its own format."""
+    from ..plan import spec
+
+    rt = next((c for c in cfgs if c.name == "runtime"), None)
+    if rt is None and runtime is not None:
+        cfgs = cfgs + [RuntimeConfig(dtype=runtime)]
+    params: dict[str, Any] = {"configs": spec([c for c in cfgs if c.name != "runtime"])}
+    rt = next((c for c in cfgs if c.name == "runtime"), None)
+    if rt is not None:
+        params["runtime"] = rt.dtype  # type: ignore[attr-defined]
+    return Variant("+".join(c.name for c in cfgs if c.name != "runtime") or "runtime", cfgs, cal, params)
+
+
+def run(model_name: str, model: nn.Module, tok: Any, configs: Sequence[MethodConfig | Sequence[MethodConfig]], s: BenchSettings | None = None, *, progress: bool = True,
         calibration: Calibration | None = None) -> list[Record]:
     """Time and score the dense model and every config on the same model, in this process. A
     causal LM: decode and prefill tokens/s, perplexity and agreement with the dense model's

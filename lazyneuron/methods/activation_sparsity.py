@@ -513,6 +513,13 @@ class ActivationSparsity(Method):
         return {"modules": len(paths), "expected_weights_skipped": expect / total if total else 0.0}
 
     @classmethod
+    def plan_axes(cls, model: nn.Module, model_name: str | None = None) -> list[list[MethodConfig]]:
+        """TEAL (the best quality per byte skipped in benchmarks/results/activation_sparsity.jsonl)
+        over every projection, over attention alone and over the MLP alone (those two compose)."""
+        groups = (ActivationSparsityConfig.targets, ("attn_in", "attn_out"), ("mlp_in", "mlp_out"))
+        return [[ActivationSparsityConfig(rule="teal", sparsity=s, targets=t) for s in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)] for t in groups]
+
+    @classmethod
     def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
         # 25%: the level that costs SmolLM2 under 10% perplexity (benchmarks/results/activation_sparsity.jsonl), beside 50%
         return [ActivationSparsityConfig(rule="teal", sparsity=0.25), ActivationSparsityConfig(rule="teal", sparsity=0.5),

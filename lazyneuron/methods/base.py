@@ -76,6 +76,20 @@ class Method:
         return [cls.config_cls()]
 
     @classmethod
+    def plan_axes(cls, model: nn.Module, model_name: str | None = None) -> list[list[MethodConfig]]:
+        """The settings :func:`lazyneuron.plan` may try, as axes: each list one knob's values from
+        weakest to strongest (the planner expects quality to fall along an axis and stops walking
+        it once past every budget). By default each demo setting is an axis of one point, so a
+        newly registered method joins the planner as it is."""
+        try:
+            cfgs = cls.demo_configs(model_name or DEMO_MODEL)
+        except Exception:  # a demo setting tied to another model's checkpoint
+            return []
+        if model_name is None:  # an unnamed model: settings tied to the built-in model's checkpoints do not fit it
+            cfgs = [c for c in cfgs if not getattr(c, "checkpoint", "")]
+        return [[c] for c in cfgs]
+
+    @classmethod
     def demo_notes(cls, model_name: str = DEMO_MODEL) -> list[str]:
         """Lines the demo prints under its table (for example how to make a missing checkpoint)."""
         return []

@@ -442,6 +442,15 @@ class EarlyExit(Method):
         return [EarlyExitConfig(criterion="learned", threshold=float(found.get("threshold", 0.9)), checkpoint=found["checkpoint"])]
 
     @classmethod
+    def plan_axes(cls, model: nn.Module, model_name: str | None = None) -> list[list[MethodConfig]]:
+        """With this model's fitted exit heads (``lazyneuron fit exits``): the learned score's
+        threshold from cautious to eager."""
+        found = cls.demo_configs(model_name) if model_name else []
+        if not found:
+            return []
+        return [[dataclasses.replace(found[0], threshold=t) for t in (0.99, 0.97, 0.95, 0.93, 0.91, 0.88, 0.85, 0.8, 0.7)]]
+
+    @classmethod
     def demo_notes(cls, model_name: str = DEMO_MODEL, *, quick: bool = False) -> list[str]:
         from ..fitting import fitted_checkpoint
 

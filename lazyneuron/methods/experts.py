@@ -592,6 +592,28 @@ class ExpertRouting(Method):
         return out
 
     @classmethod
+    def plan_axes(cls, model: nn.Module, model_name: str | None = None) -> list[list[MethodConfig]]:
+        """A native MoE: fewer experts where the router is confident (``share`` from 0.95 down);
+        a dense FFN: 16 experts (or the most up to 16 that divide it), two shared, learned routers,
+        from all but three routed experts down to a quarter of the neurons."""
+        from ..adapters import get_adapter
+
+        ad = get_adapter(model)
+        paths = ad.paths("mlp")
+        if not paths:
+            return []
+        if is_native_moe(model.get_submodule(paths[0])):
+            return [[ExpertRoutingConfig(share=s) for s in (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)]]
+        c = getattr(model, "config", None) or getattr(getattr(model, "bert", None), "config", None)
+        f = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * getattr(c, "n_embd", 0)
+        e = next((e for e in (16, 8, 4) if f and f % e == 0), 0)
+        if not e:
+            return []
+        sh = 2 if e >= 8 else 0
+        ks = sorted({max(1, round((e - sh) * x)) for x in (0.8, 0.65, 0.5, 0.35, 0.2)}, reverse=True)
+        return [[ExpertRoutingConfig(experts=e, shared=sh, top_k=k, router="learned") for k in ks]]
+
+    @classmethod
     def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
         return [ExpertRoutingConfig(experts=16, shared=2, top_k=10, router="learned")]
 

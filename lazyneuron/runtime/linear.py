@@ -151,6 +151,11 @@ class Runtime(Method):
     def demo_configs(cls, model_name: str = DEMO_MODEL) -> list[MethodConfig]:
         return [RuntimeConfig(dtype="bf16"), RuntimeConfig(dtype="int8")]
 
+    @classmethod
+    def plan_axes(cls, model: nn.Module, model_name: str | None = None) -> list[list[MethodConfig]]:
+        """The weight format every planned combination runs on, from exact to smallest."""
+        return [[RuntimeConfig(dtype=d) for d in ("fp32", "bf16", "int8")]]
+
     def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
         mods = [model.get_submodule(p) for p in paths]
         return {"dtype": getattr(cfg, "dtype", "fp32"), "linears": len(mods), "weight_bytes": sum(m.weight_bytes() for m in mods if isinstance(m, FastLinear))}
