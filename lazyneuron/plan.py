@@ -119,6 +119,11 @@ class Candidate:
     def methods(self) -> list[str]:
         return [c.name for c in self.configs if c.name != "runtime"]
 
+    @property
+    def single(self) -> bool:
+        """At most one method (on any runtime format; one method over several targets counts once)."""
+        return len(set(self.methods)) <= 1
+
 
 _SHOWN = {"rule", "sparsity", "experts", "top_k", "dtype", "threshold"}  # written even at their defaults
 
@@ -163,16 +168,17 @@ class Settings:
     task: str | None = None  # a classifier's labelled corpus (mr, rt, tweets)
     length: int = 256
     windows: tuple[int, ...] = (3, 8, 16)
-    rows: tuple[int, ...] = (400, 1000, 2000)
+    rows: tuple[int, ...] = (300, 700, 2000)
     repeats: tuple[int, ...] = (3, 5, 7)
     new_tokens: int = 12
     prompt_tokens: int = 64
     calib_texts: int = 24
     batch_size: int = 32
-    timing_batches: int = 8
+    timing_batches: int = 4
     combos_per_budget: int = 4
     promote: tuple[int, ...] = (4, 2)  # candidates promoted per budget to rung 1, 2, ...
     max_axes: int = 3  # method axes in one combination (the runtime's besides)
+    min_speedup: float = 1.05  # a choice must beat dense by this much in the search's timing (paired ratios on a 2-core host spread by ~5-20%)
 
 
 def quick_settings(**kw: Any) -> Settings:
@@ -189,7 +195,8 @@ class Choice:
     candidate: Candidate | None
     best_single: Candidate | None
     reason: str = ""
-    duel: float | None = None  # the combination's speed over the best single's, timed head to head in the search
+    duel: float | None = None  # the best combination's speed over the best single method's, timed head to head in the search
+    best_combination: Candidate | None = None  # the fastest of two or more methods that meets the budget
 
     @property
     def spec(self) -> str:
@@ -344,6 +351,7 @@ class _Search:
             apply_(self.base, base_cfgs)
         self.bar = None
         self.limit = max(b.limit for b in budgets)
+        self.duels: dict[Any, float] = {}
 
     # -- measuring --
     def dense_quality(self, rung: int) -> dict[str, float]:
@@ -396,15 +404,17 @@ class _Search:
                 continue  # the dense model itself
             if not self.evaluate(self.candidate(((self.rt, i),)), 0):
                 return
-        for a, axis in enumerate(self.axes):
-            if a == self.rt:
-                continue
-            for i in range(len(axis)):
+        active = [a for a in range(len(self.axes)) if a != self.rt]
+        for i in range(max(len(ax) for ax in self.axes)):  # breadth first: every axis gets its weak settings measured within the time
+            for a in list(active):
+                if i >= len(self.axes[a]):
+                    active.remove(a)
+                    continue
                 c = self.candidate(((a, i), (self.rt, 0)))
                 if not self.evaluate(c, 0):
                     return
                 if c.error or min(self.loss(c, b) - b.limit for b in self.budgets) > 0.5 * self.limit + 1.0:
-                    break  # stronger settings only lose more
+                    active.remove(a)  # stronger settings only lose more
 
     def _single(self, a: int, i: int) -> Candidate | None:
         c = self.cands.get(tuple(sorted(((a, i), (self.rt, 0))))) if a != self.rt else self.cands.get(((self.rt, i),))
@@ -464,26 +474,54 @@ class _Search:
                 return
 
     def neighbours(self) -> None:
-        """One step along each axis from the best candidate of each budget (a stronger setting
-        where it has room, a weaker one where it is over), and adding the runtime's next format."""
+        """One step along each axis (the runtime's formats included) from the best candidate and
+        the best combination of methods of each budget: a stronger setting where it has room, a
+        weaker one where it is over."""
         todo = []
         for b in self.budgets:
-            best = self.best(b, 0)
-            if best is None:
-                continue
-            for k, (a, i) in enumerate(best.points):
-                for j in (i - 1, i + 1):
-                    if 0 <= j < len(self.axes[a]):
-                        pts = best.points[:k] + ((a, j),) + best.points[k + 1:]
-                        if tuple(sorted(pts)) not in self.cands:
-                            todo.append(pts)
+            for best in {id(x): x for x in (self.top(b), self.top(b, "combination")) if x is not None}.values():
+                for pts in self._steps(best):
+                    todo.append(pts)
         for pts in dict.fromkeys(todo):
             if not self.evaluate(self.candidate(pts), 0):
                 return
 
-    def best(self, b: Budget, rung: int, singles: bool = False) -> Candidate | None:
-        ok = [c for c in self.cands.values() if rung in c.quality and self.ok(c, b, rung) and (not singles or len(c.methods) <= 1) and c.speedup > 1.0]
+    def _steps(self, best: Candidate) -> list[tuple[tuple[int, int], ...]]:
+        out = []
+        if True:
+            for k, (a, i) in enumerate(best.points):
+                for j in (i - 1, i + 1):
+                    if 0 <= j < len(self.axes[a]):
+                        pts = best.points[:k] + ((a, j),) + best.points[k + 1:]
+                        if tuple(sorted(pts)) not in self.cands and [self.axes[x][y] for x, y in pts] != self.base_cfgs:
+                            out.append(pts)
+        return out
+
+    def best(self, b: Budget, rung: int, which: str = "any") -> Candidate | None:
+        """The fastest candidate faster than dense that meets ``b`` at ``rung``; ``which``: any,
+        single (one method) or combination (two or more)."""
+        ok = [c for c in self.cands.values() if c.rung == rung and self.ok(c, b, rung) and c.speedup >= self.s.min_speedup
+              and (which == "any" or c.single == (which == "single"))]
         return max(ok, key=lambda c: c.speedup, default=None)
+
+    def top(self, b: Budget, which: str = "any") -> Candidate | None:
+        """The current leader for ``b``: the fastest that meets it among the candidates measured
+        furthest (successive halving: one that failed on a higher rung is out)."""
+        for r in sorted({c.rung for c in self.cands.values() if c.quality}, reverse=True):
+            best = self.best(b, r, which)
+            if best is not None:
+                return best
+        return None
+
+    def refine(self) -> None:
+        """While time is left: step from the current best of each budget, promote what is new;
+        until a round brings no new candidate."""
+        while time.monotonic() < self.deadline:
+            n = len(self.cands)
+            self.neighbours()
+            self.promote()
+            if len(self.cands) == n:
+                return
 
     def promote(self) -> None:
         """Successive halving: per budget the fastest that meet it (and the fastest single
@@ -493,9 +531,9 @@ class _Search:
                 break
             up: list[Candidate] = []
             for b in self.budgets:
-                for singles in (False, True):
-                    ok = sorted((c for c in self.cands.values() if (r - 1) in c.quality and self.ok(c, b, r - 1)
-                                 and (not singles or len(c.methods) <= 1)), key=lambda c: -c.speedup)
+                for which in ("any", "single", "combination"):
+                    ok = sorted((c for c in self.cands.values() if c.rung >= r - 1 and self.ok(c, b) and c.speedup >= self.s.min_speedup
+                                 and (which == "any" or c.single == (which == "single"))), key=lambda c: -c.speedup)
                     up += ok[:m]
             for c in dict.fromkeys(map(id, up)):
                 cand = next(x for x in up if id(x) == c)
@@ -503,6 +541,12 @@ class _Search:
                     return
 
     def duel(self, a: Candidate, b: Candidate) -> float:
+        key = (a.points, b.points)
+        if key not in self.duels:
+            self.duels[key] = self._duel(a, b)
+        return self.duels[key]
+
+    def _duel(self, a: Candidate, b: Candidate) -> float:
         """Median paired ratio of ``a``'s speed to ``b``'s, timed against each other (a copy of the
         model runs ``b``): the last word between a combination and the best single method,
         whose search timings were each paired with the dense model only."""
@@ -518,25 +562,17 @@ class _Search:
         return float(torch.tensor(xs).median())
 
     def choose(self, b: Budget) -> Choice:
-        def top(singles: bool) -> Candidate | None:
-            for r in sorted({c.rung for c in self.cands.values() if c.quality}, reverse=True):
-                best = self.best(b, r, singles)
-                if best is not None:
-                    return best
-            return None
-
-        c, s1 = top(False), top(True)
+        c, s1, combo = self.top(b), self.top(b, "single"), self.top(b, "combination")
         duel = None
-        if c is not None and s1 is not None and c is not s1 and time.monotonic() < self.deadline + 60:
-            duel = self.duel(c, s1)
-            if duel < 1.0:  # head to head the single method is faster: the plan never does worse than picking one method well
-                c = s1
+        if combo is not None and s1 is not None:  # the best combination and the best single method, head to head
+            duel = self.duel(combo, s1)
+            c = combo if duel >= 1.0 else s1  # the plan never does worse than picking one method well
         tried = [x for x in self.cands.values() if x.quality and not x.error]
         close = min(tried, key=lambda x: self.loss(x, b), default=None)
         reason = "" if c is not None else (
-            f"nothing faster than the dense model meets {b.text} on the calibration split among {len(tried)} settings tried"
+            f"nothing at least {self.s.min_speedup:g}x as fast as the dense model meets {b.text} on the calibration split among {len(tried)} settings tried"
             + (f" (the closest, {spec(close.configs)}, lost {self.loss(close, b):.2f} against a limit of {b.limit:g}, at {close.speedup:.2f}x)" if close else ""))
-        return Choice(b, c, s1, reason, duel)
+        return Choice(b, c, s1, reason, duel, combo)
 
 
 def plan(model: nn.Module, tokenizer: Any, budget: str | Budget | Sequence[str | Budget], *, model_name: str | None = None, minutes: float = 20.0,
@@ -594,7 +630,7 @@ def plan(model: nn.Module, tokenizer: Any, budget: str | Budget | Sequence[str |
         search.bar = tqdm(desc="planning", unit="eval")
     try:
         search.dense_quality(0)
-        for phase in (search.singles, search.combos, search.neighbours, search.promote):
+        for phase in (search.singles, search.combos, search.neighbours, search.promote, search.refine):
             phase()
             if time.monotonic() > deadline:
                 log.info("planner: time is up after %s", phase.__name__)
@@ -641,7 +677,7 @@ def verify(model_name: str, model: nn.Module, tokenizer: Any, result: PlanResult
     recs: list[Record] = []
     variants: dict[str, list[MethodConfig]] = {}
     for ch in result.choices:
-        for who, c in (("plan", ch.candidate), ("best_single", ch.best_single)):
+        for who, c in _roles(ch):
             if c is not None:
                 variants.setdefault(spec(c.configs), c.configs)
     with _quiet_applies():
@@ -651,7 +687,7 @@ def verify(model_name: str, model: nn.Module, tokenizer: Any, result: PlanResult
             tests = _verify_classifier(model_name, model, tokenizer, result, variants, repeats, progress)
     for ch in result.choices:
         b = ch.budget
-        for who, c in (("plan", ch.candidate), ("best_single", ch.best_single)):
+        for who, c in _roles(ch):
             p = {"budget": b.text, "configs": "" if c is None else spec(c.configs), "search_minutes": round(result.seconds / 60, 2)}
             if c is None:
                 recs.append(Record(model_name, who, p, "found", 0.0, "bool"))
@@ -659,7 +695,7 @@ def verify(model_name: str, model: nn.Module, tokenizer: Any, result: PlanResult
             t = tests[spec(c.configs)]
             cal_loss = result.loss(c, b)
             test_loss, se = t["loss"](b)
-            if who == "plan" and ch.duel is not None:
+            if who == "best_combination" and ch.duel is not None:
                 recs.append(Record(model_name, who, {**p, "best_single": spec(ch.best_single.configs) if ch.best_single else ""}, "search_duel_vs_best_single",
                                    ch.duel, "x best single method (search timing, head to head)"))
             recs += [Record(model_name, who, p, "found", 1.0, "bool"),
@@ -670,17 +706,22 @@ def verify(model_name: str, model: nn.Module, tokenizer: Any, result: PlanResult
                      Record(model_name, who, p, "meets_budget", float(test_loss <= b.limit + 2 * se), "bool"),
                      Record(model_name, who, p, "budget_limit", b.limit, _unit(b))]
             recs += [Record(model_name, who, p, k, v, u, spread=sp, repeats=n) for k, (v, u, sp, n) in t["speed"].items()]
-        if ch.candidate is not None and ch.best_single is not None:
-            a, s1 = tests[spec(ch.candidate.configs)]["speed"], tests[spec(ch.best_single.configs)]["speed"]
-            key = "decode_speedup_b1" if result.kind == "lm" else "speedup"
-            if key in a and key in s1:
-                xa, xb = tests[spec(ch.candidate.configs)]["samples"], tests[spec(ch.best_single.configs)]["samples"]
-                ratio = float(torch.tensor([u / v for u, v in zip(xa, xb)]).median())  # paired repeats of one interleaved run
-                p = {"budget": b.text, "configs": spec(ch.candidate.configs), "best_single": spec(ch.best_single.configs)}
-                recs.append(Record(model_name, "plan", p, "speedup_over_best_single", ratio, "x best single method (paired)", repeats=len(xa)))
+        for who, c, metric in (("plan", ch.candidate, "speedup_over_best_single"), ("best_combination", ch.best_combination, "speedup_over_best_single")):
+            if c is None or ch.best_single is None:
+                continue
+            xa, xb = tests[spec(c.configs)]["samples"], tests[spec(ch.best_single.configs)]["samples"]
+            ratio = float(torch.tensor([u / v for u, v in zip(xa, xb)]).median())  # paired repeats of one interleaved run
+            p = {"budget": b.text, "configs": spec(c.configs), "best_single": spec(ch.best_single.configs)}
+            recs.append(Record(model_name, who, p, metric, ratio, "x best single method (paired, test run)", repeats=len(xa)))
     recs += [Record(model_name, "search", {"budgets": [b.text for b in result.budgets]}, "search_seconds", result.seconds, "s"),
              Record(model_name, "search", {"budgets": [b.text for b in result.budgets]}, "candidates", float(len(result.candidates)), "count")]
     return recs
+
+
+def _roles(ch: Choice) -> list[tuple[str, Candidate | None]]:
+    """What verification measures per budget: the plan, the best single method and the best
+    combination of two or more methods (the search's; either may be the plan itself)."""
+    return [("plan", ch.candidate), ("best_single", ch.best_single), ("best_combination", ch.best_combination)]
 
 
 def _unit(b: Budget) -> str:
@@ -837,10 +878,10 @@ def table(result: PlanResult, records: Sequence[Any] = ()) -> str:
             lines.append(f"{b.text}: nothing found — {ch.reason}")
             continue
         speed = "speed" if result.kind == "classifier" else "decode"
-        for who, c in (("plan", ch.candidate), ("best single", ch.best_single)):
+        for key, c in _roles(ch):
             if c is None:
                 continue
-            key = "plan" if who == "plan" else "best_single"
+            who = key.replace("_", " ")
             lines.append(f"{b.text:<12} {who:<12} {spec(c.configs)}")
             parts = [f"calibration {result.loss(c, b):+.2f} at {c.speedup:.2f}x"]
             if (key, b.text, "test_loss") in got:
@@ -851,6 +892,7 @@ def table(result: PlanResult, records: Sequence[Any] = ()) -> str:
                 if (key, b.text, m) in got:
                     parts.append(f"{speed} {got[(key, b.text, m)]:.2f} {what}")
             lines.append(" " * 26 + "; ".join(parts))
-        if ("plan", b.text, "speedup_over_best_single") in got:
-            lines.append(" " * 26 + f"plan / best single method: {got[('plan', b.text, 'speedup_over_best_single')]:.2f}x")
+        for key in ("plan", "best_combination"):
+            if (key, b.text, "speedup_over_best_single") in got:
+                lines.append(" " * 26 + f"{key.replace('_', ' ')} / best single method: {got[(key, b.text, 'speedup_over_best_single')]:.2f}x (test run)")
     return "\n".join(lines)

@@ -260,7 +260,7 @@ def plan_front(records: list[dict[str, Any]], out: str | os.PathLike, title: str
             base = p.get("base", "dense")
         if r["method"] == "candidate" and r["metric"] == "cal_loss":
             m = str(p["budget"]).partition(":")[0]
-            cands[(p["configs"], m)] = {"loss": r["value"], "single": len(p.get("methods", [])) <= 1, "methods": p.get("methods", [])}
+            cands[(p["configs"], m)] = {"loss": r["value"], "single": len(set(p.get("methods", []))) <= 1, "methods": p.get("methods", [])}
         if r["method"] == "plan" and r["metric"] == "budget_limit":
             budgets[str(p["budget"]).partition(":")[0]][p["budget"]] = r["value"]
             chosen[str(p["budget"]).partition(":")[0]][p["budget"]] = p["configs"]
@@ -270,7 +270,7 @@ def plan_front(records: list[dict[str, Any]], out: str | os.PathLike, title: str
                "acc": "accuracy lost on calibration rows, points"}
     for ax, m in zip(axes[0], metrics):
         pts = [(speed[c], d["loss"], d) for (c, mm), d in cands.items() if mm == m and c in speed]
-        for single, marker, name in ((True, "o", "one method (on its best runtime format)"), (False, "D", "combination")):
+        for single, marker, name in ((True, "o", "one method (any runtime format)"), (False, "D", "combination")):
             xs = [(x, y) for x, y, d in pts if d["single"] == single]
             if xs:
                 ax.plot([x for x, _ in xs], [y for _, y in xs], marker=marker, ls="none", ms=5, alpha=0.6, label=f"{name} ({len(xs)})")
