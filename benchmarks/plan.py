@@ -55,9 +55,14 @@ def main() -> None:
         del model
     if args.only in (None, "minilm"):
         clf, tok = tasks.finetuned_classifier(ENC, TASK, quick=args.quick)
+        from lazyneuron.fitting import fit_classifier_exits
+        from lazyneuron.methods.early_exit import default_lm_exits_path
+
+        if not default_lm_exits_path(f"{ENC}-{TASK}").exists():  # the classifier's exit heads (backbone frozen, ~2 min), as `plan --fit` makes them
+            fit_classifier_exits(clf, tok, f"{ENC}-{TASK}", TASK, epochs=5 if args.quick else 40)
         s = plan.quick_settings(task=TASK) if args.quick else plan.Settings(task=TASK)
         t0 = time.monotonic()
-        res = plan.plan(clf, tok, ENC_BUDGETS, model_name=ENC, minutes=2 if args.quick else args.encoder_time, settings=s, strict=False)
+        res = plan.plan(clf, tok, ENC_BUDGETS, model_name=f"{ENC}-{TASK}", minutes=2 if args.quick else args.encoder_time, settings=s, strict=False)
         recs = plan.candidate_records(f"{ENC}-{TASK}", res) + plan.verify(f"{ENC}-{TASK}", clf, tok, res, repeats=3 if args.quick else 7)
         sys.stdout.write(plan.table(res, recs) + f"\n(search and verification: {(time.monotonic() - t0) / 60:.1f} min)\n")
         done += [r.to_dict() for r in recs]

@@ -262,19 +262,26 @@ def _plan(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     exclude = [m.strip() for m in args.exclude.split(",") if m.strip()]
     minutes = args.time
+    name = f"{args.model}-{args.task}" if args.task else args.model  # where a classifier's fitted exit heads live
     if args.fit:  # the demo's fits (exit heads, gates, FFF trees; a few minutes each, cached), then the search in the time left
         import time
 
-        from .fitting import demo_fits
+        from .fitting import demo_fits, fit_classifier_exits
 
         t0 = time.monotonic()
-        for line in demo_fits(args.model, model, tok, quick=args.quick):
-            sys.stderr.write(f"note: {line}\n")
+        if args.task:
+            from .methods.early_exit import default_lm_exits_path
+
+            if not default_lm_exits_path(name).exists():
+                sys.stderr.write(f"note: fitted exit heads for {name}: {fit_classifier_exits(model, tok, name, args.task, epochs=5 if args.quick else 40)}\n")
+        else:
+            for line in demo_fits(args.model, model, tok, quick=args.quick):
+                sys.stderr.write(f"note: {line}\n")
         minutes = max(1.0, args.time - (time.monotonic() - t0) / 60)
-    res = plan.plan(model, tok, budgets, model_name=args.model, minutes=minutes, settings=s, methods=methods, exclude=exclude, strict=False)
-    recs = plan.candidate_records(args.model, res)
+    res = plan.plan(model, tok, budgets, model_name=name, minutes=minutes, settings=s, methods=methods, exclude=exclude, strict=False)
+    recs = plan.candidate_records(name, res)
     if not args.no_verify and any(c.candidate is not None for c in res.choices):
-        recs += plan.verify(args.model, model, tok, res, repeats=3 if args.quick else 5, windows=s.windows[-1])
+        recs += plan.verify(name, model, tok, res, repeats=3 if args.quick else 5, windows=s.windows[-1])
     out = Path(args.out)
     path = write(recs, out / "plan.jsonl", append=False)
     png = plots.plan_front([r.to_dict() for r in recs], out / "plan.png", title=f"{args.model}: every setting the planner measured")

@@ -148,6 +148,21 @@ def fit_exits(model: torch.nn.Module, tokenizer: Any, model_name: str, *, corpus
 
 
 # -- module gating ---------------------------------------------------------------------------------
+def fit_classifier_exits(clf: torch.nn.Module, tokenizer: Any, model_name: str, task: str, *, epochs: int = 40, progress: bool = True) -> Path:
+    """Exit heads for a classifier fine-tuned on ``task`` (backbone frozen, trained on the task's
+    train rows), cached where the planner and ``bench`` find them for ``model_name`` (e.g.
+    ``minilm-l6-mr``). Returns the checkpoint path."""
+    from . import tasks
+    from .methods.early_exit import default_lm_exits_path, train_classifier_exits
+
+    out = default_lm_exits_path(model_name)
+    train = tasks.make_batches(tokenizer, data.labeled(task, "train"), 64, seed=0)
+    heads = train_classifier_exits(clf, train, epochs=epochs, progress=progress)
+    if _is_main():
+        heads.save(out)
+    return out
+
+
 def parse_contexts(specs: Sequence[str], *, corpus: str | None = None, field: str | None = None) -> dict[str, dict[str, str]]:
     """``--context`` values -> ``{key: {value: corpus}}``. Each spec is ``key=v1:SRC,v2:SRC,...``
     (SRC a built-in corpus name or a text / JSONL file) or ``key=v1,v2`` (each value a built-in

@@ -445,6 +445,13 @@ class EarlyExit(Method):
     def plan_axes(cls, model: nn.Module, model_name: str | None = None) -> list[list[MethodConfig]]:
         """With this model's fitted exit heads (``lazyneuron fit exits``): the learned score's
         threshold from cautious to eager."""
+        from ..tasks import TextClassifier
+
+        if isinstance(model, TextClassifier):  # exit heads fitted for this classifier (lazyneuron.fitting.fit_classifier_exits)
+            path = default_lm_exits_path(model_name) if model_name else None
+            if path is None or not path.exists():
+                return []
+            return [[EarlyExitConfig(criterion="max_prob", threshold=t, checkpoint=str(path)) for t in (0.99, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8)]]
         found = cls.demo_configs(model_name) if model_name else []
         if not found:
             return []

@@ -600,9 +600,7 @@ class ExpertRouting(Method):
 
         ad = get_adapter(model)
         paths = ad.paths("mlp")
-        if not paths:
-            return []
-        if is_native_moe(model.get_submodule(paths[0])):
+        if paths and is_native_moe(model.get_submodule(paths[0])):
             return [[ExpertRoutingConfig(share=s) for s in (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)]]
         c = getattr(model, "config", None) or getattr(getattr(model, "bert", None), "config", None)
         f = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * getattr(c, "n_embd", 0)
