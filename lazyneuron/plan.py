@@ -178,6 +178,7 @@ class Settings:
     combos_per_budget: int = 4
     promote: tuple[int, ...] = (4, 2)  # candidates promoted per budget to rung 1, 2, ...
     max_axes: int = 3  # method axes in one combination (the runtime's besides)
+    tie: float = 0.03  # speeds closer than this are a tie, which the simpler configuration wins
     min_speedup: float = 1.05  # a choice must beat dense by this much in the search's timing (paired ratios on a 2-core host spread by ~5-20%)
 
 
@@ -497,33 +498,31 @@ class _Search:
                             out.append(pts)
         return out
 
-    def best(self, b: Budget, rung: int, which: str = "any") -> Candidate | None:
-        """The fastest candidate faster than dense that meets ``b`` at ``rung``; ``which``: any,
-        single (one method) or combination (two or more)."""
-        ok = [c for c in self.cands.values() if c.rung == rung and self.ok(c, b, rung) and c.speedup >= self.s.min_speedup
-              and (which == "any" or c.single == (which == "single"))]
-        return max(ok, key=lambda c: c.speedup, default=None)
-
     def top(self, b: Budget, which: str = "any") -> Candidate | None:
-        """The current leader for ``b``: the fastest that meets it among the candidates measured
-        furthest (successive halving: one that failed on a higher rung is out)."""
-        for r in sorted({c.rung for c in self.cands.values() if c.quality}, reverse=True):
-            best = self.best(b, r, which)
-            if best is not None:
-                return best
-        return None
+        """The current leader for ``b``: the fastest that meets it at the highest rung it was
+        measured on, among the candidates confirmed on a second rung (more windows, more timings)
+        where there are any. A candidate that failed on a higher rung is out; speeds are compared
+        across rungs, each a median of ratios paired with the dense model."""
+        ok = [c for c in self.cands.values() if c.quality and self.ok(c, b) and c.speedup >= self.s.min_speedup
+              and (which == "any" or c.single == (which == "single"))]
+        confirmed = [c for c in ok if c.rung >= 1]
+        ok = confirmed or ok
+        if not ok:
+            return None
+        fast = max(c.speedup for c in ok)  # speeds within `tie` of the fastest are a tie: the simplest configuration wins it
+        return min((c for c in ok if c.speedup >= fast / (1 + self.s.tie)), key=lambda c: (len(c.configs), -c.speedup))
 
     def sharpen(self) -> None:
-        """The time left goes to the close calls: per budget the candidates that meet it on the
-        leader's rung within 10% of its speed get more paired timings, two at a time, while time
-        remains (at most four rounds)."""
+        """The time left goes to the close calls: per budget the candidates that meet it within
+        10% of the leader's speed get more paired timings, two at a time, while time remains (at
+        most four rounds)."""
         for _ in range(4):
             close: list[Candidate] = []
             for b in self.budgets:
                 lead = self.top(b)
                 if lead is None:
                     continue
-                close += [c for c in self.cands.values() if c.rung == lead.rung and self.ok(c, b) and c.speedup >= 0.9 * lead.speedup]
+                close += [c for c in self.cands.values() if c.quality and c.rung >= min(lead.rung, 1) and self.ok(c, b) and c.speedup >= 0.9 * lead.speedup]
             for c in {id(c): c for c in close}.values():
                 if time.monotonic() > self.deadline:
                     return
@@ -590,7 +589,7 @@ class _Search:
         duel = None
         if combo is not None and s1 is not None:  # the best combination and the best single method, head to head
             duel = self.duel(combo, s1)
-            c = combo if duel >= 1.0 else s1  # the plan never does worse than picking one method well
+            c = combo if duel >= 1.0 + self.s.tie else s1  # the plan never does worse than picking one method well: a combination must win clearly
         tried = [x for x in self.cands.values() if x.quality and not x.error]
         within = max((x for x in tried if self.ok(x, b)), key=lambda x: x.speedup, default=None)
         fastest = max(tried, key=lambda x: x.speedup, default=None)
