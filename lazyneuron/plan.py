@@ -23,7 +23,6 @@ single method and the dense model on the **test** split with the benchmark harne
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -31,7 +30,7 @@ import logging
 import math
 import re
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +40,7 @@ from .adapters import get_adapter
 from .api import applied, calibrate, check_compose
 from .config import MethodConfig, registry
 from .errors import ConfigError, LazyNeuronError
+from .surgery import quiet_applies
 
 log = logging.getLogger(__name__)
 
@@ -647,7 +647,7 @@ def plan(model: nn.Module, tokenizer: Any, budget: str | Budget | Sequence[str |
     if need and cal is None:
         cal = calibrate(model, kind.calib_data(tokenizer), need, tokenizer, max_length=512, progress=progress)
     deadline = t0 + 60.0 * minutes
-    quiet = _quiet_applies()
+    quiet = quiet_applies()
     quiet.__enter__()
     search = _Search(model, kind, axes, rt, budgets, s, cal, deadline, base_cfgs, progress)
     if progress:
@@ -676,20 +676,6 @@ def plan(model: nn.Module, tokenizer: Any, budget: str | Budget | Sequence[str |
     return res
 
 
-@contextlib.contextmanager
-def _quiet_applies() -> Iterator[None]:
-    """Hundreds of apply / revert calls: no log line for each."""
-    quiet = [logging.getLogger(n) for n in ("lazyneuron.surgery", "lazyneuron.api")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for q, lv in zip(quiet, levels):
-            q.setLevel(lv)
-
-
 # -- verification on the test split --------------------------------------------------------
 def verify(model_name: str, model: nn.Module, tokenizer: Any, result: PlanResult, *, repeats: int = 5, windows: int = 16,
            progress: bool = True, peers: bool = True) -> list[Any]:
@@ -706,7 +692,7 @@ def verify(model_name: str, model: nn.Module, tokenizer: Any, result: PlanResult
         for who, c in _roles(ch):
             if c is not None:
                 variants.setdefault(spec(c.configs), c.configs)
-    with _quiet_applies():
+    with quiet_applies():
         if result.kind == "lm":
             tests = _verify_lm(model_name, model, tokenizer, result, variants, repeats, windows, progress, peers)
         else:

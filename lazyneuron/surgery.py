@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from torch import nn
 
@@ -108,3 +109,17 @@ def revert_(model: nn.Module) -> int:
                 raise ValueError("the root module itself is a LazyModule; call .restore_base() on it instead")
             set_module(model, n, m.restore_base())
             count += 1
+
+
+@contextlib.contextmanager
+def quiet_applies() -> Iterator[None]:
+    """No per-call "replaced / reverted" log lines while a search applies and reverts many times."""
+    loggers = [logging.getLogger(n) for n in ("lazyneuron.surgery", "lazyneuron.api")]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, old):
+            lg.setLevel(lv)

@@ -131,3 +131,15 @@ def fff_tree(depth: int, d: int, o: int, dtype: torch.dtype = torch.float32, see
 def calib_batches(n: int = 6, seq: int = 32, vocab: int = 128, seed: int = 2) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (1, seq), generator=g) for _ in range(n)]
+
+
+def assert_restored(m: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """After revert_: no lazy module left and the exact state dict (contiguous) again."""
+    from lazyneuron.surgery import LazyModule
+
+    assert not any(isinstance(x, LazyModule) for x in m.modules())
+    after = m.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+        assert after[k].is_contiguous(), k

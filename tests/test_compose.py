@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from conftest import calib_batches, tiny_causal_lm
+from conftest import assert_restored, calib_batches, tiny_causal_lm
 
 import lazyneuron as ln
 from lazyneuron.bench.accounting import skipped_fraction, tracking
@@ -156,11 +156,7 @@ def test_pair_composes_or_is_refused(a: str, b: str, fam: str, tmp_path: Any) ->
         combined = out()
     assert not torch.equal(combined, dense)
     ln.revert_(m)
-    assert not any(isinstance(x, ln.LazyModule) for x in m.modules())
-    after = m.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
+    assert_restored(m, before)
     with torch.no_grad():
         assert torch.equal(out(), dense)
     # a saved and reloaded calibration gives the same combined model

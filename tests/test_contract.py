@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import calib_batches, tiny_causal_lm
+from conftest import assert_restored, calib_batches, tiny_causal_lm
 
 import lazyneuron as ln
 from lazyneuron.config import MethodConfig, registry
@@ -57,12 +57,7 @@ def test_apply_revert_restores_state_and_outputs(cfg: MethodConfig, ids: torch.T
     changed = m(ids).logits
     assert not torch.equal(changed, dense)  # the method does something at its default strength
     ln.revert_(m)
-    assert not any(isinstance(x, ln.LazyModule) for x in m.modules())
-    after = m.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
-        assert after[k].is_contiguous(), k
+    assert_restored(m, before)
     assert torch.equal(m(ids).logits, dense)
 
 

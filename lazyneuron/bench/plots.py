@@ -245,8 +245,8 @@ def plan_front(records: list[dict[str, Any]], out: str | os.PathLike, title: str
     """What ``lazyneuron plan`` measured: every candidate's speed (× dense, the search's timing)
     against its quality loss on the calibration split, single methods and combinations apart, the
     Pareto front, each budget as a line and each budget's choice as a star. One panel per budget
-    metric (perplexity, agreement, accuracy); the loss axis is linear near zero and logarithmic
-    beyond, so that losses far past every budget stay on the plot without flattening the rest."""
+    metric (perplexity, agreement, accuracy); the loss axis up to
+    past the loosest budget runs linear; losses beyond it sit on the top edge as triangles."""
     plt = _plt()
     cands: dict[tuple[str, str], dict[str, Any]] = {}  # (configs, metric) -> point
     budgets: dict[str, dict[str, float]] = defaultdict(dict)  # metric -> budget text -> limit
@@ -270,26 +270,39 @@ def plan_front(records: list[dict[str, Any]], out: str | os.PathLike, title: str
                "acc": "accuracy lost on calibration rows, points"}
     for ax, m in zip(axes[0], metrics):
         pts = [(speed[c], d["loss"], d) for (c, mm), d in cands.items() if mm == m and c in speed]
-        for single, marker, name in ((True, "o", "one method (any runtime format)"), (False, "D", "combination")):
+        limits = sorted(budgets.get(m, {}).values())
+        top = 2.2 * max(limits, default=max([y for _, y, _ in pts] + [1.0]))  # linear scale up to past the loosest budget
+        low = min([y for _, y, _ in pts] + [0.0])
+        low = low - 0.05 * (top - low)
+        for single, marker, name in ((True, "o", "one method (any runtime format)"), (False, "D", "combination of methods")):
             xs = [(x, y) for x, y, d in pts if d["single"] == single]
-            if xs:
-                ax.plot([x for x, _ in xs], [y for _, y in xs], marker=marker, ls="none", ms=5, alpha=0.6, label=f"{name} ({len(xs)})")
+            inside = [(x, y) for x, y in xs if y <= top]
+            above = [x for x, y in xs if y > top]
+            color = "C0" if single else "C1"
+            if inside:
+                ax.plot([x for x, _ in inside], [y for _, y in inside], marker=marker, ls="none", ms=5, alpha=0.6, color=color,
+                        label=f"{name} ({len(xs)})")
+            if above:  # far past every budget: on the top edge
+                ax.plot(above, [top] * len(above), marker="^", ls="none", ms=6, alpha=0.6, color=color, clip_on=False,
+                        label=f"{name}, loss above the axis ({len(above)})")
         front = sorted((x, y) for x, y, _ in pts if not any(x2 >= x and y2 <= y and (x2 > x or y2 < y) for x2, y2, _ in pts))
+        front = [(x, min(y, top)) for x, y in front]
         if front:
             ax.plot([x for x, _ in front], [y for _, y in front], color="black", lw=1, ls="-", label="Pareto front")
+        served: dict[str, list[str]] = defaultdict(list)
         for i, (b, lim) in enumerate(sorted(budgets.get(m, {}).items(), key=lambda kv: kv[1])):
-            color = f"C{(i + 2) % 10}"
-            ax.axhline(lim, color=color, lw=1, ls="--", label=f"budget {b}")
+            ax.axhline(lim, color=f"C{(i + 2) % 10}", lw=1, ls="--", label=f"budget {b}")
             c = chosen[m].get(b)
             if c in speed and (c, m) in cands:
-                ax.plot([speed[c]], [cands[(c, m)]["loss"]], marker="*", ms=15, color=color, mec="black", ls="none", label=f"choice for {b}", zorder=5)
+                served[c].append(b)
+        for k, (c, bs) in enumerate(served.items()):
+            x, y = speed[c], min(cands[(c, m)]["loss"], top)
+            ax.plot([x], [y], marker="*", ms=16, color="gold", mec="black", ls="none", zorder=5, label="choice" if k == 0 else None)
+            ax.annotate("choice for " + ", ".join(bs), (x, y), textcoords="offset points", xytext=(-8, 10), ha="right", fontsize=8)
+        ax.set_ylim(low, top)
         ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-        ys = [abs(y) for _, y, _ in pts] + list(budgets.get(m, {}).values())
-        lin = max(0.5, min([v for v in budgets.get(m, {}).values() if v > 0], default=1.0))
-        if ys and max(ys) > 20 * lin:
-            ax.set_yscale("symlog", linthresh=lin)
         ax.set_xlabel(f"speed, × {base} (search timing: " + ("batch-1 decode)" if "runtime" in base else "classification throughput)"))
-        ax.set_ylabel(ylabels.get(m, m) + (" (log beyond the budgets)" if ax.get_yscale() == "symlog" else ""))
+        ax.set_ylabel(ylabels.get(m, m))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     fig.suptitle(title or "planner: speed against quality loss (lower right is better)", fontsize=10)

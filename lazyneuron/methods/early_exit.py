@@ -29,7 +29,6 @@ calibration split.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -44,7 +43,7 @@ from ..adapters import ModelAdapter, model_type_of
 from ..config import MethodConfig, register
 from ..errors import ConfigError
 from ..paths import cache_dir
-from ..surgery import LazyModule
+from ..surgery import LazyModule, quiet_applies
 from .base import DEMO_MODEL, Method, stack_path
 
 CRITERIA = ("entropy", "max_prob", "patience", "learned")
@@ -823,7 +822,7 @@ def calibrate_lm_threshold(model: nn.Module, checkpoint: str, windows: torch.Ten
 
     def measure(t: float) -> tuple[list[float], float]:
         if t not in seen:
-            with _quiet(), applied(model, EarlyExitConfig(criterion="learned", threshold=t, checkpoint=checkpoint, min_layer=min_layer,
+            with quiet_applies(), applied(model, EarlyExitConfig(criterion="learned", threshold=t, checkpoint=checkpoint, min_layer=min_layer,
                                                          dense_prefix=dense_prefix)):
                 dec = next(m for m in model.modules() if isinstance(m, ExitingDecoder))
                 dec.track, dec.layers_run = True, []
@@ -859,22 +858,6 @@ def calibrate_lm_threshold(model: nn.Module, checkpoint: str, windows: torch.Ten
     if bar is not None:
         bar.close()
     return out[0] if isinstance(max_quality_loss, (int, float)) else out
-
-
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """No per-try "replaced / reverted" log lines while a search applies and reverts many times."""
-    import logging
-
-    loggers = [logging.getLogger(n) for n in ("lazyneuron.surgery", "lazyneuron.api")]
-    old = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, lv in zip(loggers, old):
-            lg.setLevel(lv)
 
 
 def _layers_path(model: nn.Module) -> str:
