@@ -353,6 +353,7 @@ class _Search:
         self.bar = None
         self.limit = max(b.limit for b in budgets)
         self.duels: dict[Any, float] = {}
+        self.end = deadline  # the search's hard end (plan() sets it past the phases' deadline)
 
     # -- measuring --
     def dense_quality(self, rung: int) -> dict[str, float]:
@@ -588,8 +589,10 @@ class _Search:
         c, s1, combo = self.top(b), self.top(b, "single"), self.top(b, "combination")
         duel = None
         if combo is not None and s1 is not None:  # the best combination and the best single method, head to head
-            duel = self.duel(combo, s1)
-            c = combo if duel >= 1.0 + self.s.tie else s1  # the plan never does worse than picking one method well: a combination must win clearly
+            if (combo.points, s1.points) in self.duels or time.monotonic() < self.end:
+                duel = self.duel(combo, s1)
+            c = combo if duel is not None and duel >= 1.0 + self.s.tie else s1  # the plan never does worse than picking one method well:
+            # a combination must win clearly, and one that could not be raced in the time is not chosen
         tried = [x for x in self.cands.values() if x.quality and not x.error]
         within = max((x for x in tried if self.ok(x, b)), key=lambda x: x.speedup, default=None)
         fastest = max(tried, key=lambda x: x.speedup, default=None)
@@ -646,10 +649,12 @@ def plan(model: nn.Module, tokenizer: Any, budget: str | Budget | Sequence[str |
     need = list({c.name + str(c.targets): c for axis in axes for c in axis[-1:] if registry()[c.name]().wants_calibration(model, registry()[c.name]().resolve(model, ad, c))}.values())
     if need and cal is None:
         cal = calibrate(model, kind.calib_data(tokenizer), need, tokenizer, max_length=512, progress=progress)
-    deadline = t0 + 60.0 * minutes
+    end = t0 + 60.0 * minutes
+    deadline = end - min(90.0, 6.0 * minutes)  # the last seconds are kept for the head-to-head races
     quiet = quiet_applies()
     quiet.__enter__()
     search = _Search(model, kind, axes, rt, budgets, s, cal, deadline, base_cfgs, progress)
+    search.end = end
     if progress:
         from tqdm.auto import tqdm
 
