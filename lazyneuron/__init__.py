@@ -26,9 +26,10 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
 )
 from .surgery import LazyModule  # noqa: E402
+from . import plan  # noqa: E402  (the planner: ln.plan.plan(model, tok, "ppl:+5%"))
 
 __all__ = [
     "ApplyReport", "Calibration", "CalibrationError", "ConfigError", "LazyModule", "LazyNeuronError", "MethodConfig",
     "MissingPackageError", "NoMatchError", "UnsupportedModelError", "applied", "apply_", "calibrate", "data", "inspect",
-    "models", "registry", "revert_", "__version__",
+    "models", "plan", "registry", "revert_", "__version__",
 ]

@@ -162,6 +162,10 @@ def test_bad_requests_are_refused_before_any_work(fake_timing) -> None:
         plan.plan(m, None, "ppl:+5%", minutes=0, progress=False)
 
 
+def test_the_planner_is_part_of_the_public_api() -> None:
+    assert ln.plan.plan is plan.plan and "plan" in ln.__all__
+
+
 def test_cli_refuses_a_bad_budget_without_loading_a_model(capsys) -> None:
     from lazyneuron.cli import main
 
