@@ -18,9 +18,13 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 
-BLOCK_ROLES = ("attn", "attn_in", "attn_out", "mlp", "mlp_in", "mlp_out", "router", "experts")  # router / experts: native MoE blocks
+BLOCK_ROLES = ("attn", "attn_in", "attn_out", "cross_attn", "cross_attn_in", "cross_attn_out", "mlp", "mlp_in", "mlp_out",
+               "router", "experts")  # router / experts: native MoE blocks; cross_attn*: encoder-decoder (Whisper) decoders
 MODEL_ROLES = ("final_norm", "head", "embed")
-ROLE_ORDER = ("layer",) + BLOCK_ROLES + MODEL_ROLES
+# encoder-decoder models (Whisper): the layer list is the decoder's; the encoder's blocks and front end
+# are roles of their own, listed as absolute paths
+ENCODER_ROLES = ("front_end", "enc_layer", "enc_attn", "enc_attn_in", "enc_attn_out", "enc_mlp_in", "enc_mlp_out")
+ROLE_ORDER = ("layer",) + BLOCK_ROLES + ENCODER_ROLES + MODEL_ROLES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +35,9 @@ class Family:
     block: dict[str, tuple[str, ...]]  # role -> candidate paths relative to one block
     model: dict[str, tuple[str, ...]]  # role -> candidate paths relative to the root
     causal_lm: bool
+    encoder_layers: tuple[str, ...] = ()  # encoder-decoder models: candidate paths of the encoder's blocks
+    encoder_block: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # role -> paths in one encoder block
+    front_end: tuple[str, ...] = ()  # modules before the encoder's blocks (Whisper's convolutions)
 
 
 _LLAMA = Family(
@@ -81,7 +88,34 @@ _GPT2 = Family(
     {"final_norm": ("transformer.ln_f", "ln_f"), "head": ("lm_head",), "embed": ("transformer.wte", "wte")},
     True,
 )
-FAMILIES: tuple[Family, ...] = (_LLAMA, _BERT, _GPT2)
+_WHISPER = Family(
+    "whisper",
+    ("whisper",),
+    ("model.decoder.layers",),
+    {
+        "attn": ("self_attn",),
+        "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "attn_out": ("self_attn.out_proj",),
+        "cross_attn": ("encoder_attn",),
+        "cross_attn_in": ("encoder_attn.q_proj", "encoder_attn.k_proj", "encoder_attn.v_proj"),
+        "cross_attn_out": ("encoder_attn.out_proj",),
+        "mlp": (),  # fc1 / fc2 are siblings in the block (pre-LN, residual in the block)
+        "mlp_in": ("fc1",),
+        "mlp_out": ("fc2",),
+    },
+    {"final_norm": ("model.decoder.layer_norm",), "head": ("proj_out",), "embed": ("model.decoder.embed_tokens",)},
+    False,  # a speech decoder: the language-model tools (perplexity, early exit) do not apply
+    encoder_layers=("model.encoder.layers",),
+    encoder_block={
+        "enc_attn": ("self_attn",),
+        "enc_attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "enc_attn_out": ("self_attn.out_proj",),
+        "enc_mlp_in": ("fc1",),
+        "enc_mlp_out": ("fc2",),
+    },
+    front_end=("model.encoder.conv1", "model.encoder.conv2"),
+)
+FAMILIES: tuple[Family, ...] = (_LLAMA, _BERT, _GPT2, _WHISPER)
 
 
 def is_linear(m: nn.Module) -> bool:
@@ -109,6 +143,12 @@ class ModelAdapter:
     model_roles: dict[str, str]
     causal_lm: bool
     discovered: bool = False
+    encoder_roles: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # role -> absolute paths (encoder-decoder)
+    encoder_layers_path: str = ""
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return bool(self.encoder_layers_path)
 
     def layer_path(self, i: int) -> str:
         return f"{self.layers_path}.{i}"
@@ -117,6 +157,8 @@ class ModelAdapter:
         """Absolute module paths of ``role`` across all layers (or the model-level path)."""
         if role == "layer":
             return [self.layer_path(i) for i in range(self.num_layers)]
+        if role in self.encoder_roles:
+            return list(self.encoder_roles[role])
         if role in self.model_roles:
             return [self.model_roles[role]]
         rel = self.block_roles.get(role, ())
@@ -153,7 +195,17 @@ def _from_family(model: nn.Module, fam: Family, model_type: str) -> ModelAdapter
         p = next((c for c in cands if _exists(model, c)), None)
         if p is not None:
             mroles[r] = p
-    return ModelAdapter(fam.name, model_type, layers_path, len(layers), roles, mroles, fam.causal_lm and "head" in mroles)
+    enc_roles: dict[str, tuple[str, ...]] = {}
+    enc_path = next((p for p in fam.encoder_layers if _exists(model, p)), "")
+    if enc_path:
+        enc = model.get_submodule(enc_path)
+        enc_roles["front_end"] = tuple(p for p in fam.front_end if _exists(model, p))
+        enc_roles["enc_layer"] = tuple(f"{enc_path}.{i}" for i in range(len(enc)))
+        for r, cands in fam.encoder_block.items():
+            rel = [c for c in cands if _exists(enc[0], c)]
+            enc_roles[r] = tuple(f"{enc_path}.{i}.{c}" for i in range(len(enc)) for c in rel)
+    return ModelAdapter(fam.name, model_type, layers_path, len(layers), roles, mroles, fam.causal_lm and "head" in mroles,
+                        encoder_roles=enc_roles, encoder_layers_path=enc_path)
 
 
 def model_type_of(model: nn.Module) -> str:

@@ -1,4 +1,5 @@
-"""Peer engines measured in the same run: llama.cpp through ``llama-cpp-python`` (optional).
+"""Peer engines measured in the same run: llama.cpp through ``llama-cpp-python`` and faster-whisper
+(CTranslate2) for speech, both optional.
 
 Install with ``bash scripts/setup.sh --with-peers`` (pip builds llama.cpp from source: ~6 minutes
 on 2 cores). :func:`llama_cpp_gguf` writes the GGUF formats of the same weights lazyneuron's
@@ -123,3 +124,45 @@ class LlamaCppDecoder:
             nll -= float(lp[np.arange(len(ids) - 1), ids[1:]].sum())
             n += len(ids) - 1
         return math.exp(nll / n)
+
+
+# -- speech: faster-whisper (CTranslate2) ------------------------------------------------------------
+WHISPER_INSTALL = "pip install faster-whisper   (or: bash scripts/setup.sh --with-peers)"
+
+
+def ctranslate2() -> Any:
+    try:
+        import ctranslate2 as ct2
+    except ImportError:
+        raise MissingPackageError(f"faster-whisper (CTranslate2) is not installed; to compare against it: {WHISPER_INSTALL}") from None
+    return ct2
+
+
+def faster_whisper_available() -> bool:
+    try:
+        ctranslate2()
+        return True
+    except MissingPackageError:
+        return False
+
+
+class FasterWhisper:
+    """faster-whisper's engine (CTranslate2) on a CTranslate2 Whisper directory: encoder + greedy
+    decoding from the same prompt on the same mel features lazyneuron gets (feature extraction
+    excluded on both sides), ``compute_type`` float32 by default (the fp16 files are widened at
+    load, as lazyneuron's fp32 model is), ``threads`` intra-op threads."""
+
+    def __init__(self, ct2_dir: str | Path, threads: int, compute_type: str = "float32") -> None:
+        ct2 = ctranslate2()
+        self.model = ct2.models.Whisper(str(ct2_dir), device="cpu", compute_type=compute_type, intra_threads=threads, inter_threads=1)
+
+    def transcribe_ids(self, features: torch.Tensor, prompt: list[int], max_new_tokens: int = 128) -> tuple[list[int], float]:
+        """Greedy token ids after ``prompt`` for one utterance's features (1, mels, 3000), and the seconds it took."""
+        import numpy as np
+
+        ct2 = ctranslate2()
+        sv = ct2.StorageView.from_array(np.ascontiguousarray(features.float().numpy()))
+        t0 = time.perf_counter()
+        res = self.model.generate(sv, [prompt], beam_size=1, max_length=len(prompt) + max_new_tokens, suppress_blank=True, suppress_tokens=[-1])
+        dt = time.perf_counter() - t0
+        return list(res[0].sequences_ids[0]), dt

@@ -58,8 +58,10 @@ class GatePredictor(nn.Module):
     """(pooled input, contexts) -> logits (B, layers, 2); keep where logit > ``threshold``."""
 
     def __init__(self, hidden: int, num_layers: int, contexts: dict[str, Sequence[str]] | None = None, *, ctx_dim: int = 16,
-                 units: int = 64, static: bool = False, gate_tokens: int = 32, model_type: str = "", init_keep: float = 0.9) -> None:
+                 units: int = 64, static: bool = False, gate_tokens: int = 32, model_type: str = "", init_keep: float = 0.9,
+                 modules: int = len(MODULES)) -> None:
         super().__init__()
+        self.modules_per_layer = modules  # 2: (attention, feed-forward) per layer; 1: one slot per entry (speech layouts)
         self.hidden, self.num_layers, self.ctx_dim, self.units, self.static = hidden, num_layers, ctx_dim, units, static
         self.gate_tokens, self.model_type = gate_tokens, model_type
         self.contexts = {k: list(v) for k, v in (contexts or {}).items()}
@@ -71,13 +73,13 @@ class GatePredictor(nn.Module):
         self.meta: dict[str, Any] = {}
         bias0 = math.log(init_keep / (1 - init_keep))
         if static:
-            self.logits = nn.Parameter(torch.full((num_layers, len(MODULES)), bias0))
+            self.logits = nn.Parameter(torch.full((num_layers, self.modules_per_layer), bias0))
         else:
             self.embed = nn.ModuleDict({k: nn.Embedding(len(v) + 1, ctx_dim) for k, v in self.contexts.items()})  # row 0: no context
             # a per-context logit offset for every (layer, module): the direct context -> mask path
-            self.table = nn.ParameterDict({k: nn.Parameter(torch.zeros(len(v) + 1, num_layers, len(MODULES))) for k, v in self.contexts.items()})
+            self.table = nn.ParameterDict({k: nn.Parameter(torch.zeros(len(v) + 1, num_layers, self.modules_per_layer)) for k, v in self.contexts.items()})
             self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
-            self.mlp = nn.Sequential(nn.Linear(hidden + ctx_dim * len(self.contexts), units), nn.GELU(), nn.Linear(units, num_layers * len(MODULES)))
+            self.mlp = nn.Sequential(nn.Linear(hidden + ctx_dim * len(self.contexts), units), nn.GELU(), nn.Linear(units, num_layers * self.modules_per_layer))
             with torch.no_grad():
                 for e in self.embed.values():
                     e.weight.normal_(0, 0.1)
@@ -119,7 +121,7 @@ class GatePredictor(nn.Module):
         if self.static:
             return self.logits.unsqueeze(0).expand(b, -1, -1)
         parts = [self.norm(pooled.float())] + [self.embed[k](ctx_ids[k]) for k in self.contexts]
-        out = self.mlp(torch.cat(parts, -1)).view(b, self.num_layers, len(MODULES))
+        out = self.mlp(torch.cat(parts, -1)).view(b, self.num_layers, self.modules_per_layer)
         for k in self.contexts:
             out = out + self.table[k][ctx_ids[k]]
         return out
@@ -139,7 +141,8 @@ class GatePredictor(nn.Module):
     # checkpoints
     def info(self) -> dict[str, Any]:
         return {"hidden": self.hidden, "num_layers": self.num_layers, "contexts": self.contexts, "ctx_dim": self.ctx_dim, "units": self.units,
-                "static": self.static, "gate_tokens": self.gate_tokens, "model_type": self.model_type, "threshold": self.threshold, **self.meta}
+                "static": self.static, "gate_tokens": self.gate_tokens, "model_type": self.model_type, "threshold": self.threshold,
+                "modules": self.modules_per_layer, **self.meta}
 
     def save(self, path: str | os.PathLike, lora: dict[str, torch.Tensor] | None = None) -> None:
         from safetensors.torch import save_file
@@ -157,14 +160,11 @@ class GatePredictor(nn.Module):
                           "(or `python benchmarks/gating.py`), or make a static one with static_predictor")
         info = json.loads(header["meta"])
         pred = cls(info["hidden"], info["num_layers"], info["contexts"], ctx_dim=info["ctx_dim"], units=info["units"], static=info["static"],
-                   gate_tokens=info["gate_tokens"], model_type=info.get("model_type", ""))
+                   gate_tokens=info["gate_tokens"], model_type=info.get("model_type", ""), modules=int(info.get("modules", len(MODULES))))
         pred.threshold = float(info.get("threshold", 0.0))
         pred.meta = {k: v for k, v in info.items() if k not in pred.info()}
         if model is not None:
-            from ..adapters import get_adapter
-
-            hidden = getattr(model.config, "hidden_size", None)
-            n = get_adapter(model).num_layers
+            hidden, n = gate_layout(model)
             if info.get("model_type") != model_type_of(model) or info["hidden"] != hidden or info["num_layers"] != n:
                 raise ConfigError(f"gate checkpoint {path!r} was trained for a {info.get('model_type')!r} model with {info['num_layers']} layers of "
                                   f"width {info['hidden']}, not this {model_type_of(model)!r} with {n} layers of width {hidden}; train gates for this model")
@@ -173,6 +173,19 @@ class GatePredictor(nn.Module):
         except RuntimeError as e:
             raise ConfigError(f"{path!r}: tensors do not match the checkpoint's own metadata ({str(e)[:200]})") from None
         return pred.eval(), {k[5:]: v for k, v in sd.items() if k.startswith("lora.")}
+
+
+def gate_layout(model: nn.Module) -> tuple[int, int]:
+    """(width the predictor reads, number of gate rows) of a model: layers for text stacks, one row
+    per gated module for encoder-decoder speech models (see :mod:`.gating_speech`)."""
+    from ..adapters import get_adapter
+
+    ad = get_adapter(model)
+    if ad.encoder_decoder:
+        from .gating_speech import speech_slots
+
+        return int(model.config.d_model), len(speech_slots(model))
+    return int(getattr(model.config, "hidden_size", 0)), ad.num_layers
 
 
 def static_predictor(model: nn.Module, skip: Sequence[tuple[int, str]]) -> GatePredictor:
@@ -478,8 +491,12 @@ class GatedStack(LazyModule):
         return layer.output(layer.intermediate(h), h)
 
 
-def gated_stacks(model: nn.Module) -> list[GatedStack]:
-    return [m for m in model.modules() if isinstance(m, GatedStack)]
+def gated_stacks(model: nn.Module) -> list[Any]:
+    """The gated layer stacks of ``model``: GatedStack (text), or the gated Whisper encoder (which
+    holds the predictor and the context shared with its decoder)."""
+    from .gating_speech import GatedWhisperEncoder
+
+    return [m for m in model.modules() if isinstance(m, (GatedStack, GatedWhisperEncoder))]
 
 
 def _stack(model: nn.Module) -> GatedStack:
@@ -556,6 +573,8 @@ class ModuleGating(Method):
     stage = 1
 
     def resolve(self, model: nn.Module, adapter: ModelAdapter, cfg: MethodConfig) -> list[str]:
+        if adapter.family == "whisper":  # encoder and decoder, one shared gate state (gating_speech)
+            return [adapter.encoder_layers_path.rpartition(".")[0], adapter.layers_path.rpartition(".")[0]]
         path = stack_path(model, adapter, "module_gating")
         _family(model.get_submodule(path))  # refuses block layouts the stack cannot run
         return [path]
@@ -567,10 +586,21 @@ class ModuleGating(Method):
             self._pred.threshold = float(cfg.threshold)
         self._pred.unknown = cfg.unknown
         self._pred.context_ids(cfg.context_dict(), 1)  # a key the gates were not trained with is an error now, not at the first forward
+        self._speech = None
+        if paths and paths[0].endswith("encoder") and len(paths) == 2:
+            from .gating_speech import SpeechGates, slot_costs, speech_slots
+
+            self._speech = SpeechGates(self._pred, speech_slots(model))
+            self._speech._costs = slot_costs(model)
+            self._speech.context = cfg.context_dict()
         return cfg
 
     def convert(self, path: str, module: nn.Module, cfg: MethodConfig, stats: Any) -> nn.Module:
         assert isinstance(cfg, ModuleGatingConfig)
+        if getattr(self, "_speech", None) is not None:
+            from .gating_speech import GatedWhisperDecoder, GatedWhisperEncoder
+
+            return (GatedWhisperEncoder if path.endswith("encoder") else GatedWhisperDecoder)(module, self._speech)
         st = GatedStack(module, self._pred, self._lora or None)
         st.context = cfg.context_dict()
         return st
