@@ -27,6 +27,7 @@ EPILOG = """examples:
   lazyneuron demo                       # every method at its default setting vs dense, table + plot
   lazyneuron plot pareto lazyneuron-results/demo.jsonl --out pareto.png
   lazyneuron plot gates ~/.cache/lazyneuron/checkpoints/smollm2-135m.gates-frozen-25.safetensors --out gates.png
+  lazyneuron plot gates ~/.cache/lazyneuron/checkpoints/speech/gated-dec9-lora8-full.safetensors --model whisper-base --out gates.png
   lazyneuron data fetch                 # corpora that are not pip dependencies (run once)
 """
 
@@ -379,6 +380,13 @@ def _run(args: argparse.Namespace) -> int:
                 from .models import load
 
                 model, tok = load(args.model)
+                if getattr(model.config, "model_type", "") == "whisper":  # speech: encoder and decoder slots, one column per language
+                    from .methods.gating_speech import keep_by_language, speech_slots
+
+                    keep = keep_by_language(model, tok, args.records)
+                    out = plots.speech_gates(keep, speech_slots(model), args.out, title=os.path.basename(args.records))
+                    sys.stdout.write(f"wrote {out}\n")
+                    return 0
                 keep = keep_by_context(model, tok, args.records)
             sys.stdout.write(f"wrote {plots.gates(keep, args.out, title=os.path.basename(args.records))}\n")
             return 0

@@ -184,6 +184,22 @@ def test_training_reaches_the_decoder_target_and_round_trips(tmp_path):
     assert torch.equal(sk2.history[-1], keep)
 
 
+def test_precomputed_cross_attention_gives_the_same_losses(tmp_path):
+    m = tiny_whisper()
+    skip = [("decoder", 1, "cross"), ("decoder", 0, "mlp")]
+    ln.apply_(m, ModuleGatingConfig(checkpoint=save(gs.static_speech_predictor(m, skip), tmp_path)))
+    plain, cached = _batches(m)[:2], _batches(m)[:2]
+    gs.prepare(m, plain)
+    gs.prepare(m, cached, cross=True)
+    assert plain[0].cross is None and len(cached[0].cross) == 3
+    with torch.no_grad():
+        for a, b in zip(plain, cached):
+            la = gs.decoder_logits(m, a, reuse_encoder=True)
+            lb = gs.decoder_logits(m, b, reuse_encoder=True)
+            lc = gs.decoder_logits(m, a, reuse_encoder=False)  # the encoder runs again (all its modules kept)
+            assert (la - lb).abs().max().item() < 1e-5 and (la - lc).abs().max().item() < 1e-5
+
+
 def test_static_order_and_contexts(tmp_path):
     m = tiny_whisper()
     ln.apply_(m, ModuleGatingConfig(checkpoint=save(gs.static_speech_predictor(m, []), tmp_path)))
@@ -217,3 +233,33 @@ def test_errors(tmp_path):
         m.model.decoder(input_ids=IDS, encoder_hidden_states=torch.zeros(2, 50, 32))
     with pytest.raises(ConfigError, match="mel features of length 100"):
         m.model.encoder(torch.zeros(1, 16, 80))
+
+
+def test_low_rank_adapters_train_save_reload_and_revert(tmp_path):
+    m = tiny_whisper()
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        dense = m(input_features=FEAT, decoder_input_ids=IDS).logits
+    batches = _batches(m)
+    cfg = gs.SpeechGateTraining(decoder_target=0.3, epochs=3, lr=3e-2, lora_rank=2, lora_lr=1e-2)
+    gs.train_speech_gates(m, batches, {"language": ["en", "de"], "task": ["transcribe"]}, cfg, progress=False, out=tmp_path / "l.safetensors")
+    dec = m.model.decoder
+    assert len(dec.lora_paths) == 3 * len(gs.LORA_DECODER)
+    assert any(float(x.b.abs().sum()) > 0 for x in dec.lora_modules())  # the adapters moved
+    sk = gs.speech_gates(m)
+    sk.mode = "dense"  # the teacher path runs the base weights only: the dense model exactly
+    with torch.no_grad():
+        assert torch.equal(m(input_features=FEAT, decoder_input_ids=IDS).logits, dense)
+    sk.mode = "hard"
+    sk.context = {"language": "en"}
+    with torch.no_grad():
+        trained = m(input_features=FEAT, decoder_input_ids=IDS).logits
+    ln.revert_(m)
+    assert set(m.state_dict()) == set(sd0) and all(torch.equal(v, m.state_dict()[k]) for k, v in sd0.items())
+    ln.apply_(m, ModuleGatingConfig(checkpoint=str(tmp_path / "l.safetensors"), context="language=en"))
+    assert len(m.model.decoder.lora_paths) == 3 * len(gs.LORA_DECODER)
+    with torch.no_grad():
+        again = m(input_features=FEAT, decoder_input_ids=IDS).logits
+    assert (again - trained).abs().max().item() < 1e-5
+    ln.revert_(m)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd0.items())

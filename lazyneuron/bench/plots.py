@@ -312,3 +312,38 @@ def plan_front(records: list[dict[str, Any]], out: str | os.PathLike, title: str
     fig.savefig(p, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return p
+
+
+def speech_gates(keep: dict[str, Any], slots: list[tuple[str, int, str]], out: str | os.PathLike, title: str = "") -> Path:
+    """Keep probability per (layer, module) of an encoder-decoder speech model, one column per
+    context (e.g. language), encoder on top and decoder below. ``keep``: context -> one value per
+    slot in ``slots`` order (``(stack, layer, module)``)."""
+    plt = _plt()
+    names = list(keep)
+    if not names:
+        raise ValueError("no contexts to draw; pass {context: [keep per slot]}")
+    stacks = [s for s in ("encoder", "decoder") if any(x[0] == s for x in slots)]
+    fig, axes = plt.subplots(len(stacks), len(names), figsize=(1.8 + 1.7 * len(names), 2.2 + 1.9 * len(stacks)), squeeze=False)
+    im = None
+    for r, stack in enumerate(stacks):
+        mods = list(dict.fromkeys(x[2] for x in slots if x[0] == stack))
+        layers = sorted({x[1] for x in slots if x[0] == stack})
+        for c, name in enumerate(names):
+            vals = [float(v) for v in keep[name]]
+            grid = [[vals[slots.index((stack, j, m))] for m in mods] for j in layers]
+            ax = axes[r][c]
+            im = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+            ax.set_xticks(range(len(mods)), mods, fontsize=8)
+            ax.set_yticks(range(len(layers)), [str(j) for j in layers], fontsize=7)
+            if r == 0:
+                ax.set_title(str(name), fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{stack} layer")
+    fig.colorbar(im, ax=[a for row in axes for a in row], shrink=0.8, label="keep probability")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    p = Path(out)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p

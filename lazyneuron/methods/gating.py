@@ -600,7 +600,9 @@ class ModuleGating(Method):
         if getattr(self, "_speech", None) is not None:
             from .gating_speech import GatedWhisperDecoder, GatedWhisperEncoder
 
-            return (GatedWhisperEncoder if path.endswith("encoder") else GatedWhisperDecoder)(module, self._speech)
+            if path.endswith("encoder"):
+                return GatedWhisperEncoder(module, self._speech)
+            return GatedWhisperDecoder(module, self._speech, lora_state=self._lora or None)
         st = GatedStack(module, self._pred, self._lora or None)
         st.context = cfg.context_dict()
         return st

@@ -255,20 +255,87 @@ class GatedWhisperEncoder(_Delegating):
         return layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(h))))
 
 
+LORA_DECODER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "encoder_attn.q_proj",
+                "encoder_attn.out_proj", "fc1", "fc2")  # not the cross-attention keys / values: they stay the encoder output's
+
+
 class GatedWhisperDecoder(_Delegating):
     """Whisper's decoder with the utterance's keep / skip masks over (self-attention,
-    cross-attention, feed-forward); positions from its own counter on the cache."""
+    cross-attention, feed-forward); positions from its own counter on the cache. ``lora_rank`` /
+    ``lora_state``: low-rank adapters on the decoder's linears, trained jointly with the gates
+    (merged into weight copies at inference; the dense teacher runs without them)."""
 
     method_name = "module_gating"
 
-    def __init__(self, base: nn.Module, gates: SpeechGates) -> None:
+    def __init__(self, base: nn.Module, gates: SpeechGates, lora_rank: int = 0, lora_state: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__(base)
         self.__dict__["shared"] = gates
+        self.lora_paths: list[str] = []
+        if lora_state:
+            lora_rank = next(iter(lora_state.values())).shape[0] if lora_rank == 0 else lora_rank
+        if lora_rank:
+            self._install_lora(lora_rank, lora_state)
+
+    def _install_lora(self, rank: int, state: dict[str, torch.Tensor] | None) -> None:
+        from ..surgery import set_module
+        from .gating import LowRankLinear
+
+        layers = self.base.layers
+        paths = [f"{i}.{n}" for i in range(len(layers)) for n in LORA_DECODER]
+        wrapped = {p: LowRankLinear(layers.get_submodule(p), rank) for p in paths}
+        if state:
+            want = {f"{p}.{w}" for p in paths for w in ("a", "b")}
+            if set(state) != want:
+                raise ConfigError(f"the gate checkpoint's low-rank adapters ({len(state)} tensors) do not fit this decoder ({len(want)} expected)")
+            with torch.no_grad():
+                for p, m in wrapped.items():
+                    if state[f"{p}.a"].shape != m.a.shape or state[f"{p}.b"].shape != m.b.shape:
+                        raise ConfigError(f"low-rank adapter {p} has shape {tuple(state[p + '.a'].shape)}, expected {tuple(m.a.shape)}")
+                    m.a.copy_(state[f"{p}.a"])
+                    m.b.copy_(state[f"{p}.b"])
+        for p, m in wrapped.items():
+            set_module(layers, p, m)
+        self.lora_paths = paths
+
+    def lora_modules(self) -> list[nn.Module]:
+        return [self.base.layers.get_submodule(p) for p in self.lora_paths]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Merge the adapters into their weight copies now (otherwise the first inference call does)."""
+        for m in self.lora_modules():
+            m._merged = m.base.weight + m.scale * (m.b @ m.a)
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for p, m in zip(self.lora_paths, self.lora_modules()):
+            out[f"{p}.a"], out[f"{p}.b"] = m.a, m.b
+        return out
+
+    def restore_base(self) -> nn.Module:
+        from ..surgery import set_module
+
+        for p in self.lora_paths:
+            set_module(self.base.layers, p, self.base.layers.get_submodule(p).restore_base())
+        self.lora_paths = []
+        return self.base
 
     def weight_elements(self) -> int:
         return 0
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+    def forward(self, *args: Any, **kw: Any) -> Any:
+        if self.shared.mode != "dense" or not self.lora_paths:
+            return self._forward(*args, **kw)
+        mods = self.lora_modules()
+        for m in mods:
+            m.enabled = False  # the dense teacher: base weights only
+        try:
+            return self._forward(*args, **kw)
+        finally:
+            for m in mods:
+                m.enabled = True
+
+    def _forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, past_key_values: Any = None, inputs_embeds: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, use_cache: bool | None = None, **kw: Any) -> Any:
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
@@ -331,7 +398,7 @@ def speech_gates(model: nn.Module) -> SpeechGates:
     return enc.shared
 
 
-def install(model: nn.Module, predictor: nn.Module) -> SpeechGates:
+def install(model: nn.Module, predictor: nn.Module, lora_rank: int = 0, lora_state: dict[str, torch.Tensor] | None = None) -> SpeechGates:
     """Wrap the encoder and decoder of ``model`` in place around one shared gate state."""
     wh = _whisper(model)
     if isinstance(wh.encoder, GatedWhisperEncoder):
@@ -339,12 +406,14 @@ def install(model: nn.Module, predictor: nn.Module) -> SpeechGates:
     gates = SpeechGates(predictor, speech_slots(model))
     gates._costs = slot_costs(model)
     wh.encoder = GatedWhisperEncoder(wh.encoder, gates)
-    wh.decoder = GatedWhisperDecoder(wh.decoder, gates)
+    wh.decoder = GatedWhisperDecoder(wh.decoder, gates, lora_rank, lora_state)
     return gates
 
 
 def uninstall(model: nn.Module) -> None:
     wh = _whisper(model)
+    if isinstance(wh.decoder, GatedWhisperDecoder):
+        wh.decoder.restore_base()
     wh.encoder, wh.decoder = _unwrap(wh.encoder), _unwrap(wh.decoder)
 
 
@@ -384,6 +453,22 @@ class SpeechBatch:
     context: dict[str, list[str]]
     encoder_out: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
+    cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per decoder layer: cross-attention keys, values (B, heads, frames, hd)
+
+    def cache(self) -> Any:
+        """A fresh decoder cache whose cross-attention part holds this batch's precomputed keys and
+        values (they depend on the encoder output only, not on the gates), or None."""
+        if self.cross is None:
+            return None
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        cross = DynamicCache()
+        for j, (k, v) in enumerate(self.cross):
+            cross.update(k, v, j)
+        c = EncoderDecoderCache(DynamicCache(), cross)
+        for j in range(len(self.cross)):
+            c.is_updated[j] = True
+        return c
 
 
 def decoder_logits(model: nn.Module, batch: SpeechBatch, *, reuse_encoder: bool) -> torch.Tensor:
@@ -398,7 +483,8 @@ def decoder_logits(model: nn.Module, batch: SpeechBatch, *, reuse_encoder: bool)
         enc = batch.encoder_out
     else:
         enc = wh.encoder(batch.features, attention_mask=batch.feature_mask).last_hidden_state
-    out = wh.decoder(input_ids=batch.tokens, encoder_hidden_states=enc, use_cache=False).last_hidden_state
+    cache = batch.cache() if reuse_encoder else None
+    out = wh.decoder(input_ids=batch.tokens, encoder_hidden_states=enc, past_key_values=cache, use_cache=cache is not None).last_hidden_state
     return model.proj_out(out)
 
 
@@ -412,8 +498,10 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, batch: SpeechBatc
 
 
 @torch.no_grad()
-def prepare(model: nn.Module, batches: Sequence[SpeechBatch]) -> None:
-    """Fill each batch's dense encoder output and pooled front-end vector (the model must be gated)."""
+def prepare(model: nn.Module, batches: Sequence[SpeechBatch], *, cross: bool = False) -> None:
+    """Fill each batch's dense encoder output and pooled front-end vector (the model must be gated);
+    ``cross``: also the decoder's cross-attention keys and values (memory: layers x 2 x frames x
+    d_model floats per utterance; teacher-forced losses then skip those projections)."""
     gates = speech_gates(model)
     wh = _whisper(model)
     old = gates.mode
@@ -422,7 +510,16 @@ def prepare(model: nn.Module, batches: Sequence[SpeechBatch]) -> None:
         for bt in batches:
             enc = wh.encoder
             bt.pooled = enc.pooled(enc.front_end(bt.features), bt.feature_mask)
-            bt.encoder_out = enc(bt.features, attention_mask=bt.feature_mask).last_hidden_state
+            if bt.encoder_out is None:
+                bt.encoder_out = enc(bt.features, attention_mask=bt.feature_mask).last_hidden_state
+            if cross and bt.cross is None:
+                b, t, _ = bt.encoder_out.shape
+                bt.cross = []
+                for layer in wh.decoder.base.layers:
+                    att = layer.encoder_attn
+                    shape = (b, t, att.num_heads, att.head_dim)
+                    bt.cross.append((att.k_proj(bt.encoder_out).view(shape).transpose(1, 2).contiguous(),
+                                     att.v_proj(bt.encoder_out).view(shape).transpose(1, 2).contiguous()))
     finally:
         gates.mode = old
 
@@ -448,6 +545,9 @@ class SpeechGateTraining:
     lr: float = 1e-2
     epochs: int = 3
     context_dropout: float = 0.2
+    lora_rank: int = 0  # > 0: low-rank adapters on the decoder's linears, trained jointly with the gates
+    lora_lr: float = 1e-3
+    train_gates: bool = True  # False: the predictor stays as given (e.g. a static mask) and only the adapters train
 
     def validate(self) -> None:
         for k in ("decoder_target", "encoder_target"):
@@ -472,16 +572,25 @@ def train_speech_gates(model: nn.Module, batches: Sequence[SpeechBatch], context
         gates = speech_gates(model)
     except ConfigError:
         keep = min(0.97, max(0.6, 1 - max(cfg.decoder_target, cfg.encoder_target) + 0.35))
-        gates = install(model, init or new_predictor(model, contexts, init_keep=keep))
+        gates = install(model, init or new_predictor(model, contexts, init_keep=keep), cfg.lora_rank)
     gates.estimator = "straight_through"
-    prepare(model, batches)
+    reuse = cfg.encoder_target == 0.0
+    prepare(model, batches, cross=reuse)
     teachers = teacher_logits(model, batches)
     for p in model.parameters():
         p.requires_grad_(False)
-    params = list(gates.predictor.parameters())
+    params = list(gates.predictor.parameters()) if cfg.train_gates else []
     for p in params:
         p.requires_grad_(True)
-    reuse = cfg.encoder_target == 0.0
+    dec = _whisper(model).decoder
+    if not params and not dec.lora_paths:
+        raise ConfigError("SpeechGateTraining(train_gates=False) trains nothing without low-rank adapters; set lora_rank > 0")
+    scale = {}
+    for m in dec.lora_modules():
+        m.a.requires_grad_(True)
+        m.b.requires_grad_(True)
+        params += [m.a, m.b]
+        scale[id(m.a)] = scale[id(m.b)] = cfg.lora_lr / cfg.lr
     gen = torch.Generator().manual_seed(seed)
     items = list(range(len(batches)))
     total = max(1, len(items) * cfg.epochs)
@@ -496,7 +605,7 @@ def train_speech_gates(model: nn.Module, batches: Sequence[SpeechBatch], context
         b = bt.tokens.shape[0]
         drop = torch.rand(b, generator=gen) < cfg.context_dropout
         ctx = {k: [None if d else v for v, d in zip(vals, drop.tolist())] for k, vals in bt.context.items()}
-        gates.mode = "gumbel"
+        gates.mode = "gumbel" if cfg.train_gates else "hard"
         try:
             logits = decoder_logits(m, dataclasses.replace(bt, context=ctx), reuse_encoder=reuse)
         finally:
@@ -509,15 +618,16 @@ def train_speech_gates(model: nn.Module, batches: Sequence[SpeechBatch], context
 
     try:
         fit(model, loss_fn, items, epochs=cfg.epochs, lr=cfg.lr, params=params, on_step=on_step, checkpoint=checkpoint, progress=progress,
-            desc=f"speech gates (decoder {cfg.decoder_target:.0%}, encoder {cfg.encoder_target:.0%})", seed=seed, deadline=deadline)
+            desc=f"speech gates (decoder {cfg.decoder_target:.0%}, encoder {cfg.encoder_target:.0%})", seed=seed, deadline=deadline,
+            lr_scale=scale)
     finally:
         model.eval()
         for p in params:
             p.requires_grad_(False)
     gates.predictor.meta.update({"decoder_target": cfg.decoder_target, "encoder_target": cfg.encoder_target, "alpha": cfg.alpha,
-                                 "target_sparsity": cfg.decoder_target})
+                                 "target_sparsity": cfg.decoder_target, "lora_rank": cfg.lora_rank})
     if out is not None and is_main():
-        gates.predictor.save(out)
+        gates.predictor.save(out, dec.lora_state() if dec.lora_paths else None)
     return gates.predictor
 
 
@@ -556,8 +666,8 @@ def static_speech_order(model: nn.Module, batches: Sequence[SpeechBatch], count:
     allowed = [i for i, s in enumerate(slots) if s[0] == stack]
     if not 0 <= count <= len(allowed):
         raise ConfigError(f"static_speech_order: count={count} is outside 0..{len(allowed)} ({stack} modules)")
-    if any(bt.encoder_out is None for bt in batches):
-        prepare(model, batches)
+    if any(bt.encoder_out is None or stack == "decoder" and bt.cross is None for bt in batches):
+        prepare(model, batches, cross=stack == "decoder")
     teachers = list(teachers) if teachers is not None else teacher_logits(model, batches)
     reuse = stack == "decoder"
     keep = torch.ones(len(slots), dtype=torch.bool)
@@ -597,3 +707,31 @@ def keep_table(model: nn.Module, batches: Sequence[SpeechBatch], by: Callable[[S
         gates.context = bt.context
         sums.setdefault(by(bt), []).append(gates.keep_probability(bt.pooled))
     return {k: torch.cat(v).mean(0) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def keep_by_language(model: nn.Module, processor: Any, checkpoint: str | os.PathLike, utterances: int = 4) -> dict[str, list[float]]:
+    """Mean keep probability per slot for every language of a Whisper gate checkpoint (on espeak-ng
+    test utterances of that language; one ``all`` entry for a static mask). For ``lazyneuron plot gates``."""
+    from ..api import applied
+    from ..data import speech as sd
+    from ..speech import features
+    from .gating import GatePredictor, ModuleGatingConfig
+
+    pred, _ = GatePredictor.load(checkpoint, model)
+    langs = [lang for lang in pred.contexts.get("language", []) if lang in sd.LANGUAGES] or ["en"]
+    out = {}
+    with applied(model, ModuleGatingConfig(checkpoint=os.fspath(checkpoint))):
+        gates = speech_gates(model)
+        enc = _whisper(model).encoder
+        for lang in langs:
+            utts = sd.utterances("espeak", lang, "test", utterances)
+            feats, mask = features(processor, [u.audio for u in utts])
+            ctx = {"language": lang} if "language" in pred.contexts else {}
+            if "task" in pred.contexts:
+                ctx["task"] = "transcribe"
+            gates.context = ctx
+            out["all" if pred.static else lang] = gates.keep_probability(enc.pooled(enc.front_end(feats), mask)).mean(0).tolist()
+            if pred.static:
+                break
+    return out

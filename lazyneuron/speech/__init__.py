@@ -3,11 +3,13 @@ lean greedy transcription loop (see :mod:`.whisper`)."""
 
 from __future__ import annotations
 
+from .evaluate import TimedTranscriber, gating_batches
 from .whisper import (
     BUILTIN_WHISPER,
     Ct2Model,
     DecodeTimings,
     ct2_to_hf,
+    features,
     greedy_transcribe,
     load_whisper,
     prompt_tokens,
@@ -18,10 +20,13 @@ from .whisper import (
 )
 
 __all__ = [
+    "TimedTranscriber",
+    "gating_batches",
     "BUILTIN_WHISPER",
     "Ct2Model",
     "DecodeTimings",
     "ct2_to_hf",
+    "features",
     "greedy_transcribe",
     "load_whisper",
     "prompt_tokens",

@@ -562,6 +562,29 @@ def _builtin_source(name: str) -> tuple[Path, list[Path]]:
     return parts[0].parent, parts
 
 
+def ct2_directory(name: str) -> Path:
+    """A CTranslate2 directory of a built-in Whisper model that faster-whisper / CTranslate2 load
+    directly (the package's files; split ``model.bin`` parts joined once into the cache)."""
+    if name not in BUILTIN_WHISPER:
+        raise LazyNeuronError(f"unknown built-in Whisper model {name!r}; use one of {list(BUILTIN_WHISPER)}")
+    src, parts = _builtin_source(name)
+    if len(parts) == 1:
+        return src
+    out = cache_dir("peers", f"{name}-ct2")
+    size = sum(p.stat().st_size for p in parts)
+    target = out / "model.bin"
+    if not target.is_file() or target.stat().st_size != size:
+        tmp = out / "model.bin.tmp"
+        with open(tmp, "wb") as f:
+            for p in parts:
+                f.write(p.read_bytes())
+        tmp.rename(target)
+    for fname in ("config.json", "tokenizer.json", "vocabulary.txt", "preprocessor_config.json"):
+        if (src / fname).is_file() and not (out / fname).is_file():
+            (out / fname).write_bytes((src / fname).read_bytes())
+    return out
+
+
 def load_whisper(name_or_dir: str | os.PathLike[str], *, refresh: bool = False) -> tuple[Any, Any]:
     """``(WhisperForConditionalGeneration in eval mode, fp32; WhisperProcessor)``.
 
@@ -684,6 +707,7 @@ def greedy_transcribe(
     max_new_tokens: int = 128,
     prompt_ids: Sequence[int] | torch.Tensor | np.ndarray | None = None,
     timings: DecodeTimings | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Greedy Whisper decoding without timestamps: the token ids each sample generated (without
     the prompt and without the final ``<|endoftext|>``).
@@ -699,6 +723,8 @@ def greedy_transcribe(
     ``begin_suppress_tokens`` at the first step) set to -inf, argmax; a sample stops at
     ``<|endoftext|>`` and is fed padding until all have stopped or ``max_new_tokens`` is reached
     (capped at the decoder's position table). ``timings``, if given, accumulates seconds.
+    ``attention_mask``: the feature extractor's mask of the frames that hold audio ``[batch, 3000]``;
+    Whisper's encoder ignores it, module gating pools its gate input over those frames.
     """
     from transformers import DynamicCache, EncoderDecoderCache
 
@@ -711,7 +737,7 @@ def greedy_transcribe(
     batch, device = feats.shape[0], param.device
 
     t0 = time.perf_counter()
-    enc = model.model.encoder(feats)[0]
+    enc = model.model.encoder(feats)[0] if attention_mask is None else model.model.encoder(feats, attention_mask=attention_mask)[0]
     t1 = time.perf_counter()
 
     prefix = [int(i) for i in torch.as_tensor(prompt_ids).reshape(-1).tolist()] if prompt_ids is not None else []
@@ -764,6 +790,15 @@ def greedy_transcribe(
     return result
 
 
+def features(processor: Any, clips: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel features ``[batch, mels, 3000]`` of 16 kHz clips (padded / cut to 30 s) and the mask
+    of the frames that hold audio ``[batch, 3000]``."""
+    fe = processor.feature_extractor
+    out = fe([np.asarray(a, dtype=np.float32).reshape(-1) for a in clips], sampling_rate=SAMPLE_RATE, return_tensors="pt",
+             return_attention_mask=True)
+    return out.input_features, out.attention_mask
+
+
 def transcribe(
     model: Any,
     processor: Any,
@@ -786,8 +821,8 @@ def transcribe(
         for i, a in enumerate(chunk):
             if len(a) > fe.n_samples:
                 log.warning("clip %d is %.1f s long; Whisper hears only its first %d s", start + i, len(a) / SAMPLE_RATE, fe.n_samples // SAMPLE_RATE)
-        feats = fe(chunk, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-        ids = greedy_transcribe(model, feats, language=language, task=task, max_new_tokens=max_new_tokens, timings=timings)
+        feats, mask = features(processor, chunk)
+        ids = greedy_transcribe(model, feats, language=language, task=task, max_new_tokens=max_new_tokens, timings=timings, attention_mask=mask)
         texts += [tok.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False) for row in ids]
     return texts
 
