@@ -27,6 +27,7 @@ utterance in rotating order. WER on normalised text (lazyneuron.data.speech.wer)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -82,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--plots-only", action="store_true")
+    ap.add_argument("--from-raw", help="recompute the records from a run's raw results (.raw.pt)")
     ap.add_argument("--train", type=int, default=36, help="train utterances per language")
     ap.add_argument("--calib", type=int, default=8, help="calibration utterances per language (static orders, selection)")
     ap.add_argument("--test", type=int, default=40, help="test utterances per language")
@@ -91,10 +93,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.plots_only:
         return draw()
+    if args.from_raw:
+        return report(Path(args.from_raw))
     if args.quick:
         args.train, args.calib, args.test = 4, 2, 2
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    t_run = time.time()
     run = f"speech-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     model, proc = load_whisper(MODEL)
     slots = gs.speech_slots(model)
@@ -119,18 +124,28 @@ def main() -> None:
     ln.apply_(model, ModuleGatingConfig(checkpoint=str(none)))
     t0 = time.time()
     counts = (5, 9)  # 28% and 50% of the 18 decoder modules
-    dec_order = gs.static_speech_order(model, calib_b, max(counts), stack="decoder")
-    enc_small = gating_batches(model, proc, [u for lang in LANGS for u in sd.utterances("espeak", lang, "calib", 2)], batch_size=2)
-    enc_order = gs.static_speech_order(model, enc_small, 3, stack="encoder")
+    # the greedy orders depend on the model and the calibration utterances only: cached by their ids
+    key = f"{MODEL}-{len(calib)}-{hashlib.sha1('|'.join(u.id for u in calib).encode()).hexdigest()[:12]}"
+    cached = cache_dir("bench") / f"speech_orders-{key}.json"
+    if cached.is_file():
+        got = json.loads(cached.read_text())
+        dec_order, enc_order = [tuple(x) for x in got["decoder"]], [tuple(x) for x in got["encoder"]]
+    else:
+        dec_order = gs.static_speech_order(model, calib_b, max(counts), stack="decoder")
+        enc_small = gating_batches(model, proc, [u for lang in LANGS for u in sd.utterances("espeak", lang, "calib", 2)], batch_size=2)
+        enc_order = gs.static_speech_order(model, enc_small, 3, stack="encoder")
+        cached.write_text(json.dumps({"decoder": dec_order, "encoder": enc_order, "seconds": time.time() - t0}))
     order_s = time.time() - t0
     log.info("static orders in %.0f s: decoder %s; encoder %s", order_s, dec_order, enc_order)
     ln.revert_(model)
 
     # variant -> (checkpoint, params); every gated / static variant is applied from its checkpoint
-    variants: dict[str, tuple[Path | None, dict]] = {"dense": (None, {"encoder_sparsity": 0.0, "decoder_sparsity": 0.0, "lora_rank": 0})}
+    variants: dict[str, tuple[Path | None, dict]] = {"dense": (None, {"encoder_sparsity": 0.0, "decoder_sparsity": 0.0, "lora_rank": 0}),
+                                                     # the gated stack keeping every module: the cost of running the layers through the wrappers
+                                                     "all-kept": (none, {"encoder_sparsity": 0.0, "decoder_sparsity": 0.0, "lora_rank": 0})}
     contexts = {"language": list(LANGS), "task": ["transcribe"]}
     gate_info: dict[str, dict] = {}
-    epochs = 1 if args.quick else 4
+    epochs = 1 if args.quick else 8
     for k in counts:
         sp = k / n_dec
         skip = dec_order[:k]
@@ -151,10 +166,11 @@ def main() -> None:
             init = gs.new_predictor(model, contexts)  # context table started from the static mask; training finds per-language changes
             init.init_masks({"language": {None: keep, **{lang: keep for lang in LANGS}}, "task": {None: keep, "transcribe": keep}}, margin=2.0)
             t0 = time.time()
-            gs.train_speech_gates(model, train_b, contexts, gs.SpeechGateTraining(decoder_target=sp, epochs=epochs, lr=1e-2, lora_rank=rank),
+            gs.train_speech_gates(model, train_b, contexts, gs.SpeechGateTraining(decoder_target=sp, epochs=epochs, lr=3e-3, lora_rank=rank,
+                                                                                                 estimator="relaxed", tau=(0.5, 0.1)),
                                   init=init, seed=0)
             train_s = time.time() - t0
-            gs.calibrate_speech_threshold(model, train_b, sp)
+            gs.calibrate_speech_threshold(model, calib_b, sp)
             gated_path = _save_gated(model, ck / f"gated-dec{k}{sfx}-{tag}.safetensors")
             gate_info[f"gated-dec{k}{sfx}"] = {"train_s": train_s, "calib_kl": _calib_loss(model, calib_b),
                                                "threshold": gs.speech_gates(model).predictor.threshold}
@@ -205,6 +221,7 @@ def main() -> None:
                 ids, dt = fw.transcribe_ids(f, prompt, max_new_tokens=72)
                 eos = model.generation_config.eos_token_id
                 ids = [t for t in ids if t != eos]
+                nt = len(ids)
                 text = proc.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             else:
                 path, _p = variants[n]
@@ -214,15 +231,31 @@ def main() -> None:
                         ln.apply_(model, ModuleGatingConfig(checkpoint=str(path), context=f"language={u.language}|task=transcribe"))
                         model.model.decoder.merge()
                         gs.speech_gates(model).track = False
-                text, dt, _nt = tr(u)
+                text, dt, nt = tr(u)
                 if path is not None:
-                    history[n].setdefault(u.language, []).append(gs.speech_gates(model).gates.detach().clone()[0])
+                    history[n].setdefault((src, u.language), []).append(gs.speech_gates(model).gates.detach().clone()[0])
             e, w = utt_errors(u.text, text, u.language)
-            results[n].append({"src": src, "lang": u.language, "id": u.id, "s": dt, "errors": e, "words": w, "hyp": text, "ref": u.text})
+            results[n].append({"src": src, "lang": u.language, "id": u.id, "s": dt, "tokens": nt, "errors": e, "words": w, "hyp": text, "ref": u.text})
         if i % 10 == 0:
             log.info("%d / %d utterances (%.0f s)", i + 1, len(sets), time.time() - t_start)
     ln.revert_(model)
+    raw = cache_dir("bench") / f"{run}.raw.pt"  # everything the records are computed from (--from-raw recomputes them)
+    torch.save({"run": run, "results": results, "history": history, "variants": {n: [str(p), v] for n, (p, v) in variants.items()},
+                "gate_info": gate_info, "order_s": order_s, "dec_order": dec_order, "enc_order": enc_order, "slots": slots,
+                "n_enc": n_enc, "n_dec": n_dec, "names": names, "args": vars(args), "t_run": t_run, "t_start": t_start,
+                "t_end": time.time()}, raw)
+    log.info("raw results in %s", raw)
+    report(raw)
 
+
+def report(raw_path: Path) -> None:
+    raw = torch.load(raw_path, weights_only=True)
+    run, results, history, gate_info = raw["run"], raw["results"], raw["history"], raw["gate_info"]
+    variants = {n: (None if p == "None" else Path(p), v) for n, (p, v) in raw["variants"].items()}
+    order_s, dec_order, enc_order, slots = raw["order_s"], raw["dec_order"], raw["enc_order"], raw["slots"]
+    n_enc, n_dec, names = raw["n_enc"], raw["n_dec"], raw["names"]
+    args = argparse.Namespace(**raw["args"])
+    t_run, t_start = raw["t_run"], raw["t_start"]
     records = []
     for n, info in gate_info.items():
         for m, v in info.items():
@@ -246,6 +279,9 @@ def main() -> None:
             records.append(rec(run, method, base, "seconds_per_utterance", tot / len(rows), "s"))
             records.append(rec(run, method, base, "time_vs_dense", tot / dtot, "x"))
             records.append(rec(run, method, base, "time_saved_pct", 100 * (1 - tot / dtot), "%"))
+            kept = [r for r in results["all-kept"] if r["src"] == src and r["lang"] == lang]
+            records.append(rec(run, method, base, "time_vs_all_kept", tot / sum(r["s"] for r in kept), "x"))
+            records.append(rec(run, method, base, "new_tokens_per_utterance", sum(r["tokens"] for r in rows) / len(rows), "tokens"))
             d = paired_delta_ci([r["errors"] for r in rows], [r["errors"] for r in dense_rows], [r["words"] for r in rows])
             for m, v in zip(("wer_delta_vs_dense", "wer_delta_vs_dense_lo", "wer_delta_vs_dense_hi"), d):
                 records.append(rec(run, method, base, m, v, "points"))
@@ -254,25 +290,27 @@ def main() -> None:
                 d = paired_delta_ci([r["errors"] for r in rows], [r["errors"] for r in st], [r["words"] for r in rows])
                 for m, v in zip(("wer_delta_vs_static", "wer_delta_vs_static_lo", "wer_delta_vs_static_hi"), d):
                     records.append(rec(run, method, base, m, v, "points"))
-            if n in history and lang in history[n] and n != "dense":
-                h = torch.stack(history[n][lang])
+            if (src, lang) in history.get(n, {}):
+                h = torch.stack(history[n][(src, lang)])
                 records.append(rec(run, method, base, "decoder_modules_skipped", float(1 - h[:, n_enc:].mean()), "fraction"))
                 records.append(rec(run, method, base, "encoder_modules_skipped", float(1 - h[:, :n_enc].mean()), "fraction"))
     # which modules each language keeps, and how often the decisions differ between languages
-    for n in (x for x in variants if x.startswith("gated")):
-        keep = {lang: torch.stack(history[n][lang]).mean(0).tolist() for lang in LANGS if history[n].get(lang)}
+    for n in (x for x in variants if x.startswith("gated")):  # espeak test utterances (LibriVox is a different source)
+        keep = {lang: torch.stack(history[n][("espeak", lang)]).mean(0).tolist() for lang in LANGS if history[n].get(("espeak", lang))}
         maj = {lang: [v > 0.5 for v in vals] for lang, vals in keep.items()}
         pairs = [(a, b) for i, a in enumerate(maj) for b in list(maj)[i + 1:]]
         diff = [sum(x != y for x, y in zip(maj[a][n_enc:], maj[b][n_enc:])) / n_dec for a, b in pairs]
-        per_utt = {lang: torch.stack(history[n][lang]) for lang in maj}
+        per_utt = {lang: torch.stack(history[n][("espeak", lang)]) for lang in maj}
         records.append(rec(run, "module_gating", {**variants[n][1], "variant": n, "language": "all", "task": "transcribe", "keep": keep},
                            "decoder_decisions_differing_between_languages", float(np.mean(diff)) if diff else 0.0, "fraction"))
-        within = [float((h[:, n_enc:] != h[:1, n_enc:]).float().mean()) for h in per_utt.values()]
+        # within a language: each utterance's decoder mask against the language's majority mask
+        within = [float((h[:, n_enc:] != (h[:, n_enc:].mean(0, keepdim=True) > 0.5).float()).float().mean()) for h in per_utt.values()]
         records.append(rec(run, "module_gating", {**variants[n][1], "variant": n, "language": "all", "task": "transcribe"},
                            "decoder_decisions_differing_within_language", float(np.mean(within)), "fraction"))
     records.append(rec(run, "config", {"train": args.train, "calib": args.calib, "test": args.test, "quick": args.quick,
                                        "decoder_order": [list(s) for s in dec_order], "encoder_order": [list(s) for s in enc_order],
-                                       "slots": [list(s) for s in slots]}, "run_seconds", time.time() - t_start, "s"))
+                                       "slots": [list(s) for s in slots]}, "run_seconds", raw["t_end"] - t_run, "s"))
+    records.append(rec(run, "config", {}, "eval_seconds", raw["t_end"] - t_start, "s"))
     out = RECORDS if not args.quick else RESULTS / "speech_gating_quick.jsonl"
     write(records, out)
     (cache_dir("bench") / f"{run}.transcripts.json").write_text(json.dumps(results, ensure_ascii=False))
@@ -349,13 +387,14 @@ def table(path: Path = RECORDS) -> None:
         p = r["params"]
         if "source" in p:
             rows.setdefault((p["variant"], p["source"], p["language"]), {})[r["metric"]] = r["value"]
-    print("| variant | data | lang | WER % [95% CI] | Δ vs dense (pts) | Δ vs static (pts) | time saved | dec. skipped |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | data | lang | WER % [95% CI] | Δ vs dense (pts) | Δ vs static (pts) | time saved vs dense | vs all-kept | tokens | dec. skipped |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for (n, src, lang), m in rows.items():
         vs = f"{m['wer_delta_vs_static']:+.1f} [{m['wer_delta_vs_static_lo']:+.1f}, {m['wer_delta_vs_static_hi']:+.1f}]" if "wer_delta_vs_static" in m else ""
         print(f"| {n} | {src} | {lang} | {m['wer']:.1f} [{m['wer_ci95_lo']:.1f}, {m['wer_ci95_hi']:.1f}] | "
               f"{m['wer_delta_vs_dense']:+.1f} [{m['wer_delta_vs_dense_lo']:+.1f}, {m['wer_delta_vs_dense_hi']:+.1f}] | {vs} | "
-              f"{m['time_saved_pct']:.1f}% | {m.get('decoder_modules_skipped', 0):.2f} |")
+              f"{m['time_saved_pct']:.1f}% | {100 * (1 - m['time_vs_all_kept']):.1f}% | {m['new_tokens_per_utterance']:.1f} | "
+              f"{m.get('decoder_modules_skipped', 0):.2f} |")
 
 
 if __name__ == "__main__":

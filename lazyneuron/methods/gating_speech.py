@@ -217,6 +217,11 @@ class GatedWhisperEncoder(_Delegating):
     def pooled(self, frames: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Mean of the front end's output over the frames that hold speech (all frames without a mask)."""
         if attention_mask is None:
+            if not self.predictor.static and not getattr(self, "_warned", False):
+                self._warned = True
+                log.warning("the gated Whisper encoder got no attention_mask: its gate input pools all 3000 frames, padding included, "
+                            "while gates are trained and calibrated on the audio frames; pass the feature extractor's mask "
+                            "(lazyneuron.speech.features / transcribe do)")
             return frames.mean(1)
         m = attention_mask[:, :: max(1, attention_mask.shape[1] // frames.shape[1])][:, : frames.shape[1]].to(frames.dtype)
         return (frames * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
@@ -367,15 +372,21 @@ class GatedWhisperDecoder(_Delegating):
                 for mi, name in enumerate(DEC_MODULES):
                     h = h + g[:, j, mi].view(b, 1, 1).to(h.dtype) * self._branch(layer, name, h, enc, mask, cache)
         else:
+            ran_all: list[tuple[int, int]] = []
             for j, mi, idx in _plan(g):
                 layer, name = layers[j], DEC_MODULES[mi]
                 if idx is None:
                     h = h + self._branch(layer, name, h, enc, mask, cache)
                 elif name != "mlp" and cache is not None:  # the cache holds every row: run the batch, zero the skippers
                     h = h + g[:, j, mi].view(b, 1, 1).to(h.dtype) * self._branch(layer, name, h, enc, mask, cache)
+                    ran_all.append((j, mi))
                 else:
                     sub = None if mask is None else mask[idx]
                     h = h.index_add(0, idx, self._branch(layer, name, h[idx], enc[idx] if enc.shape[0] == b else enc, sub, None))
+        if not g.requires_grad and ran_all:  # accounting: those modules ran for every row
+            g = g.clone()
+            for j, mi in ran_all:
+                g[:, j, mi] = 1.0
         self.shared.account("dec", g, q)
         if cache is not None:
             cache._ln_len = past + q
@@ -476,7 +487,15 @@ def decoder_logits(model: nn.Module, batch: SpeechBatch, *, reuse_encoder: bool)
     batch's cached dense encoder output (the encoder gates must then keep every module)."""
     wh = _whisper(model)
     gates = speech_gates(model)
+    old = gates.context
     gates.context = batch.context
+    try:
+        return _decoder_logits(model, wh, gates, batch, reuse_encoder)
+    finally:
+        gates.context = old
+
+
+def _decoder_logits(model: nn.Module, wh: nn.Module, gates: SpeechGates, batch: SpeechBatch, reuse_encoder: bool) -> torch.Tensor:
     if reuse_encoder and batch.encoder_out is not None:
         g = gates.decide(batch.pooled)
         gates.gates = torch.cat([torch.ones_like(g[:, : gates.n_enc]), g[:, gates.n_enc:]], 1)  # the cached encoder output is the dense one
@@ -548,6 +567,7 @@ class SpeechGateTraining:
     lora_rank: int = 0  # > 0: low-rank adapters on the decoder's linears, trained jointly with the gates
     lora_lr: float = 1e-3
     train_gates: bool = True  # False: the predictor stays as given (e.g. a static mask) and only the adapters train
+    estimator: str = "straight_through"  # or "relaxed": binary Concrete gates in the forward pass
 
     def validate(self) -> None:
         for k in ("decoder_target", "encoder_target"):
@@ -573,7 +593,9 @@ def train_speech_gates(model: nn.Module, batches: Sequence[SpeechBatch], context
     except ConfigError:
         keep = min(0.97, max(0.6, 1 - max(cfg.decoder_target, cfg.encoder_target) + 0.35))
         gates = install(model, init or new_predictor(model, contexts, init_keep=keep), cfg.lora_rank)
-    gates.estimator = "straight_through"
+    if cfg.estimator not in ("straight_through", "relaxed"):
+        raise ConfigError(f"SpeechGateTraining.estimator={cfg.estimator!r} is not supported; use 'straight_through' or 'relaxed'")
+    gates.estimator = cfg.estimator
     reuse = cfg.encoder_target == 0.0
     prepare(model, batches, cross=reuse)
     teachers = teacher_logits(model, batches)
@@ -624,6 +646,9 @@ def train_speech_gates(model: nn.Module, batches: Sequence[SpeechBatch], context
         model.eval()
         for p in params:
             p.requires_grad_(False)
+    if reuse and cfg.train_gates and not gates.predictor.static:  # no encoder target: the encoder's modules always run
+        with torch.no_grad():
+            gates.predictor.mlp[2].bias[: gates.n_enc] = 1e4
     gates.predictor.meta.update({"decoder_target": cfg.decoder_target, "encoder_target": cfg.encoder_target, "alpha": cfg.alpha,
                                  "target_sparsity": cfg.decoder_target, "lora_rank": cfg.lora_rank})
     if out is not None and is_main():
@@ -701,11 +726,15 @@ def keep_table(model: nn.Module, batches: Sequence[SpeechBatch], by: Callable[[S
     """Mean keep probability per slot for each group of utterances (``by(batch)`` names the group)."""
     gates = speech_gates(model)
     sums: dict[str, list[torch.Tensor]] = {}
-    for bt in batches:
-        if bt.pooled is None:
-            prepare(model, [bt])
-        gates.context = bt.context
-        sums.setdefault(by(bt), []).append(gates.keep_probability(bt.pooled))
+    old = gates.context
+    try:
+        for bt in batches:
+            if bt.pooled is None:
+                prepare(model, [bt])
+            gates.context = bt.context
+            sums.setdefault(by(bt), []).append(gates.keep_probability(bt.pooled))
+    finally:
+        gates.context = old
     return {k: torch.cat(v).mean(0) for k, v in sums.items()}
 
 
