@@ -45,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="smollm2-135m", help="built-in name, local HF directory or .gguf file")
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("transcribe", help="transcribe WAV files with a Whisper model, dense or with module gates (speech)",
+                       epilog="examples:\n  lazyneuron transcribe --model whisper-base --language de talk.wav\n"
+                              "  lazyneuron transcribe --model whisper-base --language de --gates gates.safetensors talk.wav",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("files", nargs="+", help="WAV files (16-bit PCM, any sample rate; resampled to 16 kHz)")
+    s.add_argument("--model", default="whisper-base", help="whisper-base, whisper-tiny.en, or a CTranslate2 / Hugging Face Whisper directory")
+    s.add_argument("--language", default=None, help="language code (en, de, es, ...); omitted: detected per file")
+    s.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    s.add_argument("--gates", default=None, help="a Whisper gate checkpoint (module_gating); the language and task are its context")
+    s.add_argument("--json", action="store_true", help="one JSON object per file: text, seconds, modules skipped")
+
     s = sub.add_parser("calibrate", help="record activation statistics to a safetensors file",
                        epilog="example: lazyneuron calibrate --model smollm2-135m --method activation_sparsity --out cal.safetensors")
     s.add_argument("--model", default="smollm2-135m")
@@ -184,6 +195,49 @@ def _add_kernel_parser(sub: Any) -> None:
     s.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N for the CMM walk on a GPU (needs Triton)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--out", help="append records to this JSON-lines file")
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    import time
+
+    from . import models
+    from .api import apply_
+    from .data.speech import SAMPLE_RATE, read_wav, resample
+    from .speech import DecodeTimings, transcribe
+
+    model, proc = models.load(args.model)
+    if getattr(model.config, "model_type", "") != "whisper":
+        raise LazyNeuronError(f"{args.model!r} is not a Whisper model; `lazyneuron transcribe` needs whisper-base, whisper-tiny.en or a Whisper directory")
+    gates = None
+    if args.gates:
+        from .methods import gating_speech as gs
+        from .methods.gating import ModuleGatingConfig
+
+        ctx = "|".join(f"{k}={v}" for k, v in (("language", args.language), ("task", args.task)) if v)
+        apply_(model, ModuleGatingConfig(checkpoint=args.gates, context=ctx))
+        gates = gs.speech_gates(model)
+        gates.track = True
+    for f in args.files:
+        audio, sr = read_wav(f)
+        if sr != SAMPLE_RATE:
+            audio = resample(audio, sr, SAMPLE_RATE)
+        t = DecodeTimings()
+        t0 = time.perf_counter()
+        text = transcribe(model, proc, [audio], language=args.language, task=args.task, timings=t)[0]
+        out: dict[str, Any] = {"file": f, "text": text.strip(), "seconds": round(time.perf_counter() - t0, 3),
+                               "encoder_s": round(t.encoder_s, 3), "decode_s": round(t.decode_s, 3)}
+        if gates is not None:
+            g = gates.gates[0]
+            out["encoder_modules_skipped"] = int((g[: gates.n_enc] < 0.5).sum())
+            out["decoder_modules_skipped"] = int((g[gates.n_enc:] < 0.5).sum())
+            out["modules"] = {"encoder": gates.n_enc, "decoder": len(gates.slots) - gates.n_enc}
+        if args.json:
+            _print_json(out)
+        else:
+            skip = (f"  [skipped {out['encoder_modules_skipped']}/{gates.n_enc} encoder, "
+                    f"{out['decoder_modules_skipped']}/{len(gates.slots) - gates.n_enc} decoder modules]") if gates is not None else ""
+            sys.stdout.write(f"{f}: {out['text']}  ({out['seconds']:.2f} s){skip}\n")
+    return 0
 
 
 def _inspect_text(rep: dict[str, Any]) -> str:
@@ -427,6 +481,8 @@ def _run(args: argparse.Namespace) -> int:
                          f"{' (discovered)' if rep['discovered'] else ''}\n")
         sys.stdout.write(_inspect_text(rep))
         return 0
+    if args.cmd == "transcribe":
+        return _transcribe(args)
     if args.cmd == "calibrate":
         from . import data
 

@@ -69,3 +69,14 @@ def test_bench_kernels_cmm_quick_json(capsys, monkeypatch) -> None:
     recs = json.loads(capsys.readouterr().out)
     assert {"d_model", "depth", "batch", "dtype", "speedup_vs_torch"} <= set(recs[0])
     assert [r["batch"] for r in recs] == kb.CMM_QUICK["batches"] and recs[0]["depth"] == 5 and recs[0]["speedup_vs_torch"] > 0
+
+
+def test_transcribe_refuses_a_text_model(tmp_path, capsys) -> None:
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, architectures=["LlamaForCausalLM"])
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    assert main(["transcribe", "--model", str(tmp_path / "tiny"), str(tmp_path / "x.wav")]) != 0
+    err = capsys.readouterr().err
+    assert "not a Whisper model" in err

@@ -402,3 +402,28 @@ def test_real_whisper_matches_ctranslate2(name, tmp_path):
     if ours[0] != theirs:  # fp32 kernels differ; a changed token that leaves the text alone is fine
         assert text == processor.tokenizer.decode(theirs, skip_special_tokens=True)
     assert "test" in text.lower()
+
+
+@pytest.mark.slow
+def test_cli_transcribe_dense_and_gated(tmp_path, capsys):
+    """`lazyneuron transcribe` on a WAV file at espeak-ng's own rate (resampled), dense and with a
+    static gate checkpoint that skips one decoder feed-forward module."""
+    import json
+
+    from lazyneuron.cli import main
+    from lazyneuron.methods import gating_speech as gs
+
+    model, _ = real_model("whisper-tiny.en")
+    if ESPEAK is None:
+        pytest.skip("espeak-ng is not installed")
+    wav = tmp_path / "speech.wav"
+    subprocess.run([ESPEAK, "-v", "en", "-s", "140", "-w", str(wav), SENTENCE], check=True, capture_output=True, timeout=60)
+    assert main(["transcribe", "--model", "whisper-tiny.en", "--json", str(wav)]) == 0
+    dense = json.loads(capsys.readouterr().out)
+    assert "speech recognition" in dense["text"].lower()
+    ckpt = tmp_path / "gates.safetensors"
+    gs.static_speech_predictor(model, [("decoder", 0, "mlp")]).save(ckpt)
+    assert main(["transcribe", "--model", "whisper-tiny.en", "--gates", str(ckpt), "--json", str(wav)]) == 0
+    gated = json.loads(capsys.readouterr().out)
+    assert gated["decoder_modules_skipped"] == 1 and gated["encoder_modules_skipped"] == 0
+    assert gated["modules"] == {"encoder": 8, "decoder": 12}
