@@ -233,6 +233,42 @@ class LowRankLinear(LazyModule):
         return F.linear(x, self._merged, self.base.bias)
 
 
+def install_lora(layers: nn.Module, paths: list[str], rank: int, state: dict[str, torch.Tensor] | None) -> list[LowRankLinear]:
+    """Wrap the linears at ``paths`` (relative to ``layers``) in rank-``rank`` adapters, loaded from
+    ``state`` (``{path.a, path.b}``) when given; returns the wrappers."""
+    from ..surgery import set_module
+
+    wrapped = {p: LowRankLinear(layers.get_submodule(p), rank) for p in paths}
+    if state:
+        want = {f"{p}.{w}" for p in paths for w in ("a", "b")}
+        if set(state) != want:
+            raise ConfigError(f"the gate checkpoint's low-rank adapters ({len(state)} tensors) do not fit this model's layers ({len(want)} expected)")
+        with torch.no_grad():
+            for p, m in wrapped.items():
+                if state[f"{p}.a"].shape != m.a.shape or state[f"{p}.b"].shape != m.b.shape:
+                    raise ConfigError(f"low-rank adapter {p} has shape {tuple(state[p + '.a'].shape)}, expected {tuple(m.a.shape)}")
+                m.a.copy_(state[f"{p}.a"])
+                m.b.copy_(state[f"{p}.b"])
+    for p, m in wrapped.items():
+        set_module(layers, p, m)
+    return list(wrapped.values())
+
+
+def lora_state(layers: nn.Module, paths: list[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for p in paths:
+        m = layers.get_submodule(p)
+        out[f"{p}.a"], out[f"{p}.b"] = m.a, m.b
+    return out
+
+
+def remove_lora(layers: nn.Module, paths: list[str]) -> None:
+    from ..surgery import set_module
+
+    for p in paths:
+        set_module(layers, p, layers.get_submodule(p).restore_base())
+
+
 def _lora_paths(layers: nn.ModuleList) -> list[str]:
     out = []
     for i, layer in enumerate(layers):
@@ -285,40 +321,17 @@ class GatedStack(LazyModule):
 
     # LoRA wrappers live inside the base's layers; revert_ unwraps them (they are LazyModules)
     def _install_lora(self, rank: int, state: dict[str, torch.Tensor] | None) -> None:
-        from ..surgery import set_module
-
-        paths = _lora_paths(self.layers)
-        wrapped = {p: LowRankLinear(self.layers.get_submodule(p), rank) for p in paths}
-        if state:
-            want = {f"{p}.{w}" for p in paths for w in ("a", "b")}
-            if set(state) != want:
-                raise ConfigError(f"the gate checkpoint's low-rank adapters ({len(state)} tensors) do not fit this model's layers ({len(want)} expected)")
-            with torch.no_grad():
-                for p, m in wrapped.items():
-                    if state[f"{p}.a"].shape != m.a.shape or state[f"{p}.b"].shape != m.b.shape:
-                        raise ConfigError(f"low-rank adapter {p} has shape {tuple(state[p + '.a'].shape)}, expected {tuple(m.a.shape)}")
-                    m.a.copy_(state[f"{p}.a"])
-                    m.b.copy_(state[f"{p}.b"])
-        for p, m in wrapped.items():
-            set_module(self.layers, p, m)
-        self.lora_paths = paths
-        self._lora_mods = list(wrapped.values())
+        self.lora_paths = _lora_paths(self.layers)
+        self._lora_mods = install_lora(self.layers, self.lora_paths, rank, state)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for p in self.lora_paths:
-            m = self.layers.get_submodule(p)
-            out[f"{p}.a"], out[f"{p}.b"] = m.a, m.b
-        return out
+        return lora_state(self.layers, self.lora_paths)
 
     def lora_modules(self) -> list[LowRankLinear]:
         return list(self._lora_mods)
 
     def restore_base(self) -> nn.Module:
-        from ..surgery import set_module
-
-        for p in self.lora_paths:
-            set_module(self.layers, p, self.layers.get_submodule(p).restore_base())
+        remove_lora(self.layers, self.lora_paths)
         self.lora_paths, self._lora_mods = [], []
         return self.base
 

@@ -282,25 +282,11 @@ class GatedWhisperDecoder(_Delegating):
             self._install_lora(lora_rank, lora_state)
 
     def _install_lora(self, rank: int, state: dict[str, torch.Tensor] | None) -> None:
-        from ..surgery import set_module
-        from .gating import LowRankLinear
+        from .gating import install_lora
 
         layers = self.base.layers
-        paths = [f"{i}.{n}" for i in range(len(layers)) for n in LORA_DECODER]
-        wrapped = {p: LowRankLinear(layers.get_submodule(p), rank) for p in paths}
-        if state:
-            want = {f"{p}.{w}" for p in paths for w in ("a", "b")}
-            if set(state) != want:
-                raise ConfigError(f"the gate checkpoint's low-rank adapters ({len(state)} tensors) do not fit this decoder ({len(want)} expected)")
-            with torch.no_grad():
-                for p, m in wrapped.items():
-                    if state[f"{p}.a"].shape != m.a.shape or state[f"{p}.b"].shape != m.b.shape:
-                        raise ConfigError(f"low-rank adapter {p} has shape {tuple(state[p + '.a'].shape)}, expected {tuple(m.a.shape)}")
-                    m.a.copy_(state[f"{p}.a"])
-                    m.b.copy_(state[f"{p}.b"])
-        for p, m in wrapped.items():
-            set_module(layers, p, m)
-        self.lora_paths = paths
+        self.lora_paths = [f"{i}.{n}" for i in range(len(layers)) for n in LORA_DECODER]
+        install_lora(layers, self.lora_paths, rank, state)
 
     def lora_modules(self) -> list[nn.Module]:
         return [self.base.layers.get_submodule(p) for p in self.lora_paths]
@@ -312,16 +298,14 @@ class GatedWhisperDecoder(_Delegating):
             m._merged = m.base.weight + m.scale * (m.b @ m.a)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for p, m in zip(self.lora_paths, self.lora_modules()):
-            out[f"{p}.a"], out[f"{p}.b"] = m.a, m.b
-        return out
+        from .gating import lora_state
+
+        return lora_state(self.base.layers, self.lora_paths)
 
     def restore_base(self) -> nn.Module:
-        from ..surgery import set_module
+        from .gating import remove_lora
 
-        for p in self.lora_paths:
-            set_module(self.base.layers, p, self.base.layers.get_submodule(p).restore_base())
+        remove_lora(self.base.layers, self.lora_paths)
         self.lora_paths = []
         return self.base
 
