@@ -171,6 +171,7 @@ def apply_(
                     model, paths, lambda p, m, meth=meth, cfg=run_cfg, stats=stats: meth.convert(p, m, cfg, None if stats is None else stats[p]), cfg.name
                 )
             done.append(replaced)
+            meth.finish(model, run_cfg, replaced)
             reports.append(ApplyReport(cfg.name, cfg.to_dict(), replaced, meth.summarize(model, cfg, replaced)))
     except BaseException:
         for replaced in reversed(done):

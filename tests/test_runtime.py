@@ -42,6 +42,37 @@ def test_gemv_matches_reference(dtype: str, in_f: int, out_f: int, batch: int, m
         assert rows == int(((x - centre).abs() > thr).any(0).sum())
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", G.DTYPES)
+@pytest.mark.parametrize("in_f,out_f", [(64, 48), (576, 192), (300, 1537), (7, 65), (520, 33)])
+@pytest.mark.parametrize("tokens", [17, 40, 97, 301])
+def test_gemm_matches_reference(dtype: str, in_f: int, out_f: int, tokens: int) -> None:
+    """The blocked GEMM for long inputs, over every tail: tokens not a multiple of the micro-tile,
+    outputs not a multiple of the column tile, inputs not a multiple of the packed panel."""
+    g = torch.Generator().manual_seed(in_f * 7 + out_f + tokens)
+    x = torch.randn(tokens, in_f, generator=g)
+    wt, scale = G.prepare_weight(torch.randn(out_f, in_f, generator=g), dtype)
+    bias = torch.randn(out_f, generator=g) if tokens % 2 else None
+    y = G.gemm(x, wt, scale, bias)
+    ref = G.reference(x, wt, scale, bias)
+    assert y.shape == (tokens, out_f) and y.dtype == torch.float32
+    assert (y - ref).abs().max().item() <= 1e-4 * (1 + ref.abs().max().item())
+    fl = FastLinear(torch.nn.Linear(in_f, out_f), dtype)  # the runtime's linear takes the GEMM above the GEMV's batch
+    xb = torch.randn(3, tokens, in_f, generator=g)
+    assert torch.allclose(fl(xb), G.reference(xb.view(-1, in_f), fl.wt, fl.scale, fl.bias).view(3, tokens, out_f), atol=1e-4, rtol=1e-4)
+
+
+@needs_ext
+def test_gemm_errors_name_the_problem() -> None:
+    wt, scale = G.prepare_weight(torch.randn(5, 10), "int8")
+    with pytest.raises(ValueError, match="scale"):
+        G.gemm(torch.randn(40, 10), wt, None)
+    with pytest.raises(ValueError, match="features"):
+        G.gemm(torch.randn(40, 11), wt, scale)
+    with pytest.raises(ValueError, match="bias"):
+        G.gemm(torch.randn(40, 10), wt, scale, torch.randn(4))
+
+
 @pytest.mark.parametrize("dtype", G.DTYPES)
 def test_prepare_weight_formats(dtype: str) -> None:
     w = torch.randn(40, 24)
@@ -151,6 +182,57 @@ def test_activation_sparsity_rows_in_runtime_dtype(dtype: str, ids: torch.Tensor
     ln.revert_(m)
     for k, v in before.items():
         assert torch.equal(m.state_dict()[k], v), k
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", G.DTYPES)
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_siblings_stored_side_by_side_and_read_in_one_call(dtype: str, sparse: bool, batch: int) -> None:
+    """The runtime stores q / k / v and gate / up side by side; the decode step reads each group
+    in one call. Its logits equal the step that calls every projection alone, and the model's own
+    forward (the members read their column blocks) is unchanged by the fusion."""
+    from lazyneuron.runtime import DecodeStep
+    from lazyneuron.runtime.linear import fused_args
+
+    m = tiny_causal_lm("qwen2", layers=2)  # q / k / v with biases
+    ids = torch.randint(0, 128, (batch, 10), generator=torch.Generator().manual_seed(4))
+    cfgs: list = [RuntimeConfig(dtype=dtype)]
+    cal = None
+    if sparse:
+        cfg = ActivationSparsityConfig(rule="teal", sparsity=0.4)
+        cal = ln.calibrate(m, calib_batches(), cfg)
+        cfgs = [cfg, *cfgs]
+    ln.apply_(m, cfgs, cal)
+    att, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
+    group = att.q_proj._ln_fused[0]
+    assert att.k_proj._ln_fused[0] is group and att.v_proj.wt.data_ptr() > group.wt.data_ptr() and mlp.up_proj._ln_fused[0] is mlp.gate_proj._ln_fused[0]
+    fwd = m(ids).logits
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        st = DecodeStep(m, batch, 16)
+        if not fused:
+            st._fast = [f[:4] + (None, f[5] if f[5] is None or not isinstance(f[5][1], list) else None) for f in st._fast]
+        else:
+            equal = not sparse or all(torch.equal(a.threshold, att.q_proj.threshold) for a in (att.k_proj, att.v_proj))
+            qkv = st._fast[0][4]
+            assert (qkv is not None) == equal
+            if qkv is not None:
+                assert qkv[1] == [a.out_features for a in (att.q_proj, att.k_proj, att.v_proj)]
+        st.prefill(ids[:, :6])
+        return [st.step(ids[:, p], p) for p in range(6, 10)]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    tol = {"fp32": 1e-4, "bf16": 0.05, "int8": 0.1}[dtype] if not sparse else None
+    if tol is not None:  # dense: the step against the model's forward on the same weights
+        steps = run(True)
+        for p, lg in zip(range(6, 10), steps):
+            assert (lg - fwd[:, p]).abs().max() <= tol * (1 + fwd[:, p].abs().max())
+    if sparse:  # unequal thresholds: the group's rows differ per member, so each is read alone
+        att.k_proj.threshold = att.k_proj.threshold + 1.0
+        assert fused_args([att.q_proj, att.k_proj, att.v_proj], [(t.wt, None, torch.empty(0), torch.empty(0), t.threshold) for t in (att.q_proj, att.k_proj, att.v_proj)]) is None
+    ln.revert_(m)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -289,7 +371,7 @@ def test_kernels_on_the_avx2_path() -> None:
     here = Path(__file__).parent
     env = {**os.environ, "LAZYNEURON_KERNEL_FLAGS": "-mno-avx512f"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(here / "test_runtime.py"), str(here / "test_kernels.py"),
-           str(here / "test_fff.py"), "-k", "(gemv or attn or norm or sparse or cats or per_channel or decode_step or cmm) and not avx2"]
+           str(here / "test_fff.py"), "-k", "(gemv or gemm or attn or norm or sparse or cats or per_channel or decode_step or cmm) and not avx2"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=here.parent)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout
@@ -322,4 +404,5 @@ def test_step_profile_splits_the_step() -> None:
         step_profile(m, prompt, steps=2, repeats=1)
     ln.apply_(m, RuntimeConfig())
     p = step_profile(m, prompt, steps=2, repeats=1)
-    assert p["kernel_calls"] == 2 * 7 + 1 and 0 <= p["non_gemv_share"] <= 1 and p["step_s"] > 0
+    # per layer: q / k / v in one call (stored side by side), o, gate / up in one call, down; then the head
+    assert p["kernel_calls"] == 2 * 4 + 1 and 0 <= p["non_gemv_share"] <= 1 and p["step_s"] > 0

@@ -65,7 +65,7 @@ def kernel_error(code: int, x: torch.Tensor, w: torch.Tensor) -> str:
     return {
         1: f"x must be (B, in) contiguous float32, got {tuple(x.shape)} {x.dtype}",
         2: f"batch must be in [1, {MAX_BATCH}], got {x.shape[0] if x.dim() else 0}",
-        3: "wt must be (in, out) contiguous; call .contiguous() on it once",
+        3: "wt must be (in, out) with contiguous rows (stride 1 along out); call .contiguous() on it once",
         4: f"wt must be float32, bfloat16 or int8, got {w.dtype}",
         5: f"x has {x.shape[-1]} features but wt has {w.shape[0]} rows",
         6: "bad bias: float32, contiguous, one entry per output",
@@ -107,6 +107,21 @@ def gemv(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, b
     if y is None:  # an input check failed in the kernel, which reports only its number
         raise ValueError(f"gemv: {kernel_error(ext.last_error(), x, wt)}")
     return y, rows
+
+
+def gemm(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense ``x (N, in) @ wt`` for any number of tokens (prefill, encoder forwards), float32 out.
+
+    bf16 / int8 weights are widened as they are read, panel by panel in L2, never into a full fp32
+    copy. Falls back to :func:`reference` without the extension or off the CPU."""
+    ext = extension("gemv")
+    if ext is None or x.shape[0] == 0 or not (x.is_cpu and wt.is_cpu):
+        return reference(x, wt, scale, bias)
+    y = ext.gemm(x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(), wt,
+                 _EMPTY if scale is None else scale, _EMPTY if bias is None else bias)
+    if y is None:
+        raise ValueError(f"gemm: {kernel_error(ext.last_error(), x, wt)}")
+    return y
 
 
 def read_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:

@@ -39,16 +39,15 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, ce
 def masked_matmul(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, centre: torch.Tensor | None, threshold: torch.Tensor,
                   scale: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`reference`'s result for a long input (prefill, encoder forwards), where nothing can
-    be skipped across tokens: the input sparsified in one fused pass, then torch's GEMM on the
-    (in, out) weight, so that the cost is a dense layer's."""
+    be skipped across tokens: the input sparsified in one fused pass, then the blocked GEMM on the
+    (in, out) weight in its stored format, so that the cost is a dense layer's."""
     ext = extension("gemv")
     if ext is None or not (x.is_cpu and wt.is_cpu) or x.dtype != torch.float32:
         return reference(x, wt, bias, centre, threshold, scale)
     d = ext.sparsify(x.contiguous(), _EMPTY if centre is None else centre, threshold)
     if d is None:
         raise ValueError(f"sparsify: {G.kernel_error(ext.last_error(), x, wt)}")
-    w = G.dequantize(wt, scale) if (scale is not None or wt.dtype != torch.float32) else wt  # (in, out) fp32
-    return torch.addmm(bias, d, w) if bias is not None else d @ w
+    return G.gemm(d, wt, scale, bias)
 
 
 def cats_reference(x: torch.Tensor, g: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -94,6 +94,10 @@ class Method:
         """Lines the demo prints under its table (for example how to make a missing checkpoint)."""
         return []
 
+    def finish(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> None:
+        """After every target of ``cfg`` is converted (``paths``): work across the new modules
+        (the runtime stores sibling projections side by side). Default: nothing."""
+
     def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
         return {}
 

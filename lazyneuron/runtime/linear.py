@@ -7,8 +7,13 @@ per-output-channel scales). Linears that another method already converted keep t
 take the runtime's weight format where they support it (activation sparsity stores its rows in
 the runtime's dtype). Apply the runtime last: ``apply_(model, [method_cfg, RuntimeConfig(...)])``.
 
-At most ``MAX_BATCH`` (16) tokens per call run the kernel (decode); longer inputs (prefill, encoder
-forwards) run a torch matmul over the same weight values, so they are never slower than dense.
+At most ``MAX_BATCH`` (16) tokens per call run the GEMV (decode); longer inputs (prefill, encoder
+forwards) run the blocked GEMM of the same extension over the same weight values (bf16 / int8
+widened panel by panel, never into a full fp32 copy), which keeps them at or above dense torch.
+Sibling projections of one input (``q_proj`` / ``k_proj`` / ``v_proj``, ``gate_proj`` / ``up_proj``)
+are stored side by side in one ``(in, sum of outs)`` buffer, each module's weight a column block
+of it (:func:`fuse_siblings`): alone, each reads its block; the lean decode step reads all of a
+group's rows in one kernel call (:func:`fused_args`), one stream instead of three.
 ``revert_`` restores the original modules and weights bit for bit.
 """
 
@@ -29,7 +34,6 @@ from ..methods.base import DEMO_MODEL, Method
 from ..surgery import LazyModule, filter_paths
 
 _EMPTY = torch.empty(0)
-CHUNKED_MAX = 128  # bf16 / int8 inputs up to this many tokens run the kernel in chunks; longer ones widen the weight once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,18 +81,16 @@ class FastLinear(LazyModule):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (tokens, in)
         n = x2.shape[0]
-        if self._ext is not None and 0 < n <= G.MAX_BATCH and x2.dtype == torch.float32 and x2.is_cpu:
-            y, _ = self._ext.gemv(x2 if x2.is_contiguous() else x2.contiguous(), self.wt, *self._args)
+        if self._ext is not None and n > 0 and x2.is_cpu:
+            xs = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+            if n <= G.MAX_BATCH:  # decode: the GEMV, every weight byte read once
+                y, _ = self._ext.gemv(xs, self.wt, *self._args)
+            else:  # prefill, encoder forwards: the blocked GEMM, widening panel by panel in L2
+                y = self._ext.gemm(xs, self.wt, self._args[0], self._args[1])
             if y is None:
                 raise ValueError(f"FastLinear: {G.kernel_error(self._ext.last_error(), x2, self.wt)}")
-        elif self.scale is None and self.wt.dtype == torch.float32:  # the same fp32 values, torch's GEMM on the (in, out) layout
-            y = torch.addmm(self.bias, x2.float(), self.wt) if self.bias is not None else x2.float() @ self.wt
-        elif self._ext is not None and 0 < n <= CHUNKED_MAX and x2.is_cpu:  # bf16 / int8, a short prompt: the kernel, 16 tokens at a time
-            xs = x2.float().contiguous()
-            y = torch.cat([self._ext.gemv(xs[k : k + G.MAX_BATCH], self.wt, *self._args)[0] for k in range(0, n, G.MAX_BATCH)])
-        else:  # the kernel's weight values, widened once per call (one pass), then torch's GEMM on the (in, out) layout
-            w = G.dequantize(self.wt, self.scale)
-            y = torch.addmm(self.bias, x2.float(), w) if self.bias is not None else x2.float() @ w
+        else:  # no extension, or another device: the reference on the kernel's weight values
+            y = G.reference(x2, self.wt, self.scale, self.bias)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:
@@ -156,6 +158,9 @@ class Runtime(Method):
         """The weight format every planned combination runs on, from exact to smallest."""
         return [[RuntimeConfig(dtype=d) for d in ("fp32", "bf16", "int8")]]
 
+    def finish(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> None:
+        fuse_siblings(model)
+
     def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
         mods = [model.get_submodule(p) for p in paths]
         return {"dtype": getattr(cfg, "dtype", "fp32"), "linears": len(mods), "weight_bytes": sum(m.weight_bytes() for m in mods if isinstance(m, FastLinear))}
@@ -170,3 +175,89 @@ def _find(model: nn.Module, path: str) -> nn.Module | None:
 
 def _sparse_modules(model: nn.Module) -> list[Any]:
     return [m for m in model.modules() if hasattr(m, "set_weight_dtype")]
+
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one input, by name
+
+
+@dataclasses.dataclass
+class FusedGroup:
+    """Sibling projections stored side by side: ``wt`` (in, sum of outs) in the runtime's format,
+    ``scale`` (sum of outs) for int8, and each member's first column."""
+
+    wt: torch.Tensor
+    scale: torch.Tensor | None
+    offsets: tuple[int, ...]
+
+
+def _fusable(m: Any) -> bool:
+    if type(m) is FastLinear:
+        return m.backend == "auto" and not _is_shared(m.base)
+    return type(m).__name__ == "SparseLinear" and isinstance(m.base, nn.Linear) and m.backend == "auto"
+
+
+def fuse_siblings(model: nn.Module) -> int:
+    """Store each group of :data:`SIBLINGS` that are all runtime or sparse linears of one weight
+    format in one buffer, each member's ``wt`` (and int8 ``scale``) a view of its columns; an fp32
+    weight that shared storage with its ``nn.Linear`` keeps sharing it (the linear's weight
+    becomes a view of the buffer, made contiguous again on revert). Returns the groups fused."""
+    fused = 0
+    for parent in model.modules():
+        for names in SIBLINGS:
+            mods = [getattr(parent, n, None) for n in names]
+            if not all(_fusable(m) for m in mods) or any(getattr(m, "_ln_fused", None) is not None for m in mods):
+                continue
+            if len({m.wt.dtype for m in mods}) != 1 or len({m.wt.shape[0] for m in mods}) != 1:
+                continue
+            shares = [m.base.weight.data_ptr() == m.wt.data_ptr() for m in mods]
+            wt = torch.cat([m.wt for m in mods], 1)  # (in, sum of outs)
+            scale = torch.cat([m.scale for m in mods]) if mods[0].scale is not None else None
+            offsets, off = [], 0
+            for m, shared in zip(mods, shares):
+                n = m.wt.shape[1]
+                m.wt = wt[:, off : off + n]
+                if shared:
+                    m.base.weight.data = m.wt.t()
+                if scale is not None:
+                    m.scale = scale[off : off + n]
+                if type(m) is FastLinear:
+                    m._args = (_EMPTY if m.scale is None else m.scale, *m._args[1:])
+                offsets.append(off)
+                off += n
+            group = FusedGroup(wt, scale, tuple(offsets))
+            for i, m in enumerate(mods):
+                m._ln_fused = (group, i)
+            fused += 1
+    return fused
+
+
+def fused_args(mods: list[Any], direct: list[tuple[Any, ...] | None]) -> tuple[tuple[Any, ...], list[int]] | None:
+    """The GEMV arguments (wt, scale, bias, centre, threshold) that compute the sibling
+    projections ``mods`` in one call, and each one's width; None unless they still are the views
+    of one :class:`FusedGroup`, in its order, and select the same input rows (dense, or activation
+    sparsity with equal centres and thresholds). ``direct``: each member's own arguments."""
+    if any(d is None for d in direct):
+        return None
+    tags = [getattr(m, "_ln_fused", None) for m in mods]
+    if any(t is None for t in tags) or any(t[0] is not tags[0][0] or t[1] != i for i, t in enumerate(tags)):
+        return None
+    group = tags[0][0]
+    if len(mods) != len(group.offsets):
+        return None
+    es = group.wt.element_size()
+    for m, off in zip(mods, group.offsets):
+        if m.wt.data_ptr() != group.wt.data_ptr() + off * es or m.wt.stride() != group.wt.stride():
+            return None
+    d0 = direct[0]
+    for d in direct[1:]:  # (wt, scale, bias, centre, threshold)
+        for a, b in ((d[3], d0[3]), (d[4], d0[4])):
+            if a.shape != b.shape or not torch.equal(a, b):
+                return None
+    widths = [m.wt.shape[1] for m in mods]
+    biases = [d[2] for d in direct]
+    if all(b.numel() == 0 for b in biases):
+        bias = _EMPTY
+    else:
+        bias = torch.cat([b if b.numel() else torch.zeros(w) for b, w in zip(biases, widths)]).contiguous()
+    scale = _EMPTY if group.scale is None else group.scale
+    return (group.wt, scale, bias, d0[3], d0[4]), widths

@@ -121,15 +121,23 @@ class DecodeStep:
 
     @staticmethod
     def _kernel_args(lay: nn.Module) -> tuple[Any, ...]:
+        """Per layer: the direct kernel arguments of q, k, v, o (None: call the module), of q / k / v
+        in one call when the runtime stored them side by side (None: three calls), and of a plain
+        SiLU-gated MLP on the kernels ((gate, up, down), or (gate and up in one call, widths, down))."""
+        from .linear import fused_args
+
         att, mlp = lay.self_attn, lay.mlp
-        proj = tuple(_direct(getattr(att, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        names = ("q_proj", "k_proj", "v_proj")
+        proj = tuple(_direct(getattr(att, n)) for n in (*names, "o_proj"))
+        qkv = fused_args([getattr(att, n) for n in names], list(proj[:3]))
         gated = None
         if not isinstance(mlp, LazyModule) and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) and \
                 type(getattr(mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
             parts = tuple(_direct(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
             if all(p is not None for p in parts):
-                gated = parts
-        return proj + (gated,)
+                gu = fused_args([mlp.gate_proj, mlp.up_proj], list(parts[:2]))
+                gated = parts if gu is None else (gu[0], gu[1], parts[2])
+        return proj + (qkv, gated)
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -171,16 +179,21 @@ class DecodeStep:
             streak, prev = torch.zeros(1, dtype=torch.long), torch.full((1,), -1, dtype=torch.long)
         for i, lay in enumerate(self.layers):
             att = lay.self_attn
-            fq, fk, fv, fo, fm = self._fast[i]
+            fq, fk, fv, fo, fqkv, fm = self._fast[i]
             _, _, w2, e2 = self.norm_w[i]
             wn, en = (self.norm_w[i + 1][0], self.norm_w[i + 1][1]) if i + 1 < n else self.final
             ka, km = plan[i]
             if ka is False:  # attention skipped by every sequence: not called, its cache untouched
                 x = ext.rmsnorm(h, w2, e2)
             else:
-                q = gemv(x, *fq)[0] if fq else att.q_proj(x)
-                k = gemv(x, *fk)[0] if fk else att.k_proj(x)
-                v = gemv(x, *fv)[0] if fv else att.v_proj(x)
+                if fqkv:  # q, k and v stored side by side: one call reads all their rows
+                    q, k, v = gemv(x, *fqkv[0])[0].split(fqkv[1], 1)
+                    if self.batch > 1:
+                        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+                else:
+                    q = gemv(x, *fq)[0] if fq else att.q_proj(x)
+                    k = gemv(x, *fk)[0] if fk else att.k_proj(x)
+                    v = gemv(x, *fv)[0] if fv else att.v_proj(x)
                 o = ext.attn_decode(q, k, v, cos, sin, self.kc[i], self.vc[i], pos, self.scale)
                 if o is None:
                     raise ValueError(f"attn_decode: {D._MESSAGES.get(ext.last_error(), 'bad input')}")
@@ -189,7 +202,10 @@ class DecodeStep:
             if km is False:  # feed-forward skipped by every sequence: not called (the exit test below still runs)
                 x = ext.rmsnorm(h, wn, en)
             else:
-                if fm:  # a plain SiLU-gated MLP on the runtime: its three kernels, no module calls
+                if fm and isinstance(fm[1], list):  # gate and up side by side: one call, then down
+                    g, u = gemv(x, *fm[0])[0].split(fm[1], 1)
+                    m = gemv(silu(g).mul_(u), *fm[2])[0]
+                elif fm:  # a plain SiLU-gated MLP on the runtime: its three kernels, no module calls
                     m = gemv(silu(gemv(x, *fm[0])[0]).mul_(gemv(x, *fm[1])[0]), *fm[2])[0]
                 else:
                     m = lay.mlp(x.unsqueeze(1)).reshape(h.shape)

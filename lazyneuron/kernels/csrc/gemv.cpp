@@ -7,7 +7,9 @@
 //
 // Wt is the weight stored input-channel-major, (in, out) contiguous (prepared once at convert
 // time), so an inactive input channel is one contiguous row that is never read, and a dense pass
-// is one contiguous stream. int8 weights are weight-only with one fp32 scale per output channel
+// is one contiguous stream. Rows may be a column block of a wider matrix (row stride ldw >= out):
+// the runtime stores sibling projections of one input (q / k / v, gate / up) side by side, so one
+// call reads all of them and each projection alone reads its block. int8 weights are weight-only with one fp32 scale per output channel
 // (symmetric), accumulated in fp32. For batch > 1 a row is read once for all tokens that need it.
 //
 // Two schedules, both reading every weight byte once per call:
@@ -203,7 +205,7 @@ inline void finish(float* y, const float* acc, const float* bias, const float* s
 // idx (all rows when idx is null) read once for all B tokens. Returns n.
 template <typename W>
 int64_t apply_rows(const W* wt, const float* scale, const float* bias, const int32_t* idx, int64_t n, const float* vp, float* y, int64_t B,
-                   int64_t out) {
+                   int64_t out, int64_t ldw) {
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
 
   if (B * out * static_cast<int64_t>(sizeof(float)) <= kSplitAccBytes) {
@@ -214,7 +216,7 @@ int64_t apply_rows(const W* wt, const float* scale, const float* bias, const int
     float* pp = partial.data();
     auto bound = [&](int64_t p) { return p == parts ? n : (n * p / parts) / kR * kR; };
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) rows_pass(wt, out, idx, vp, B, bound(p), bound(p + 1), 0, out, pp + p * B * out, out);
+      for (int64_t p = p0; p < p1; ++p) rows_pass(wt, ldw, idx, vp, B, bound(p), bound(p + 1), 0, out, pp + p * B * out, out);
     });
     for (int64_t p = 1; p < parts; ++p) {
       const float* src = pp + p * B * out;
@@ -233,7 +235,7 @@ int64_t apply_rows(const W* wt, const float* scale, const float* bias, const int
     for (int64_t tt = t0; tt < t1; ++tt) {
       const int64_t j0 = tt * tile, len = std::min(tile, out - j0);
       std::fill(acc.begin(), acc.end(), 0.f);
-      rows_pass(wt, out, idx, vp, B, 0, n, j0, len, acc.data(), tile);
+      rows_pass(wt, ldw, idx, vp, B, 0, n, j0, len, acc.data(), tile);
       for (int64_t b = 0; b < B; ++b)
         finish(y + b * out + j0, acc.data() + b * tile, bias ? bias + j0 : nullptr, scale ? scale + j0 : nullptr, len);
     }
@@ -244,7 +246,7 @@ int64_t apply_rows(const W* wt, const float* scale, const float* bias, const int
 // Returns the number of weight rows read. thr == nullptr: dense.
 template <typename W>
 int64_t run(const float* x, const W* wt, const float* scale, const float* bias, const float* centre, const float* thr, bool thr_per_channel,
-            float* y, int64_t B, int64_t in, int64_t out) {
+            float* y, int64_t B, int64_t in, int64_t out, int64_t ldw) {
   // 1. the rows to read and each token's coefficient: vals[k * B + b] (zero where token b skips row k)
   thread_local std::vector<int32_t> idx_buf;
   thread_local std::vector<float> vals;
@@ -271,9 +273,93 @@ int64_t run(const float* x, const W* wt, const float* scale, const float* bias, 
     }
     idx = idx_buf.data();
   }
-  return apply_rows<W>(wt, scale, bias, idx, n, vals.data(), y, B, out);
+  return apply_rows<W>(wt, scale, bias, idx, n, vals.data(), y, B, out, ldw);
 }
 
+
+// y (N, out) = finish(x (N, in) @ Wt) for a long input (prefill, encoder forwards) over fp32, bf16
+// or int8 weights, without widening the weight into a full fp32 copy. Blocked like a BLAS GEMM:
+// tokens in blocks of kGemmTokens; for each block, output columns in tiles of kNR and the input
+// dimension in slices of kKC; each (kKC, kNR) weight slice is widened once into a packed fp32 panel
+// (L1 / L2) that every micro-tile of kMR tokens of the block then multiplies with its kMR x kNR
+// accumulators held in registers (each x value broadcast once per panel row).
+#if defined(__AVX512F__)
+constexpr int64_t kMR = 6, kNRV = 4;
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kMR = 6, kNRV = 2;
+#else
+constexpr int64_t kMR = 4, kNRV = 4;
+#endif
+constexpr int64_t kNR = kNRV * kV;  // output columns per tile
+constexpr int64_t kKC = 256;        // input channels per packed panel
+constexpr int64_t kGemmTokens = 96; // at most this many tokens per block (a multiple of kMR on every path)
+
+// c (MR, kNR, stride kNR) += x (MR rows, stride ldx, kc columns) @ panel (kc, kNR)
+template <int64_t MR>
+inline void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t kc, float* c) {
+#ifndef LN_SCALAR
+  vec acc[MR][kNRV];
+  for (int64_t m = 0; m < MR; ++m)
+    for (int64_t n = 0; n < kNRV; ++n) acc[m][n] = vload(c + m * kNR + n * kV);
+  for (int64_t k = 0; k < kc; ++k) {
+    vec w[kNRV];
+    for (int64_t n = 0; n < kNRV; ++n) w[n] = vload(panel + k * kNR + n * kV);
+    for (int64_t m = 0; m < MR; ++m) {
+      const float a = x[m * ldx + k];
+      for (int64_t n = 0; n < kNRV; ++n) acc[m][n] = vfma(a, w[n], acc[m][n]);
+    }
+  }
+  for (int64_t m = 0; m < MR; ++m)
+    for (int64_t n = 0; n < kNRV; ++n) vstore(c + m * kNR + n * kV, acc[m][n]);
+#else
+  for (int64_t k = 0; k < kc; ++k)
+    for (int64_t m = 0; m < MR; ++m)
+      for (int64_t j = 0; j < kNR; ++j) c[m * kNR + j] += x[m * ldx + k] * panel[k * kNR + j];
+#endif
+}
+
+template <typename W>
+void gemm_run(const float* x, const W* wt, const float* scale, const float* bias, float* y, int64_t N, int64_t in, int64_t out, int64_t ldw) {
+  // token blocks of equal size (multiples of kMR), enough (block, tile) items to keep the threads even
+  const int64_t ntiles = (out + kNR - 1) / kNR, nthreads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t nblk = std::max<int64_t>((N + kGemmTokens - 1) / kGemmTokens, (8 * nthreads + ntiles - 1) / ntiles);
+  int64_t bs = std::min(kGemmTokens, ((N + nblk - 1) / nblk + kMR - 1) / kMR * kMR);
+  nblk = (N + bs - 1) / bs;
+  at::parallel_for(0, nblk * ntiles, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> panel(static_cast<size_t>(kKC * kNR)), acc(static_cast<size_t>(kGemmTokens * kNR));
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t q = it / ntiles, tt = it % ntiles;
+      const int64_t b0 = q * bs, nb = std::min(bs, N - b0);
+      const int64_t j0 = tt * kNR, len = std::min(kNR, out - j0);
+      std::fill(acc.begin(), acc.begin() + nb * kNR, 0.f);
+      for (int64_t k0 = 0; k0 < in; k0 += kKC) {
+        const int64_t kc = std::min(kKC, in - k0);
+        for (int64_t k = 0; k < kc; ++k) {  // widen the (kc, len) weight slice into the panel, zero past len
+          const W* src = wt + (k0 + k) * ldw + j0;
+          float* dst = panel.data() + k * kNR;
+          int64_t j = 0;
+#ifndef LN_SCALAR
+          if (len == kNR)
+            for (; j < kNR; j += kV) vstore(dst + j, vload(src + j));
+#endif
+          for (; j < len; ++j) dst[j] = ld(src, j);
+          for (; j < kNR; ++j) dst[j] = 0.f;
+        }
+        const float* xb = x + b0 * in + k0;
+        int64_t m = 0;
+        for (; m + kMR <= nb; m += kMR) gemm_micro<kMR>(xb + m * in, in, panel.data(), kc, acc.data() + m * kNR);
+        switch (nb - m) {
+#define LN_MR(R) case R: gemm_micro<R>(xb + m * in, in, panel.data(), kc, acc.data() + m * kNR); break;
+          LN_MR(1) LN_MR(2) LN_MR(3) LN_MR(4) LN_MR(5)
+#undef LN_MR
+          default: break;
+        }
+      }
+      for (int64_t b = 0; b < nb; ++b)
+        finish(y + (b0 + b) * out + j0, acc.data() + b * kNR, bias ? bias + j0 : nullptr, scale ? scale + j0 : nullptr, len);
+    }
+  });
+}
 
 inline float act_fn(float v, int64_t act) {
   switch (act) {
@@ -388,7 +474,7 @@ int64_t expert_run(const float* x, const W* gu, const float* gu_scale, const flo
     }
   });
   // 3. down: the rows of the hit experts, each read once for all tokens
-  apply_rows<W>(down, down_scale, down_bias, rows.data(), nh * Fe, hvp, y, B, out);
+  apply_rows<W>(down, down_scale, down_bias, rows.data(), nh * Fe, hvp, y, B, out, out);
   return nh;
 }
 
@@ -487,7 +573,7 @@ std::tuple<torch::Tensor, int64_t> gemv(torch::Tensor x, torch::Tensor wt, torch
                                         torch::Tensor thr) {
   LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), 1);
   LN_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxBatch, 2);
-  LN_CHECK(wt.dim() == 2 && wt.is_contiguous(), 3);
+  LN_CHECK(wt.dim() == 2 && wt.stride(1) == 1 && wt.stride(0) >= wt.size(1), 3);
   const auto wd = wt.scalar_type();
   LN_CHECK(wd == torch::kFloat32 || wd == torch::kBFloat16 || wd == torch::kChar, 4);
   const int64_t B = x.size(0), in = x.size(1), out = wt.size(1);
@@ -507,13 +593,37 @@ std::tuple<torch::Tensor, int64_t> gemv(torch::Tensor x, torch::Tensor wt, torch
   float* yp = y.data_ptr<float>();
   int64_t rows = 0;
   if (wd == torch::kFloat32) {
-    rows = run<float>(xp, wt.data_ptr<float>(), sp, bp, cp, tp, pc, yp, B, in, out);
+    rows = run<float>(xp, wt.data_ptr<float>(), sp, bp, cp, tp, pc, yp, B, in, out, wt.stride(0));
   } else if (wd == torch::kBFloat16) {
-    rows = run<uint16_t>(xp, reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), sp, bp, cp, tp, pc, yp, B, in, out);
+    rows = run<uint16_t>(xp, reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), sp, bp, cp, tp, pc, yp, B, in, out, wt.stride(0));
   } else {
-    rows = run<int8_t>(xp, wt.data_ptr<int8_t>(), sp, bp, cp, tp, pc, yp, B, in, out);
+    rows = run<int8_t>(xp, wt.data_ptr<int8_t>(), sp, bp, cp, tp, pc, yp, B, in, out, wt.stride(0));
   }
   return {y, rows};
+}
+
+// Dense x (N, in) @ Wt for any N >= 1 (see gemm_run); same weights, scale and bias as gemv.
+torch::Tensor gemm(torch::Tensor x, torch::Tensor wt, torch::Tensor scale, torch::Tensor bias) {
+  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(0) >= 1, 1);
+  LN_CHECK(wt.dim() == 2 && wt.stride(1) == 1 && wt.stride(0) >= wt.size(1), 3);
+  const auto wd = wt.scalar_type();
+  LN_CHECK(wd == torch::kFloat32 || wd == torch::kBFloat16 || wd == torch::kChar, 4);
+  const int64_t N = x.size(0), in = x.size(1), out = wt.size(1);
+  LN_CHECK(wt.size(0) == in, 5);
+  LN_CHECK(bias.numel() == 0 || (bias.numel() == out && bias.scalar_type() == torch::kFloat32 && bias.is_contiguous()), 6);
+  LN_CHECK((wd == torch::kChar) == (scale.numel() > 0), 14);
+  LN_CHECK(scale.numel() == 0 || (scale.numel() == out && scale.scalar_type() == torch::kFloat32 && scale.is_contiguous()), 15);
+  auto y = torch::empty({N, out}, x.options());
+  const float* sp = scale.numel() ? scale.data_ptr<float>() : nullptr;
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  if (wd == torch::kFloat32) {
+    gemm_run<float>(x.data_ptr<float>(), wt.data_ptr<float>(), sp, bp, y.data_ptr<float>(), N, in, out, wt.stride(0));
+  } else if (wd == torch::kBFloat16) {
+    gemm_run<uint16_t>(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), sp, bp, y.data_ptr<float>(), N, in, out, wt.stride(0));
+  } else {
+    gemm_run<int8_t>(x.data_ptr<float>(), wt.data_ptr<int8_t>(), sp, bp, y.data_ptr<float>(), N, in, out, wt.stride(0));
+  }
+  return y;
 }
 
 // CATS MLP: y = down(h), h_j = act(gate)_j * (up_j . x) where |act(gate)_j| > t, else 0.
@@ -555,7 +665,7 @@ std::tuple<torch::Tensor, int64_t> cats_mlp(torch::Tensor x, torch::Tensor g, to
   });
   auto y = torch::empty({B, out}, x.options());
   const float zero = 0.f;
-  run<float>(hp, down_wt.data_ptr<float>(), nullptr, nullptr, nullptr, &zero, false, y.data_ptr<float>(), B, F, out);
+  run<float>(hp, down_wt.data_ptr<float>(), nullptr, nullptr, nullptr, &zero, false, y.data_ptr<float>(), B, F, out, out);
   return {y, n};
 }
 
@@ -687,6 +797,7 @@ double read_sum(torch::Tensor buf) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("last_error", &last_error, "the number of the last failed input check");
   m.def("gemv", &gemv, "dense or sparse-input GEMV over input-major fp32 / bf16 / int8 weights");
+  m.def("gemm", &gemm, "dense GEMM of a long input over input-major fp32 / bf16 / int8 weights (L2-resident panels)");
   m.def("cats_mlp", &cats_mlp, "CATS MLP reading only the up / down rows of active neurons");
   m.def("expert_mlp", &expert_mlp, "feed-forward experts: tokens grouped by expert, only chosen experts' blocks read");
   m.def("expert_route", &expert_route, "router (learned, analytic or native) and feed-forward experts in one call");
