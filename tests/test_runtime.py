@@ -130,6 +130,19 @@ def test_attn_decode_matches_reference(heads: int, kv: int, batch: int) -> None:
     assert torch.allclose(kc, kc2, atol=1e-6) and torch.equal(vc, vc2)
     with pytest.raises(ValueError, match="outside the cache"):
         D.attn_decode(q, k, v, cos, sin, kc, vc, L, 0.25)
+    # q | k | v side by side in one row (a fused projection's output), k and v empty
+    kc3, vc3 = kc2.clone(), vc2.clone()
+    y3 = D.attn_decode(torch.cat([q, k, v], 1), torch.empty(0), torch.empty(0), cos, sin, kc3, vc3, pos, 0.25)
+    assert torch.allclose(y3, ref, atol=1e-5) and torch.allclose(kc3, kc2, atol=1e-6) and torch.equal(vc3, vc2)
+
+
+@needs_ext
+@pytest.mark.parametrize("batch", [1, 3])
+def test_silu_mul_matches_reference(batch: int) -> None:
+    gu = 4 * torch.randn(batch, 2 * 37, generator=torch.Generator().manual_seed(batch))
+    assert torch.allclose(D.silu_mul(gu), D.silu_mul_reference(gu), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="gate columns"):
+        D.silu_mul(torch.randn(2, 7))
 
 
 @pytest.mark.parametrize("dtype", G.DTYPES)

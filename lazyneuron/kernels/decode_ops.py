@@ -2,7 +2,9 @@
 
 ``rmsnorm`` / ``add_rmsnorm`` are Llama's RMSNorm (fp32), the second with the residual add fused
 in; ``attn_decode`` applies the rotary embedding (rotate-half form, the model's own cos / sin),
-writes the new key / value into a static cache and attends over positions ``0..pos``.
+writes the new key / value into a static cache and attends over positions ``0..pos`` (``k`` and
+``v`` may be empty: then each row of ``q`` holds q, k and v side by side, one fused projection's
+output); ``silu_mul`` is a gated MLP's ``silu(gate) * up`` from one fused gate|up output.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def attn_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           kc: torch.Tensor, vc: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
-    """q: (B, H*D); k, v: (B, KV*D); cos, sin: (D,); kc, vc: (B, KV, L, D) written at ``pos``."""
+    """q: (B, H*D); k, v: (B, KV*D); cos, sin: (D,); kc, vc: (B, KV, L, D) written at ``pos``.
+    k and v empty: q is (B, H*D + 2*KV*D), each row q | k | v."""
     B, KV, L, D = kc.shape
+    if k.numel() == 0 and v.numel() == 0:
+        q, k, v = q.split([q.shape[1] - 2 * KV * D, KV * D, KV * D], 1)
     H = q.shape[1] // D
     qh = q.view(B, H, D)
     kh = k.view(B, KV, D)
@@ -51,6 +56,7 @@ _MESSAGES = {
     34: "k and v must be (B, KV*D) contiguous float32",
     35: "cos / sin must be (D,) contiguous float32",
     36: "the head dimension must be even",
+    37: "gu must be (B, 2F) contiguous float32 (gate columns, then up columns)",
 }
 
 
@@ -82,3 +88,16 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
     if ext is None or not q.is_cpu:
         return attn_decode_reference(q, k, v, cos, sin, kc, vc, pos, scale)
     return _check(ext.attn_decode(q, k, v, cos, sin, kc, vc, pos, scale), ext, "attn_decode")
+
+
+def silu_mul_reference(gu: torch.Tensor) -> torch.Tensor:
+    g, u = gu.split(gu.shape[1] // 2, 1)
+    return torch.nn.functional.silu(g) * u
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """(B, F) = silu(gate) * up for gu (B, 2F) = gate | up."""
+    ext = extension("decode")
+    if ext is None or not gu.is_cpu:
+        return silu_mul_reference(gu)
+    return _check(ext.silu_mul(gu), ext, "silu_mul")

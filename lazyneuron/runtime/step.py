@@ -118,6 +118,7 @@ class DecodeStep:
         # per layer: the direct kernel arguments of each projection that is a FastLinear (None: call the module)
         self._fast = [self._kernel_args(lay) for lay in self.layers]
         self._head = _direct(self.head)
+        self._none = torch.empty(0)
 
     @staticmethod
     def _kernel_args(lay: nn.Module) -> tuple[Any, ...]:
@@ -136,7 +137,7 @@ class DecodeStep:
             parts = tuple(_direct(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
             if all(p is not None for p in parts):
                 gu = fused_args([mlp.gate_proj, mlp.up_proj], list(parts[:2]))
-                gated = parts if gu is None else (gu[0], gu[1], parts[2])
+                gated = parts if gu is None or gu[1][0] != gu[1][1] else (gu[0], gu[1], parts[2])
         return proj + (qkv, gated)
 
     @torch.inference_mode()
@@ -186,10 +187,8 @@ class DecodeStep:
             if ka is False:  # attention skipped by every sequence: not called, its cache untouched
                 x = ext.rmsnorm(h, w2, e2)
             else:
-                if fqkv:  # q, k and v stored side by side: one call reads all their rows
-                    q, k, v = gemv(x, *fqkv[0])[0].split(fqkv[1], 1)
-                    if self.batch > 1:
-                        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+                if fqkv:  # q, k and v stored side by side: one call reads all their rows, attention splits its rows
+                    q, k, v = gemv(x, *fqkv[0])[0], self._none, self._none
                 else:
                     q = gemv(x, *fq)[0] if fq else att.q_proj(x)
                     k = gemv(x, *fk)[0] if fk else att.k_proj(x)
@@ -202,9 +201,8 @@ class DecodeStep:
             if km is False:  # feed-forward skipped by every sequence: not called (the exit test below still runs)
                 x = ext.rmsnorm(h, wn, en)
             else:
-                if fm and isinstance(fm[1], list):  # gate and up side by side: one call, then down
-                    g, u = gemv(x, *fm[0])[0].split(fm[1], 1)
-                    m = gemv(silu(g).mul_(u), *fm[2])[0]
+                if fm and isinstance(fm[1], list):  # gate and up side by side: one call, silu(gate) * up fused, then down
+                    m = gemv(ext.silu_mul(gemv(x, *fm[0])[0]), *fm[2])[0]
                 elif fm:  # a plain SiLU-gated MLP on the runtime: its three kernels, no module calls
                     m = gemv(silu(gemv(x, *fm[0])[0]).mul_(gemv(x, *fm[1])[0]), *fm[2])[0]
                 else:

@@ -79,29 +79,35 @@ torch::Tensor attn_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
                vc.scalar_type() == torch::kFloat32, 31);
   const int64_t B = kc.size(0), KV = kc.size(1), L = kc.size(2), D = kc.size(3);
   LN_CHECK(pos >= 0 && pos < L, 32);
-  LN_CHECK(q.dim() == 2 && q.size(0) == B && q.size(1) % (KV * D) == 0 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(), 33);
-  LN_CHECK(k.dim() == 2 && k.size(0) == B && k.size(1) == KV * D && k.scalar_type() == torch::kFloat32 && k.is_contiguous(), 34);
-  LN_CHECK(v.dim() == 2 && v.size(0) == B && v.size(1) == KV * D && v.scalar_type() == torch::kFloat32 && v.is_contiguous(), 34);
+  // fused: k and v empty, q holds each row's q, k and v side by side (one projection call's output)
+  const bool fused = k.numel() == 0 && v.numel() == 0;
+  const int64_t qw = fused ? q.size(1) - 2 * KV * D : q.size(1);
+  LN_CHECK(q.dim() == 2 && q.size(0) == B && qw > 0 && qw % (KV * D) == 0 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(), 33);
+  LN_CHECK(fused || (k.dim() == 2 && k.size(0) == B && k.size(1) == KV * D && k.scalar_type() == torch::kFloat32 && k.is_contiguous()), 34);
+  LN_CHECK(fused || (v.dim() == 2 && v.size(0) == B && v.size(1) == KV * D && v.scalar_type() == torch::kFloat32 && v.is_contiguous()), 34);
   LN_CHECK(cos.numel() == D && sin.numel() == D && cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 &&
                cos.is_contiguous() && sin.is_contiguous(), 35);
   LN_CHECK(D % 2 == 0, 36);
-  const int64_t H = q.size(1) / D, G = H / KV;
-  auto out = torch::empty_like(q);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const int64_t H = qw / D, G = H / KV;
+  auto out = torch::empty({B, qw}, q.options());
+  const int64_t ldq = q.size(1), ldk = fused ? ldq : KV * D;  // row strides of q and of k / v
+  const float* qp = q.data_ptr<float>();
+  const float* kp = fused ? qp + qw : k.data_ptr<float>();
+  const float* vp = fused ? qp + qw + KV * D : v.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   float *kcp = kc.data_ptr<float>(), *vcp = vc.data_ptr<float>(), *op = out.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < KV; ++g) {
       const int64_t off = ((b * KV + g) * L + pos) * D;
-      rope(kp + (b * KV + g) * D, cp, sp, kcp + off, D);
-      std::copy(vp + (b * KV + g) * D, vp + (b * KV + g + 1) * D, vcp + off);
+      rope(kp + b * ldk + g * D, cp, sp, kcp + off, D);
+      std::copy(vp + b * ldk + g * D, vp + b * ldk + (g + 1) * D, vcp + off);
     }
   const int64_t T = pos + 1;
   at::parallel_for(0, B * H, T >= 32 ? 1 : B * H, [&](int64_t i0, int64_t i1) {
     std::vector<float> qr(D), s(T), acc(D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, hh = i % H, g = hh / G;
-      rope(qp + i * D, cp, sp, qr.data(), D);
+      rope(qp + b * ldq + hh * D, cp, sp, qr.data(), D);
       const float* K = kcp + (b * KV + g) * L * D;
       const float* V = vcp + (b * KV + g) * L * D;
       float mx = -INFINITY;
@@ -125,9 +131,26 @@ torch::Tensor attn_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
   return out;
 }
 
+// h (B, F) = silu(gate) * up from one call's output gu (B, 2F): gate columns, then up columns.
+torch::Tensor silu_mul(torch::Tensor gu) {
+  LN_CHECK(gu.dim() == 2 && gu.scalar_type() == torch::kFloat32 && gu.is_contiguous() && gu.size(1) % 2 == 0, 37);
+  const int64_t B = gu.size(0), F = gu.size(1) / 2;
+  auto h = torch::empty({B, F}, gu.options());
+  const float* g = gu.data_ptr<float>();
+  float* o = h.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* gb = g + b * 2 * F;
+    float* ob = o + b * F;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < F; ++j) ob[j] = gb[j] / (1.f + exp_fast(-gb[j])) * gb[F + j];
+  }
+  return h;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("last_error", &last_error, "the number of the last failed input check");
   m.def("rmsnorm", &rmsnorm, "RMSNorm of (B, d) rows");
   m.def("add_rmsnorm", &add_rmsnorm, "h += delta in place, then RMSNorm of h");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a (B, 2F) gate|up row");
   m.def("attn_decode", &attn_decode, "rotary embedding, static-cache write and attention for one new position");
 }
