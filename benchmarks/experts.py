@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/experts.py --quick     # smoke run
     .venv/bin/python benchmarks/experts.py --plots-only
     .venv/bin/python benchmarks/experts.py --encoder   # MiniLM-L6 on MR (~6 min), replaces its records
+    .venv/bin/python benchmarks/experts.py --recovery  # low-rank recovery at 50% / 75% of FFN neurons (~25 min), replaces its records
 
 Writes benchmarks/results/experts.jsonl and experts_pareto.png. Every method runs on the fp32
 runtime; decode speed is paired with the dense model on the same runtime (``decode_vs_runtime_b*``,
@@ -11,7 +12,9 @@ medians of per-repeat ratios, interleaved), batch 1 and 8. Quality: perplexity o
 Austen test windows. ``mlp_bytes_read``: the fraction of the FFN weight bytes (and the router's)
 a token reads, measured on held-out text; ``step_bytes_skipped``: the fraction of all linear
 weight reads of a decode step skipped (``compute_skipped``), set against the decode time saved.
-No recovery fine-tune: the experts are the dense FFN split as it is.
+The main run has no recovery fine-tune (the experts are the dense FFN split as it is); ``--recovery``
+trains rank-r updates of the split FFNs by distillation on news and Austen train windows
+(``experts_recovery.recover``) and measures perplexity and decode speed before and after.
 """
 
 from __future__ import annotations
@@ -72,8 +75,15 @@ def main() -> None:
     ap.add_argument("--plots-only", action="store_true")
     ap.add_argument("--encoder", action="store_true", help="MiniLM-L6 on MR: accuracy and sentences/s against dense")
     ap.add_argument("--kernel", action="store_true", help="the experts kernel alone on 30 SmolLM2-shaped FFNs against the dense GEMV (~1 min)")
+    ap.add_argument("--recovery", action="store_true", help="low-rank recovery fine-tune at 50%% and 75%% of FFN neurons: perplexity and decode speed before / after")
+    ap.add_argument("--train-windows", type=int, default=48, help="--recovery: 256-token training windows (half news, half Austen)")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
+    if args.recovery:
+        recovery(args)
+        return
     if args.encoder:
         encoder(args)
         return
@@ -188,6 +198,67 @@ def kernel(args: argparse.Namespace) -> None:
     write(recs, args.out, append=True)
     for r in recs:
         sys.stdout.write(f"{r.method:11s} {r.params} {r.value:.2f} {r.unit}\n")
+
+
+def recovery(args: argparse.Namespace) -> None:
+    """Low-rank recovery of the split FFNs (SmolLM2-135M): perplexity on the news and Austen test
+    windows without and with recovery, and decode tok/s against the dense fp32 runtime (paired)."""
+    import statistics
+    import time
+
+    from lazyneuron.methods import experts_recovery as R
+    from lazyneuron.paths import cache_dir
+    from lazyneuron.runtime import RuntimeConfig, generate
+
+    model, tok = ln.models.load(MODEL)
+    n_test = 2 if args.quick else 4
+    tests = {c: data.windows(tok, c, "test", 256, n_test) for c in ("news", "austen")}
+    half = max(1, args.train_windows // 2)
+    train = [w.unsqueeze(0) for c in ("news", "austen") for w in data.windows(tok, c, "train", 256, half)]
+    cfgs = [C(experts=16, shared=2, top_k=6, router="learned"), C(experts=16, shared=2, top_k=10, router="learned")][: 1 if args.quick else 2]
+    cal = ln.calibrate(model, data.texts("news", "calibration")[:32], C(), tok, max_length=512, progress=True)
+    recs: list[Record] = []
+    dense = {c: perplexity(model, w) for c, w in tests.items()}
+    for c, v in dense.items():
+        recs.append(Record(MODEL, "dense", {"recovery": False}, f"ppl_{c}", v, "perplexity"))
+    prompt = data.windows(tok, "news", "test", 64, 1)[:1]
+    for cfg in cfgs:
+        params = {k: v for k, v in cfg.to_dict().items() if k != "method"}
+        params["active_neurons"] = cfg.active_fraction()
+        path = str(cache_dir("checkpoints", "experts") / f"recovery-{MODEL}-e{cfg.experts}s{cfg.shared}k{cfg.top_k}-r{args.rank}x{len(train)}x{args.epochs}.safetensors")
+        with ln.applied(model, cfg, cal):
+            for c, w in tests.items():
+                p = perplexity(model, w)
+                recs.append(Record(MODEL, cfg.name, {**params, "recovery": False}, f"ppl_{c}", p, "perplexity"))
+                recs.append(Record(MODEL, cfg.name, {**params, "recovery": False}, f"ppl_{c}_delta_pct", 100 * (p / dense[c] - 1), "%"))
+            t0 = time.perf_counter()
+            if not Path(path).exists():
+                res = R.recover(model, train, rank=args.rank, epochs=args.epochs, lr=1e-3, checkpoint=path + ".fit")
+                R.save_recovery(model, path)
+                logging.info("recovery: %d steps, last loss %.4f, %.0f s", res.steps, res.last_loss, time.perf_counter() - t0)
+        rcfg = C(experts=cfg.experts, shared=cfg.shared, top_k=cfg.top_k, router=cfg.router, recovery=path)
+        rparams = {**params, "recovery": True, "rank": args.rank, "train_windows": len(train), "epochs": args.epochs}
+        with ln.applied(model, rcfg, cal):
+            for c, w in tests.items():
+                p = perplexity(model, w)
+                recs.append(Record(MODEL, cfg.name, rparams, f"ppl_{c}", p, "perplexity"))
+                recs.append(Record(MODEL, cfg.name, rparams, f"ppl_{c}_delta_pct", 100 * (p / dense[c] - 1), "%"))
+        # decode: dense runtime, split, split + recovery, interleaved, paired ratios
+        variants = {"dense": [RuntimeConfig()], "split": [cfg, RuntimeConfig()], "recovered": [rcfg, RuntimeConfig()]}
+        tps: dict[str, list[float]] = {k: [] for k in variants}
+        for r in range(1 if args.quick else 5):
+            for k, cs in variants.items():
+                with ln.applied(model, cs, cal):
+                    _, (_, td) = generate(model, prompt, 33, return_timing=True)
+                    tps[k].append(32 / td)
+        for k, p in (("split", {**params, "recovery": False}), ("recovered", rparams)):
+            ratios = [a / b for a, b in zip(tps[k], tps["dense"])]
+            recs.append(Record(MODEL, cfg.name, p, "decode_vs_runtime_b1", statistics.median(ratios), "x", spread=max(ratios) - min(ratios), repeats=len(ratios)))
+    keep = [r for r in read(args.out) if not (r["model"] == MODEL and r["metric"] in ("ppl_news", "ppl_austen", "ppl_news_delta_pct", "ppl_austen_delta_pct", "decode_vs_runtime_b1")
+                                              and "recovery" in r.get("params", {}))] if Path(args.out).exists() and not args.quick else []
+    write(keep + [r.to_dict() for r in recs], args.out, append=False)
+    for r in recs:
+        sys.stdout.write(f"{r.method:16s} {str({k: r.params[k] for k in ('top_k', 'recovery') if k in r.params}):40s} {r.metric:24s} {r.value:.3f}\n")
 
 
 ENCODER = "minilm-l6"

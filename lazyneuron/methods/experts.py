@@ -53,7 +53,9 @@ class ExpertRoutingConfig(MethodConfig):
     the model's k); ``share``: adaptive top-k below 1 (see the module docstring); ``router``:
     analytic | learned; ``probes``: neurons per expert the analytic router computes;
     ``checkpoint``: a safetensors file holding the experts' split and routers: loaded when it
-    exists, written after building otherwise; ``backend``: auto | reference."""
+    exists, written after building otherwise; ``recovery``: a safetensors file of low-rank updates
+    of the split FFNs trained by :func:`lazyneuron.methods.experts_recovery.recover` (loaded into
+    the expert blocks); ``backend``: auto | reference."""
 
     name: ClassVar[str] = "expert_routing"
     targets: tuple[str, ...] = ("mlp",)
@@ -64,6 +66,7 @@ class ExpertRoutingConfig(MethodConfig):
     router: str = "analytic"
     probes: int = 4
     checkpoint: str = ""
+    recovery: str = ""
     backend: str = "auto"
 
     def validate(self) -> None:
@@ -323,12 +326,17 @@ class ExpertMLP(LazyModule):
         self.F, self.d = p["up"].shape
         self.out_features = p["down"].shape[0]
         self.E, self.shared, self.top_k, self.share, self.router = cfg.experts, cfg.shared, cfg.top_k, cfg.share, cfg.router
+        self.probes = cfg.probes
         self.fe = self.F // self.E
         self.backend = cfg.backend
         self.built = built
         perm = built["perm"].long()
         self.down_bias = p["down_bias"]
         self._parts, self._perm = p, perm
+        self._expert_of = torch.empty(self.F, dtype=torch.long)  # expert of each neuron (the FFN's own order)
+        self._expert_of[perm] = torch.arange(self.F) // self.fe
+        self.recovery: nn.Module | None = None  # low-rank updates (experts_recovery), merged into the blocks
+        self.mode = "routed"  # routed (inference) | teacher (the dense FFN) | recovery (routed, differentiable, with the updates)
         self.weight_dtype = ""
         self.set_weight_dtype("fp32")
         common = dict(top_k=cfg.top_k, share=cfg.share, shared=cfg.shared)
@@ -352,6 +360,9 @@ class ExpertMLP(LazyModule):
         if dtype == self.weight_dtype:
             return
         p = self._parts if self._parts is not None else ffn_parts(self.base)
+        if self.recovery is not None:  # the weights with their trained low-rank updates
+            with torch.no_grad():
+                p = {**p, **{n: p[n] + self.recovery.delta(n) for n in self.recovery.names}}
         perm = self._perm
         self.blocks = X.prepare_experts(None if p["gate"] is None else p["gate"][perm], p["up"][perm], p["down"][:, perm].contiguous(), self.E, dtype,
                                         None if p["gate_bias"] is None else p["gate_bias"][perm], None if p["up_bias"] is None else p["up_bias"][perm])
@@ -377,6 +388,11 @@ class ExpertMLP(LazyModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if self.mode != "routed":  # recovery training: the dense teacher, or the routed student as a differentiable masked product
+            from .experts_recovery import dense_forward
+
+            coef = None if self.mode == "teacher" else X.route_reference(x2.detach(), self.router_spec, self.E, self.act, self.gated)
+            return dense_forward(self, x2, coef, self.mode == "recovery").to(x.dtype).view(*shape[:-1], self.out_features)
         if self.oracle:
             coef = self.oracle_coef(x2)
             b = self.blocks
@@ -556,6 +572,10 @@ class ExpertRouting(Method):
             raise ConfigError("expert_routing on dense FFNs needs a calibration: lazyneuron.calibrate(model, texts, config)")
         shapes = {p: list(ffn_parts(model.get_submodule(p))["up"].shape) for p in dense}
         key = (cfg.experts, cfg.shared, cfg.router, cfg.probes)
+        if cfg.recovery:  # read (and checked) before any module changes
+            from .experts_recovery import load_recovery
+
+            self._recovery = load_recovery(cfg.recovery)
         if cfg.checkpoint and os.path.exists(cfg.checkpoint):
             loaded = _load(cfg.checkpoint, cfg, shapes)
             for p in dense:
@@ -579,6 +599,14 @@ class ExpertRouting(Method):
         assert stats is not None
         built = _cache_for(stats["x"])[(cfg.experts, cfg.shared, cfg.router, cfg.probes)]
         mod = ExpertMLP(module, built, cfg)
+        if cfg.recovery:
+            from .experts_recovery import apply_recovery
+
+            header, saved = self._recovery
+            if path not in saved:
+                raise ConfigError(f"expert recovery file {cfg.recovery!r} has no adapters for {path!r} (it holds {len(saved)} FFNs, e.g. {next(iter(saved), '?')!r}); "
+                                  "it was trained on another model or other targets")
+            apply_recovery(cfg.recovery, header, saved[path], mod, path)
         mod.attach()
         return mod
 
