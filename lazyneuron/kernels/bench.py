@@ -95,6 +95,28 @@ def bandwidth() -> float:
     return read_bandwidth()
 
 
+@functools.lru_cache(maxsize=1)
+def _probe_buffer() -> torch.Tensor:
+    return torch.ones((256 << 20) // 4)  # far beyond any L3
+
+
+def probe_now(reads: int = 2) -> float:
+    """The memory read bandwidth (GB/s) right now: the best of ``reads`` timed reads of a 256 MB
+    buffer. A shared host's bandwidth drifts over a run, so each case of the dense grid is set
+    against probes taken beside its own timings."""
+    from ._build import extension
+
+    buf = _probe_buffer()
+    ext = extension("gemv")
+    read = (lambda: ext.read_sum(buf)) if ext is not None else (lambda: float(buf.sum()))
+    best = float("inf")
+    for _ in range(reads):
+        t0 = time.perf_counter()
+        read()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best / 1e9
+
+
 @torch.inference_mode()
 def measure_dense(in_f: int, out_f: int, batch: int, dtype: str, repeats: int) -> dict[str, Any]:
     """The runtime's dense GEMV on (in, out) weights in ``dtype`` against torch ``F.linear`` (fp32
@@ -122,14 +144,16 @@ def measure_dense(in_f: int, out_f: int, batch: int, dtype: str, repeats: int) -
         for k in range(max(n_copies, n_torch)):
             f(k)
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    probes: list[float] = []
     calls = max(n_copies, 3)
     for _ in range(max(3, repeats // 3)):
+        probes.append(probe_now())  # the bandwidth beside these timings
         for name, f in fns.items():
             samples[name].append(_median_time(f, calls))
     t = {k: statistics.median(v) for k, v in samples.items()}
     nbytes = in_f * out_f * elem + (out_f * 4 if dtype == "int8" else 0)
     gbps = nbytes / t["own"] / 1e9
-    bw = bandwidth()
+    bw = statistics.median(probes)
     out = {
         "kernel": "dense", "shape": f"{in_f}x{out_f}", "batch": batch, "dtype": dtype, "time_us": t["own"] * 1e6,
         "time_torch_us": t["torch"] * 1e6, "gbps": gbps, "probe_gbps": bw, "pct_of_bandwidth": 100 * gbps / bw,
@@ -364,7 +388,9 @@ def table(recs: list[dict[str, Any]]) -> str:
         for r in recs:
             lines.append(f"{r['shape']:>12} {r['batch']:>5} {r['dtype']:>5} {r['time_us']:>8.1f} {r['time_torch_us']:>9.1f} {r['gbps']:>6.1f} "
                          f"{r['pct_of_bandwidth']:>5.0f} {r['speedup_vs_torch']:>8.2f}")
-        lines.append(f"(memory read bandwidth measured in this run: {recs[0]['probe_gbps']:.1f} GB/s; torch: fp32 F.linear)")
+        bws = [r["probe_gbps"] for r in recs if "probe_gbps" in r]
+        lines.append(f"(memory read bandwidth probed beside each case's timings: {min(bws):.1f}-{max(bws):.1f} GB/s, median of its probes per case; "
+                     "torch: fp32 F.linear)")
         return "\n".join(lines)
     head = f"{'shape':>12} {'batch':>5} {'dtype':>8} {'s':>4} {'skipped':>7} {'torch us':>9} {'own us':>8} {'sparse us':>9} {'x torch':>8} {'x own':>6} {'% ideal':>7}"
     lines = [head, "-" * len(head)]
