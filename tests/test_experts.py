@@ -377,3 +377,10 @@ def test_recovery_trains_merges_saves_and_reloads(tmp_path, family: str) -> None
         assert torch.equal(m.state_dict()[k], v), k
     with pytest.raises(ConfigError, match="no split FFN"):
         R.recover(m, train)
+    # on the runtime (gradients through its linears), and a second recover() continues the same updates
+    ln.apply_(m, [C(experts=4, top_k=1, router="learned", recovery=path), RuntimeConfig()], cal)
+    res2 = R.recover(m, train[:4], rank=4, progress=False)
+    assert res2.steps == 4 and not m.training
+    ln.revert_(m)
+    for k, v in before.items():
+        assert torch.equal(m.state_dict()[k], v), k

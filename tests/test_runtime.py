@@ -63,6 +63,30 @@ def test_gemm_matches_reference(dtype: str, in_f: int, out_f: int, tokens: int) 
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", G.DTYPES)
+def test_fast_linear_edge_shapes_and_gradients(dtype: str) -> None:
+    """One output (a regression head) or one input; and with a backward pass to come the input
+    gradient flows (the reference path), equal to the eager linear's in fp32."""
+    for in_f, out_f in ((32, 1), (1, 24)):
+        fl = FastLinear(torch.nn.Linear(in_f, out_f), dtype)
+        for n in (1, 40):
+            x = torch.randn(n, in_f)
+            assert torch.allclose(fl(x), G.reference(x, fl.wt, fl.scale, fl.bias), atol=1e-5)
+    lin = torch.nn.Linear(48, 40)
+    ref = torch.nn.Linear(48, 40)
+    ref.load_state_dict(lin.state_dict())
+    fl = FastLinear(lin, dtype)
+    for n in (3, 40):
+        x = torch.randn(n, 48, requires_grad=True)
+        fl(x).square().sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        if dtype == "fp32":
+            x2 = x.detach().clone().requires_grad_(True)
+            ref(x2).square().sum().backward()
+            assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+
+
+@needs_ext
 def test_gemm_errors_name_the_problem() -> None:
     wt, scale = G.prepare_weight(torch.randn(5, 10), "int8")
     with pytest.raises(ValueError, match="scale"):

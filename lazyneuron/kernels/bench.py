@@ -388,7 +388,7 @@ def table(recs: list[dict[str, Any]]) -> str:
         for r in recs:
             lines.append(f"{r['shape']:>12} {r['batch']:>5} {r['dtype']:>5} {r['time_us']:>8.1f} {r['time_torch_us']:>9.1f} {r['gbps']:>6.1f} "
                          f"{r['pct_of_bandwidth']:>5.0f} {r['speedup_vs_torch']:>8.2f}")
-        bws = [r["probe_gbps"] for r in recs if "probe_gbps" in r]
+        bws = [r["probe_gbps"] for r in recs if "probe_gbps" in r] or [float("nan")]
         lines.append(f"(memory read bandwidth probed beside each case's timings: {min(bws):.1f}-{max(bws):.1f} GB/s, median of its probes per case; "
                      "torch: fp32 F.linear)")
         return "\n".join(lines)

@@ -42,8 +42,8 @@ def masked_matmul(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, 
     be skipped across tokens: the input sparsified in one fused pass, then the blocked GEMM on the
     (in, out) weight in its stored format, so that the cost is a dense layer's."""
     ext = extension("gemv")
-    if ext is None or not (x.is_cpu and wt.is_cpu) or x.dtype != torch.float32:
-        return reference(x, wt, bias, centre, threshold, scale)
+    if ext is None or not (x.is_cpu and wt.is_cpu) or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+        return reference(x, wt, bias, centre, threshold, scale)  # (a backward pass to come: autograd follows the reference)
     d = ext.sparsify(x.contiguous(), _EMPTY if centre is None else centre, threshold)
     if d is None:
         raise ValueError(f"sparsify: {G.kernel_error(ext.last_error(), x, wt)}")

@@ -305,6 +305,7 @@ class SparseLinear(LazyModule):
         fp32 = fp32 if isinstance(self.base, nn.Linear) else fp32.t()  # (out, in)
         self.wt, self.scale = G.prepare_weight(fp32, dtype)
         self.weight_dtype = dtype
+        self._ln_fused = None  # a new buffer: no longer a view of any side-by-side group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decode_only and x.dim() >= 2 and x.shape[-2] > 1:  # prefill stays dense

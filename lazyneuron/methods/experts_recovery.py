@@ -101,8 +101,10 @@ def recover(model: nn.Module, batches: Sequence[Any], *, rank: int = 8, alpha: f
     if not data:
         raise ConfigError("recover() got no batches; pass token windows, e.g. lazyneuron.data.windows(tok, 'news', 'calibration', 256, 32)")
     params: list[nn.Parameter] = []
-    for _, m in mods:
+    for _, m in mods:  # existing updates (an earlier recover(), or loaded) train on
         ad = m.recovery if isinstance(getattr(m, "recovery", None), FFNAdapters) else install(m, rank, alpha, seed)
+        for p in ad.parameters():
+            p.requires_grad_(True)
         params += list(ad.parameters())
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
     for p in frozen:
@@ -113,6 +115,7 @@ def recover(model: nn.Module, batches: Sequence[Any], *, rank: int = 8, alpha: f
             m.mode = mode
 
     def loss_fn(mdl: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        mdl.eval()  # no dropout: teacher and student see the same network (only the adapters train)
         with torch.no_grad():
             set_mode("teacher")
             t = mdl(input_ids=ids).logits.float()
@@ -123,16 +126,14 @@ def recover(model: nn.Module, batches: Sequence[Any], *, rank: int = 8, alpha: f
     try:
         res = fit(model, loss_fn, data, epochs=epochs, lr=lr, weight_decay=0.0, params=params, checkpoint=checkpoint, progress=progress,
                   desc=f"expert recovery (rank {rank})", seed=seed, deadline=deadline)
-    finally:
+    finally:  # even when training stops with an error, the blocks hold what the adapters hold
         set_mode("routed")
         for p in frozen:
             p.requires_grad_(True)
         for _, m in mods:
             for p in m.recovery.parameters():
                 p.requires_grad_(False)
-    for _, m in mods:
-        rebuild(m)
-    model.eval()
+            rebuild(m)
     return res
 
 
@@ -177,9 +178,15 @@ def apply_recovery(path: str, header: dict[str, str], tensors: dict[str, torch.T
     if got != want:
         raise ConfigError(f"expert recovery file {path!r} was trained on experts {got}, this FFN ({where!r}) is split as {want}; "
                           "use the experts / shared / router / probes it was trained with, or train another")
-    rank = int(header.get("rank", "0"))
+    try:
+        rank, scale = int(header.get("rank", "0")), float(header.get("scale", "nan"))
+    except ValueError:
+        rank, scale = 0, float("nan")
+    if rank < 1 or not scale == scale:
+        raise ConfigError(f"expert recovery file {path!r} has a bad rank / scale in its metadata ({header.get('rank')!r}, {header.get('scale')!r}); "
+                          "save it again with save_recovery")
     ad = install(mod, rank)
-    ad.scale = float(header.get("scale", ad.scale))
+    ad.scale = scale
     names = dict(ad.named_parameters())
     if set(tensors) != set(names):
         raise ConfigError(f"expert recovery file {path!r} holds {sorted(tensors)} for {where!r}, expected {sorted(names)}")

@@ -81,7 +81,7 @@ class FastLinear(LazyModule):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (tokens, in)
         n = x2.shape[0]
-        if self._ext is not None and n > 0 and x2.is_cpu:
+        if self._ext is not None and n > 0 and x2.is_cpu and not (x2.requires_grad and torch.is_grad_enabled()):
             xs = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
             if n <= G.MAX_BATCH:  # decode: the GEMV, every weight byte read once
                 y, _ = self._ext.gemv(xs, self.wt, *self._args)
@@ -89,7 +89,7 @@ class FastLinear(LazyModule):
                 y = self._ext.gemm(xs, self.wt, self._args[0], self._args[1])
             if y is None:
                 raise ValueError(f"FastLinear: {G.kernel_error(self._ext.last_error(), x2, self.wt)}")
-        else:  # no extension, or another device: the reference on the kernel's weight values
+        else:  # no extension, another device, or a backward pass to come: the reference on the kernel's weight values
             y = G.reference(x2, self.wt, self.scale, self.bias)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 

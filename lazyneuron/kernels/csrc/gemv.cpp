@@ -573,7 +573,7 @@ std::tuple<torch::Tensor, int64_t> gemv(torch::Tensor x, torch::Tensor wt, torch
                                         torch::Tensor thr) {
   LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), 1);
   LN_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxBatch, 2);
-  LN_CHECK(wt.dim() == 2 && wt.stride(1) == 1 && wt.stride(0) >= wt.size(1), 3);
+  LN_CHECK(wt.dim() == 2 && (wt.size(1) <= 1 || wt.stride(1) == 1) && (wt.size(0) <= 1 || wt.stride(0) >= wt.size(1)), 3);
   const auto wd = wt.scalar_type();
   LN_CHECK(wd == torch::kFloat32 || wd == torch::kBFloat16 || wd == torch::kChar, 4);
   const int64_t B = x.size(0), in = x.size(1), out = wt.size(1);
@@ -593,11 +593,11 @@ std::tuple<torch::Tensor, int64_t> gemv(torch::Tensor x, torch::Tensor wt, torch
   float* yp = y.data_ptr<float>();
   int64_t rows = 0;
   if (wd == torch::kFloat32) {
-    rows = run<float>(xp, wt.data_ptr<float>(), sp, bp, cp, tp, pc, yp, B, in, out, wt.stride(0));
+    rows = run<float>(xp, wt.data_ptr<float>(), sp, bp, cp, tp, pc, yp, B, in, out, std::max<int64_t>(wt.stride(0), out));
   } else if (wd == torch::kBFloat16) {
-    rows = run<uint16_t>(xp, reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), sp, bp, cp, tp, pc, yp, B, in, out, wt.stride(0));
+    rows = run<uint16_t>(xp, reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), sp, bp, cp, tp, pc, yp, B, in, out, std::max<int64_t>(wt.stride(0), out));
   } else {
-    rows = run<int8_t>(xp, wt.data_ptr<int8_t>(), sp, bp, cp, tp, pc, yp, B, in, out, wt.stride(0));
+    rows = run<int8_t>(xp, wt.data_ptr<int8_t>(), sp, bp, cp, tp, pc, yp, B, in, out, std::max<int64_t>(wt.stride(0), out));
   }
   return {y, rows};
 }
@@ -605,11 +605,11 @@ std::tuple<torch::Tensor, int64_t> gemv(torch::Tensor x, torch::Tensor wt, torch
 // Dense x (N, in) @ Wt for any N >= 1 (see gemm_run); same weights, scale and bias as gemv.
 torch::Tensor gemm(torch::Tensor x, torch::Tensor wt, torch::Tensor scale, torch::Tensor bias) {
   LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(0) >= 1, 1);
-  LN_CHECK(wt.dim() == 2 && wt.stride(1) == 1 && wt.stride(0) >= wt.size(1), 3);
+  LN_CHECK(wt.dim() == 2 && (wt.size(1) <= 1 || wt.stride(1) == 1) && (wt.size(0) <= 1 || wt.stride(0) >= wt.size(1)), 3);
   const auto wd = wt.scalar_type();
   LN_CHECK(wd == torch::kFloat32 || wd == torch::kBFloat16 || wd == torch::kChar, 4);
   const int64_t N = x.size(0), in = x.size(1), out = wt.size(1);
-  LN_CHECK(wt.size(0) == in, 5);
+  LN_CHECK(wt.size(0) == in && out > 0, 5);
   LN_CHECK(bias.numel() == 0 || (bias.numel() == out && bias.scalar_type() == torch::kFloat32 && bias.is_contiguous()), 6);
   LN_CHECK((wd == torch::kChar) == (scale.numel() > 0), 14);
   LN_CHECK(scale.numel() == 0 || (scale.numel() == out && scale.scalar_type() == torch::kFloat32 && scale.is_contiguous()), 15);
@@ -617,11 +617,11 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor wt, torch::Tensor scale, torch
   const float* sp = scale.numel() ? scale.data_ptr<float>() : nullptr;
   const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
   if (wd == torch::kFloat32) {
-    gemm_run<float>(x.data_ptr<float>(), wt.data_ptr<float>(), sp, bp, y.data_ptr<float>(), N, in, out, wt.stride(0));
+    gemm_run<float>(x.data_ptr<float>(), wt.data_ptr<float>(), sp, bp, y.data_ptr<float>(), N, in, out, std::max<int64_t>(wt.stride(0), out));
   } else if (wd == torch::kBFloat16) {
-    gemm_run<uint16_t>(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), sp, bp, y.data_ptr<float>(), N, in, out, wt.stride(0));
+    gemm_run<uint16_t>(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), sp, bp, y.data_ptr<float>(), N, in, out, std::max<int64_t>(wt.stride(0), out));
   } else {
-    gemm_run<int8_t>(x.data_ptr<float>(), wt.data_ptr<int8_t>(), sp, bp, y.data_ptr<float>(), N, in, out, wt.stride(0));
+    gemm_run<int8_t>(x.data_ptr<float>(), wt.data_ptr<int8_t>(), sp, bp, y.data_ptr<float>(), N, in, out, std::max<int64_t>(wt.stride(0), out));
   }
   return y;
 }
