@@ -104,17 +104,9 @@ def probe_now(reads: int = 2) -> float:
     """The memory read bandwidth (GB/s) right now: the best of ``reads`` timed reads of a 256 MB
     buffer. A shared host's bandwidth drifts over a run, so each case of the dense grid is set
     against probes taken beside its own timings."""
-    from ._build import extension
+    from .gemv import read_bandwidth
 
-    buf = _probe_buffer()
-    ext = extension("gemv")
-    read = (lambda: ext.read_sum(buf)) if ext is not None else (lambda: float(buf.sum()))
-    best = float("inf")
-    for _ in range(reads):
-        t0 = time.perf_counter()
-        read()
-        best = min(best, time.perf_counter() - t0)
-    return buf.numel() * 4 / best / 1e9
+    return read_bandwidth(repeats=reads, buf=_probe_buffer())
 
 
 @torch.inference_mode()
