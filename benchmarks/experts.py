@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--train-windows", type=int, default=48, help="--recovery: 256-token training windows (half news, half Austen)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--active", default="50,75", help="--recovery: the FFN neuron percentages to run (of 50, 75)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     if args.recovery:
@@ -215,7 +216,8 @@ def recovery(args: argparse.Namespace) -> None:
     tests = {c: data.windows(tok, c, "test", 256, n_test) for c in ("news", "austen")}
     half = max(1, args.train_windows // 2)
     train = [w.unsqueeze(0) for c in ("news", "austen") for w in data.windows(tok, c, "train", 256, half)]
-    cfgs = [C(experts=16, shared=2, top_k=6, router="learned"), C(experts=16, shared=2, top_k=10, router="learned")][: 1 if args.quick else 2]
+    settings = {"50": C(experts=16, shared=2, top_k=6, router="learned"), "75": C(experts=16, shared=2, top_k=10, router="learned")}
+    cfgs = [settings[a] for a in args.active.split(",")][: 1 if args.quick else 2]
     cal = ln.calibrate(model, data.texts("news", "calibration")[:32], C(), tok, max_length=512, progress=True)
     recs: list[Record] = []
     dense = {c: perplexity(model, w) for c, w in tests.items()}
@@ -254,8 +256,16 @@ def recovery(args: argparse.Namespace) -> None:
         for k, p in (("split", {**params, "recovery": False}), ("recovered", rparams)):
             ratios = [a / b for a, b in zip(tps[k], tps["dense"])]
             recs.append(Record(MODEL, cfg.name, p, "decode_vs_runtime_b1", statistics.median(ratios), "x", spread=max(ratios) - min(ratios), repeats=len(ratios)))
-    keep = [r for r in read(args.out) if not (r["model"] == MODEL and r["metric"] in ("ppl_news", "ppl_austen", "ppl_news_delta_pct", "ppl_austen_delta_pct", "decode_vs_runtime_b1")
-                                              and "recovery" in r.get("params", {}))] if Path(args.out).exists() and not args.quick else []
+    def same(r: dict) -> bool:  # a record this run measures again (dense, or a setting and training it repeats)
+        p = r.get("params", {})
+        if r["model"] != MODEL or "recovery" not in p:
+            return False
+        if r["method"] == "dense":
+            return True
+        mine = any(p.get("top_k") == c.top_k for c in cfgs)
+        return mine and (not p["recovery"] or (p.get("train_windows") == len(train) and p.get("epochs") == args.epochs and p.get("rank") == args.rank))
+
+    keep = [r for r in read(args.out) if not same(r)] if Path(args.out).exists() and not args.quick else []
     write(keep + [r.to_dict() for r in recs], args.out, append=False)
     for r in recs:
         sys.stdout.write(f"{r.method:16s} {str({k: r.params[k] for k in ('top_k', 'recovery') if k in r.params}):40s} {r.metric:24s} {r.value:.3f}\n")
