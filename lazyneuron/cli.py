@@ -47,13 +47,16 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("transcribe", help="transcribe WAV files with a Whisper model, dense or with module gates (speech)",
                        epilog="examples:\n  lazyneuron transcribe --model whisper-base --language de talk.wav\n"
-                              "  lazyneuron transcribe --model whisper-base --language de --gates gates.safetensors talk.wav",
+                              "  lazyneuron transcribe --model whisper-base --language de --gates gates.safetensors talk.wav\n"
+                              "  lazyneuron transcribe --model whisper-base --runtime bf16 talk.wav   (half the weight bytes; eager: torch's own modules)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("files", nargs="+", help="WAV files (16-bit PCM, any sample rate; resampled to 16 kHz)")
     s.add_argument("--model", default="whisper-base", help="whisper-base, whisper-tiny.en, or a CTranslate2 / Hugging Face Whisper directory")
     s.add_argument("--language", default=None, help="language code (en, de, es, ...); omitted: detected per file")
     s.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
     s.add_argument("--gates", default=None, help="a Whisper gate checkpoint (module_gating); the language and task are its context")
+    s.add_argument("--runtime", default="fp32", choices=["fp32", "bf16", "int8", "eager"],
+                   help="weight format of the fast runtime every linear runs on (default fp32, exact); eager: the model's own modules")
     s.add_argument("--json", action="store_true", help="one JSON object per file: text, seconds, modules skipped")
 
     s = sub.add_parser("calibrate", help="record activation statistics to a safetensors file",
@@ -209,12 +212,21 @@ def _transcribe(args: argparse.Namespace) -> int:
     if getattr(model.config, "model_type", "") != "whisper":
         raise LazyNeuronError(f"{args.model!r} is not a Whisper model; `lazyneuron transcribe` needs whisper-base, whisper-tiny.en or a Whisper directory")
     gates = None
+    configs: list[Any] = []
     if args.gates:
-        from .methods import gating_speech as gs
         from .methods.gating import ModuleGatingConfig
 
         ctx = "|".join(f"{k}={v}" for k, v in (("language", args.language), ("task", args.task)) if v)
-        apply_(model, ModuleGatingConfig(checkpoint=args.gates, context=ctx))
+        configs.append(ModuleGatingConfig(checkpoint=args.gates, context=ctx))
+    if args.runtime != "eager":
+        from .runtime import RuntimeConfig
+
+        configs.append(RuntimeConfig(dtype=args.runtime))
+    if configs:
+        apply_(model, configs)
+    if args.gates:
+        from .methods import gating_speech as gs
+
         gates = gs.speech_gates(model)
         gates.track = True
     for f in args.files:
@@ -225,7 +237,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         text = transcribe(model, proc, [audio], language=args.language, task=args.task, timings=t)[0]
         out: dict[str, Any] = {"file": f, "text": text.strip(), "seconds": round(time.perf_counter() - t0, 3),
-                               "encoder_s": round(t.encoder_s, 3), "decode_s": round(t.decode_s, 3)}
+                               "encoder_s": round(t.encoder_s, 3), "decode_s": round(t.decode_s, 3), "runtime": args.runtime}
         if gates is not None:
             g = gates.gates[0]
             out["encoder_modules_skipped"] = int((g[: gates.n_enc] < 0.5).sum())

@@ -9,7 +9,9 @@ from typing import Any, ClassVar
 
 from .errors import ConfigError
 
-ROLES = ("attn", "attn_in", "attn_out", "mlp", "mlp_in", "mlp_out", "layer", "final_norm", "head")
+ROLES = ("attn", "attn_in", "attn_out", "mlp", "mlp_in", "mlp_out", "layer", "final_norm", "head",
+         # encoder-decoder models (Whisper): the decoder's cross-attention and the encoder's blocks
+         "cross_attn", "cross_attn_in", "cross_attn_out", "enc_attn", "enc_attn_in", "enc_attn_out", "enc_mlp_in", "enc_mlp_out")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -263,3 +263,30 @@ def test_low_rank_adapters_train_save_reload_and_revert(tmp_path):
     assert (again - trained).abs().max().item() < 1e-5
     ln.revert_(m)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd0.items())
+
+
+def test_gates_compose_with_the_runtime(tmp_path):
+    """Module gating, then the runtime: the modules that run do so on the runtime's kernels, the
+    skipped ones still never run, the logits equal the masked reference, revert is exact."""
+    from lazyneuron.runtime import FastLinear, RuntimeConfig
+
+    m = tiny_whisper()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    ref = masked_reference(m, SKIP)
+    ln.apply_(m, [ModuleGatingConfig(checkpoint=save(gs.static_speech_predictor(m, SKIP), tmp_path)), RuntimeConfig(dtype="fp32")])
+    dec = m.model.decoder.base
+    assert isinstance(dec.layers[0].fc1, FastLinear) and isinstance(dec.layers[2].encoder_attn.q_proj, FastLinear)
+    assert isinstance(m.model.encoder.base.layers[1].self_attn.v_proj, FastLinear) and isinstance(m.proj_out, FastLinear)
+    calls = []
+    for stack, j, name in SKIP:
+        layer = (m.model.encoder.base if stack == "encoder" else dec).layers[j]
+        mods = [layer.fc1, layer.fc2] if name == "mlp" else [layer.self_attn if name == "attn" else layer.encoder_attn]
+        for mod in mods:
+            mod.register_forward_hook(lambda *a, s=(stack, j, name): calls.append(s))
+    with torch.no_grad():
+        out = m(input_features=FEAT, decoder_input_ids=IDS).logits
+    assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+    assert calls == []
+    ln.revert_(m)
+    assert not any(isinstance(x, (FastLinear, gs.GatedWhisperDecoder)) for x in m.modules())
+    assert set(m.state_dict()) == set(sd) and all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items())

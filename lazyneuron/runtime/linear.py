@@ -43,7 +43,8 @@ class RuntimeConfig(MethodConfig):
     built) or ``reference`` (pure torch, for checking)."""
 
     name: ClassVar[str] = "runtime"
-    targets: tuple[str, ...] = ("attn_in", "attn_out", "mlp_in", "mlp_out", "head")
+    targets: tuple[str, ...] = ("attn_in", "attn_out", "mlp_in", "mlp_out", "head",  # + an encoder-decoder's (Whisper's) other linears:
+                                "cross_attn_in", "cross_attn_out", "enc_attn_in", "enc_attn_out", "enc_mlp_in", "enc_mlp_out")
     dtype: str = "fp32"
     backend: str = "auto"
 
@@ -159,7 +160,10 @@ class Runtime(Method):
         return [[RuntimeConfig(dtype=d) for d in ("fp32", "bf16", "int8")]]
 
     def finish(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> None:
-        fuse_siblings(model)
+        # only the lean decode step of a decoder-only model reads a group in one call; an
+        # encoder-decoder's cross-attention projects two inputs (q the decoder's, k / v the encoder's)
+        if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            fuse_siblings(model)
 
     def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
         mods = [model.get_submodule(p) for p in paths]
