@@ -192,8 +192,9 @@ def _fit(args: argparse.Namespace) -> int:
 def _add_kernel_parser(sub: Any) -> None:
     s = sub.add_parser("bench-kernels", help="time the fast kernels against torch (JSON list with --json)",
                        epilog="example: lazyneuron bench-kernels --quick --json")
-    s.add_argument("--kernel", default="sparse_gemv", choices=["sparse_gemv", "cmm", "dense"],
-                   help="sparse_gemv: activation sparsity; cmm: the FFF tree walk; dense: the runtime's GEMV (fp32 / bf16 / int8)")
+    s.add_argument("--kernel", default="sparse_gemv", choices=["sparse_gemv", "cmm", "dense", "gemm"],
+                   help="sparse_gemv: activation sparsity; cmm: the FFF tree walk; dense: the runtime's GEMV (fp32 / bf16 / int8); "
+                        "gemm: its GEMM for long inputs (prefill, encoders), GFLOP/s against torch")
     s.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
     s.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N for the CMM walk on a GPU (needs Triton)")
     s.add_argument("--json", action="store_true")

@@ -71,6 +71,21 @@ def test_bench_kernels_cmm_quick_json(capsys, monkeypatch) -> None:
     assert [r["batch"] for r in recs] == kb.CMM_QUICK["batches"] and recs[0]["depth"] == 5 and recs[0]["speedup_vs_torch"] > 0
 
 
+def test_bench_kernels_gemm_quick_json(capsys, monkeypatch) -> None:
+    from lazyneuron.kernels import bench as kb
+    from lazyneuron.kernels import gemv as G
+
+    monkeypatch.setitem(kb.GEMM_QUICK, "shapes", [(40, 64, 96)])
+    monkeypatch.setitem(kb.GEMM_QUICK, "repeats", 2)
+    before = G.bf16_dot()
+    assert main(["bench-kernels", "--kernel", "gemm", "--quick", "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert {"shape", "dtype", "compute", "gflops", "speedup_vs_torch"} <= set(recs[0])
+    assert [r["dtype"] for r in recs] == (["fp32", "bf16", "bf16", "int8"] if before else ["fp32", "bf16", "int8"])
+    assert recs[0]["shape"] == "40x64x96" and all(r["gflops"] > 0 for r in recs)
+    assert G.bf16_dot() == before  # the setting is restored
+
+
 def test_transcribe_refuses_a_text_model(tmp_path, capsys) -> None:
     import transformers
 

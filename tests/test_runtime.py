@@ -43,23 +43,32 @@ def test_gemv_matches_reference(dtype: str, in_f: int, out_f: int, batch: int, m
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", G.DTYPES)
+@pytest.mark.parametrize("dtype,dot", [("fp32", True), ("bf16", True), ("bf16", False), ("int8", True)])
 @pytest.mark.parametrize("in_f,out_f", [(64, 48), (576, 192), (300, 1537), (7, 65), (520, 33)])
 @pytest.mark.parametrize("tokens", [17, 40, 97, 301])
-def test_gemm_matches_reference(dtype: str, in_f: int, out_f: int, tokens: int) -> None:
+def test_gemm_matches_reference(dtype: str, dot: bool, in_f: int, out_f: int, tokens: int) -> None:
     """The blocked GEMM for long inputs, over every tail: tokens not a multiple of the micro-tile,
-    outputs not a multiple of the column tile, inputs not a multiple of the packed panel."""
-    g = torch.Generator().manual_seed(in_f * 7 + out_f + tokens)
-    x = torch.randn(tokens, in_f, generator=g)
-    wt, scale = G.prepare_weight(torch.randn(out_f, in_f, generator=g), dtype)
-    bias = torch.randn(out_f, generator=g) if tokens % 2 else None
-    y = G.gemm(x, wt, scale, bias)
-    ref = G.reference(x, wt, scale, bias)
-    assert y.shape == (tokens, out_f) and y.dtype == torch.float32
-    assert (y - ref).abs().max().item() <= 1e-4 * (1 + ref.abs().max().item())
-    fl = FastLinear(torch.nn.Linear(in_f, out_f), dtype)  # the runtime's linear takes the GEMM above the GEMV's batch
-    xb = torch.randn(3, tokens, in_f, generator=g)
-    assert torch.allclose(fl(xb), G.reference(xb.view(-1, in_f), fl.wt, fl.scale, fl.bias).view(3, tokens, out_f), atol=1e-4, rtol=1e-4)
+    outputs not a multiple of the column tile, inputs not a multiple of the packed panel (odd ones
+    included: the bf16 dot products pair input channels). bf16 weights run both paths: bf16 dot
+    products on a bf16-rounded input where the CPU has them, and fp32 compute."""
+    prev = G.set_bf16_dot(dot)
+    try:
+        g = torch.Generator().manual_seed(in_f * 7 + out_f + tokens)
+        x = torch.randn(tokens, in_f, generator=g)
+        wt, scale = G.prepare_weight(torch.randn(out_f, in_f, generator=g), dtype)
+        bias = torch.randn(out_f, generator=g) if tokens % 2 else None
+        y = G.gemm(x, wt, scale, bias)
+        ref = G.gemm_reference(x, wt, scale, bias)
+        assert y.shape == (tokens, out_f) and y.dtype == torch.float32
+        assert (y - ref).abs().max().item() <= 1e-4 * (1 + ref.abs().max().item())
+        if dtype == "bf16" and G.bf16_dot():  # the input really is rounded: far closer to that reference than to fp32 compute
+            assert (y - ref).abs().max().item() < 0.1 * (y - G.reference(x, wt, scale, bias)).abs().max().item()
+        fl = FastLinear(torch.nn.Linear(in_f, out_f), dtype)  # the runtime's linear takes the GEMM above the GEMV's batch
+        xb = torch.randn(3, tokens, in_f, generator=g)
+        want = G.gemm_reference(xb.view(-1, in_f), fl.wt, fl.scale, fl.bias).view(3, tokens, out_f)
+        assert torch.allclose(fl(xb), want, atol=1e-4, rtol=1e-4)
+    finally:
+        G.set_bf16_dot(prev)
 
 
 @needs_ext
@@ -71,7 +80,8 @@ def test_fast_linear_edge_shapes_and_gradients(dtype: str) -> None:
         fl = FastLinear(torch.nn.Linear(in_f, out_f), dtype)
         for n in (1, 40):
             x = torch.randn(n, in_f)
-            assert torch.allclose(fl(x), G.reference(x, fl.wt, fl.scale, fl.bias), atol=1e-5)
+            ref = (G.gemm_reference if n > G.MAX_BATCH else G.reference)(x, fl.wt, fl.scale, fl.bias)
+            assert torch.allclose(fl(x), ref, atol=1e-5)
     lin = torch.nn.Linear(48, 40)
     ref = torch.nn.Linear(48, 40)
     ref.load_state_dict(lin.state_dict())
@@ -429,6 +439,9 @@ def test_long_inputs_sparsified_then_dense_gemm(dtype: str, centred: bool) -> No
     for thr in (torch.tensor([0.6]), torch.rand(96, generator=g)):
         y = K.masked_matmul(x, wt, bias, centre, thr, scale)
         ref = K.reference(x, wt, bias, centre, thr, scale)
+        if dtype == "bf16" and G.bf16_dot():  # the bf16 dot-product GEMM rounds the sparsified input to bf16
+            d = x - centre if centre is not None else x
+            ref = G.gemm_reference(d.masked_fill(d.abs() <= thr, 0.0), wt, scale, bias)
         assert torch.allclose(y, ref, atol=1e-4, rtol=1e-5)
 
 

@@ -433,7 +433,7 @@ def test_cli_transcribe_dense_and_gated(tmp_path, capsys):
 
 # -- the runtime (FastLinear on every linear of the encoder, the decoder and the head) ------------
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
-def test_runtime_covers_whisper_and_reverts_exactly(dtype):
+def test_runtime_covers_whisper_and_reverts_exactly(dtype, request):
     """Every linear (encoder blocks, decoder self- and cross-attention, feed-forwards, proj_out) runs
     on the runtime's kernels: the encoder's 50-frame forwards through the GEMM, decode steps through
     the GEMV. fp32 reproduces the eager model's logits and greedy tokens; bf16 / int8 reproduce the
@@ -456,6 +456,8 @@ def test_runtime_covers_whisper_and_reverts_exactly(dtype):
         ref = rounded(input_features=feats, decoder_input_ids=ids).logits
     tokens = greedy_transcribe(model, feats, language="en", max_new_tokens=10)
     ln.apply_(model, RuntimeConfig(dtype=dtype))
+    prev = G.set_bf16_dot(False)  # bf16 weights multiply fp32 inputs everywhere (tests/test_runtime.py covers the bf16 dot products)
+    request.addfinalizer(lambda: G.set_bf16_dot(prev))
     fast = [m for m in model.modules() if isinstance(m, FastLinear)]
     assert len(fast) == n_linear  # 2 x 6 encoder + 2 x 10 decoder linears + proj_out
     assert isinstance(model.proj_out, FastLinear) and isinstance(model.model.decoder.layers[1].encoder_attn.k_proj, FastLinear)

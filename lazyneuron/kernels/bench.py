@@ -321,7 +321,53 @@ def measure_cmm_gpu(d: int, hidden: int, depth: int, batch: int, dtype: str, rep
     }
 
 
-KERNELS = ("sparse_gemv", "cmm", "dense")
+# -- GEMM (long inputs: prefill, encoder forwards) ------------------------------------------------
+GEMM_SHAPES = [(1500, 512, 512), (1500, 512, 2048), (1500, 2048, 512),  # Whisper base encoder: attention, FFN in, FFN out
+               (256, 576, 1536), (256, 1536, 576),                          # SmolLM2 prefill of 256 tokens
+               (128, 384, 1536), (128, 1536, 384)]                           # MiniLM-L6 on a batch of 128 tokens
+GEMM_QUICK = dict(shapes=GEMM_SHAPES[:2] + GEMM_SHAPES[3:4], repeats=5)
+GEMM_FULL = dict(shapes=GEMM_SHAPES, repeats=9)
+GEMM_FORMATS = (("fp32", True), ("bf16", True), ("bf16", False), ("int8", True))  # (weights, bf16 dot products where the CPU has them)
+
+
+@torch.inference_mode()
+def measure_gemm(tokens: int, in_f: int, out_f: int, repeats: int) -> list[dict[str, Any]]:
+    """The runtime's blocked GEMM (x (tokens, in) @ W) in each weight format against torch's fp32
+    ``F.linear`` on the same input, interleaved per repeat: GFLOP/s (2 * tokens * in * out / time)
+    and the speedup; bf16 twice, with the bf16 dot products (input rounded to bf16) where the CPU
+    has them and with fp32 compute."""
+    from . import gemv as G
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, in_f, generator=g)
+    w = torch.randn(out_f, in_f, generator=g)
+    packed = {dt: G.prepare_weight(w, dt) for dt in ("fp32", "bf16", "int8")}
+    dot_prev = G.set_bf16_dot(True)
+    has_dot = G.bf16_dot()
+    fmts = [(dt, dot) for dt, dot in GEMM_FORMATS if dot or has_dot]  # without the instructions bf16 has one path
+    fns: dict[Any, Callable[[], Any]] = {"torch": lambda: F.linear(x, w)}
+    for dt, dot in fmts:
+        fns[(dt, dot)] = lambda dt=dt, dot=dot: (G.set_bf16_dot(dot), G.gemm(x, *packed[dt]))
+    try:
+        for f in fns.values():
+            f()
+        samples: dict[Any, list[float]] = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                samples[k].append(time.perf_counter() - t0)
+    finally:
+        G.set_bf16_dot(dot_prev)
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    flop = 2.0 * tokens * in_f * out_f
+    return [{"kernel": "gemm", "shape": f"{tokens}x{in_f}x{out_f}", "tokens": tokens, "dtype": dt,
+             "compute": "bf16 dot" if dt == "bf16" and dot and has_dot else "fp32", "time_us": t[(dt, dot)] * 1e6,
+             "time_torch_us": t["torch"] * 1e6, "gflops": flop / t[(dt, dot)] / 1e9, "gflops_torch": flop / t["torch"] / 1e9,
+             "speedup_vs_torch": t["torch"] / t[(dt, dot)], "threads": torch.get_num_threads(), "fast_path": G.available()} for dt, dot in fmts]
+
+
+KERNELS = ("sparse_gemv", "cmm", "dense", "gemm")
 
 
 def run(kernel: str = "sparse_gemv", quick: bool = False, progress: bool = True, device: str = "cpu") -> list[dict[str, Any]]:
@@ -349,6 +395,9 @@ def run(kernel: str = "sparse_gemv", quick: bool = False, progress: bool = True,
     elif kernel == "dense":
         c = DENSE_QUICK if quick else DENSE_FULL
         cases = [(measure_dense, (i, o, b, dt, c["repeats"])) for dt in c["dtypes"] for (i, o) in c["shapes"] for b in c["batches"]]
+    elif kernel == "gemm":
+        c = GEMM_QUICK if quick else GEMM_FULL
+        cases = [(measure_gemm, (n, i, o, c["repeats"])) for (n, i, o) in c["shapes"]]
     else:
         p = QUICK if quick else FULL
         cases = [(measure, (i, o, b, s, d, p["repeats"])) for d in p["dtypes"] for (i, o) in p["shapes"] for b in p["batches"] for s in p["sparsities"]]
@@ -358,7 +407,11 @@ def run(kernel: str = "sparse_gemv", quick: bool = False, progress: bool = True,
 
         it = tqdm(cases, desc=kernel, unit="case")
     env = environment()
-    return [{"device": env["device"], **fn(*args), "git_sha": env["git_sha"]} for fn, args in it]
+    out: list[dict[str, Any]] = []
+    for fn, args in it:
+        got = fn(*args)
+        out += [{"device": env["device"], **r, "git_sha": env["git_sha"]} for r in (got if isinstance(got, list) else [got])]
+    return out
 
 
 def table(recs: list[dict[str, Any]]) -> str:
@@ -373,6 +426,14 @@ def table(recs: list[dict[str, Any]]) -> str:
             lines.append(f"{r['d_model']:>7} {r['dense_width']:>6} {r['depth']:>5} {r['batch']:>5} {r['dtype']:>8} {r['time_torch_us']:>9.1f} "
                          f"{r['time_cmm_us']:>8.1f} {r['us_per_token_cmm']:>8.2f} {r['speedup_vs_torch']:>8.1f} {r.get('speedup_vs_torch_warm', float('nan')):>7.1f}"
                          + (f" {r['speedup_vs_torch_eager']:>7.1f}" if eager else ""))
+        return "\n".join(lines)
+    if recs and recs[0].get("kernel") == "gemm":
+        head = f"{'tokens x in x out':>18} {'weights':>7} {'compute':>8} {'own us':>9} {'torch us':>9} {'GFLOP/s':>8} {'x torch':>8}"
+        lines = [head, "-" * len(head)]
+        for r in recs:
+            lines.append(f"{r['shape']:>18} {r['dtype']:>7} {r['compute']:>8} {r['time_us']:>9.0f} {r['time_torch_us']:>9.0f} {r['gflops']:>8.0f} "
+                         f"{r['speedup_vs_torch']:>8.2f}")
+        lines.append("(torch: fp32 F.linear on the same input; bf16 dot: the input rounded to bf16, the CPU's bf16 dot products, fp32 accumulation)")
         return "\n".join(lines)
     if recs and recs[0].get("kernel") == "dense":
         head = f"{'shape':>12} {'batch':>5} {'dtype':>5} {'own us':>8} {'torch us':>9} {'GB/s':>6} {'% bw':>5} {'x torch':>8}"

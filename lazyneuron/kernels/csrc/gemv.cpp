@@ -361,6 +361,95 @@ void gemm_run(const float* x, const W* wt, const float* scale, const float* bias
   });
 }
 
+// bf16 weights on CPUs with AVX512_BF16: the input is rounded to bf16 too (nearest even) and each
+// instruction multiplies pairs of input channels (vdpbf16ps: 32 products per 512 bits, accumulated
+// in fp32), twice the fp32 FMA rate. Panels hold (input-channel pair, column) as one 32-bit lane:
+// the low half the even channel, the high half the odd one; an odd input dimension pads with zero.
+// Toggled by set_bf16_dot (on by default) so that callers can check the fp32-compute result too.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define LN_BF16_DOT 1
+#endif
+bool g_bf16_dot = true;
+
+#ifdef LN_BF16_DOT
+// c (MR, kNR, stride kNR) += x (MR rows of bf16 pairs, stride ldx) . panel (kp pairs, kNR columns)
+template <int64_t MR>
+inline void gemm_micro_bf16(const uint32_t* x, int64_t ldx, const uint32_t* panel, int64_t kp, float* c) {
+  __m512 acc[MR][kNRV];
+  for (int64_t m = 0; m < MR; ++m)
+    for (int64_t n = 0; n < kNRV; ++n) acc[m][n] = _mm512_loadu_ps(c + m * kNR + n * kV);
+  for (int64_t p = 0; p < kp; ++p) {
+    __m512bh w[kNRV];
+    for (int64_t n = 0; n < kNRV; ++n) w[n] = (__m512bh)_mm512_loadu_si512(panel + p * kNR + n * kV);
+    for (int64_t m = 0; m < MR; ++m) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[m * ldx + p]));
+      for (int64_t n = 0; n < kNRV; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], a, w[n]);
+    }
+  }
+  for (int64_t m = 0; m < MR; ++m)
+    for (int64_t n = 0; n < kNRV; ++n) _mm512_storeu_ps(c + m * kNR + n * kV, acc[m][n]);
+}
+
+void gemm_run_bf16(const float* x, const uint16_t* wt, const float* scale, const float* bias, float* y, int64_t N, int64_t in, int64_t out,
+                   int64_t ldw) {
+  const int64_t inp = (in + 1) / 2;  // input-channel pairs per token
+  std::vector<uint32_t> xb(static_cast<size_t>(N * inp));
+  at::parallel_for(0, N, 8, [&](int64_t r0, int64_t r1) {  // the input in bf16 pairs, zero-padded
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* src = x + r * in;
+      uint16_t* dst = reinterpret_cast<uint16_t*>(xb.data() + r * inp);
+      int64_t k = 0;
+      for (; k + 32 <= in; k += 32)
+        _mm512_storeu_si512(dst + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + k + 16), _mm512_loadu_ps(src + k)));
+      for (; k < in; ++k) dst[k] = c10::BFloat16(src[k]).x;
+      if (in & 1) dst[in] = 0;
+    }
+  });
+  const int64_t ntiles = (out + kNR - 1) / kNR, nthreads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t nblk = std::max<int64_t>((N + kGemmTokens - 1) / kGemmTokens, (8 * nthreads + ntiles - 1) / ntiles);
+  int64_t bs = std::min(kGemmTokens, ((N + nblk - 1) / nblk + kMR - 1) / kMR * kMR);
+  nblk = (N + bs - 1) / bs;
+  at::parallel_for(0, nblk * ntiles, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<uint32_t> panel(static_cast<size_t>(kKC / 2 * kNR));
+    std::vector<float> acc(static_cast<size_t>(kGemmTokens * kNR));
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t q = it / ntiles, tt = it % ntiles;
+      const int64_t b0 = q * bs, nb = std::min(bs, N - b0);
+      const int64_t j0 = tt * kNR, len = std::min(kNR, out - j0);
+      std::fill(acc.begin(), acc.begin() + nb * kNR, 0.f);
+      for (int64_t k0 = 0; k0 < in; k0 += kKC) {
+        const int64_t kc = std::min(kKC, in - k0), kp = (kc + 1) / 2;
+        for (int64_t pp = 0; pp < kp; ++pp) {  // pair rows k0 + 2 pp and k0 + 2 pp + 1 of the (kc, len) slice, zero past len
+          const uint16_t* lo = wt + (k0 + 2 * pp) * ldw + j0;
+          const uint16_t* hi = k0 + 2 * pp + 1 < in ? lo + ldw : nullptr;
+          uint32_t* dst = panel.data() + pp * kNR;
+          int64_t j = 0;
+          if (len == kNR && hi)
+            for (; j < kNR; j += kV) {
+              const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + j)));
+              const __m512i b = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + j))), 16);
+              _mm512_storeu_si512(dst + j, _mm512_or_si512(a, b));
+            }
+          for (; j < len; ++j) dst[j] = static_cast<uint32_t>(lo[j]) | (hi ? static_cast<uint32_t>(hi[j]) << 16 : 0u);
+          for (; j < kNR; ++j) dst[j] = 0u;
+        }
+        const uint32_t* xp = xb.data() + b0 * inp + k0 / 2;
+        int64_t m = 0;
+        for (; m + kMR <= nb; m += kMR) gemm_micro_bf16<kMR>(xp + m * inp, inp, panel.data(), kp, acc.data() + m * kNR);
+        switch (nb - m) {
+#define LN_MR(R) case R: gemm_micro_bf16<R>(xp + m * inp, inp, panel.data(), kp, acc.data() + m * kNR); break;
+          LN_MR(1) LN_MR(2) LN_MR(3) LN_MR(4) LN_MR(5)
+#undef LN_MR
+          default: break;
+        }
+      }
+      for (int64_t b = 0; b < nb; ++b)
+        finish(y + (b0 + b) * out + j0, acc.data() + b * kNR, bias ? bias + j0 : nullptr, scale ? scale + j0 : nullptr, len);
+    }
+  });
+}
+#endif
+
 inline float act_fn(float v, int64_t act) {
   switch (act) {
     case 0:  // silu
@@ -619,6 +708,13 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor wt, torch::Tensor scale, torch
   if (wd == torch::kFloat32) {
     gemm_run<float>(x.data_ptr<float>(), wt.data_ptr<float>(), sp, bp, y.data_ptr<float>(), N, in, out, std::max<int64_t>(wt.stride(0), out));
   } else if (wd == torch::kBFloat16) {
+#ifdef LN_BF16_DOT
+    if (g_bf16_dot) {
+      gemm_run_bf16(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), sp, bp, y.data_ptr<float>(), N, in, out,
+                    std::max<int64_t>(wt.stride(0), out));
+      return y;
+    }
+#endif
     gemm_run<uint16_t>(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), sp, bp, y.data_ptr<float>(), N, in, out, std::max<int64_t>(wt.stride(0), out));
   } else {
     gemm_run<int8_t>(x.data_ptr<float>(), wt.data_ptr<int8_t>(), sp, bp, y.data_ptr<float>(), N, in, out, std::max<int64_t>(wt.stride(0), out));
@@ -803,5 +899,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("expert_route", &expert_route, "router (learned, analytic or native) and feed-forward experts in one call");
   m.def("sparsify", &sparsify, "(x - c) where |x - c| > t, else 0");
   m.def("read_sum", &read_sum, "sum of a large fp32 buffer (memory-bandwidth probe)");
+  m.def("set_bf16_dot", [](bool on) { const bool was = g_bf16_dot; g_bf16_dot = on; return was; },
+        "bf16 weights' GEMM: round the input to bf16 and use the CPU's bf16 dot products (where built); returns the previous setting");
+#ifdef LN_BF16_DOT
+  m.attr("bf16_dot") = true;
+#else
+  m.attr("bf16_dot") = false;
+#endif
   m.attr("max_batch") = kMaxBatch;
 }
