@@ -81,7 +81,7 @@ def test_bench_kernels_gemm_quick_json(capsys, monkeypatch) -> None:
     assert main(["bench-kernels", "--kernel", "gemm", "--quick", "--json"]) == 0
     recs = json.loads(capsys.readouterr().out)
     assert {"shape", "dtype", "compute", "gflops", "speedup_vs_torch"} <= set(recs[0])
-    assert [r["dtype"] for r in recs] == (["fp32", "bf16", "bf16", "int8"] if before else ["fp32", "bf16", "int8"])
+    assert [r["dtype"] for r in recs] == (["fp32", "bf16", "bf16", "int8", "int8"] if before else ["fp32", "bf16", "int8"])
     assert recs[0]["shape"] == "40x64x96" and all(r["gflops"] > 0 for r in recs)
     assert G.bf16_dot() == before  # the setting is restored
 

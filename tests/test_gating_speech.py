@@ -263,6 +263,19 @@ def test_low_rank_adapters_train_save_reload_and_revert(tmp_path):
     assert (again - trained).abs().max().item() < 1e-5
     ln.revert_(m)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd0.items())
+    # on the runtime: the adapted linears run their merged weights on the kernels, same logits
+    from lazyneuron.runtime import RuntimeConfig
+
+    ln.apply_(m, [ModuleGatingConfig(checkpoint=str(tmp_path / "l.safetensors"), context="language=en"), RuntimeConfig(dtype="fp32")])
+    lora = m.model.decoder.lora_modules()
+    assert all(x.weight_dtype == "fp32" for x in lora)
+    with torch.no_grad():
+        fast = m(input_features=FEAT, decoder_input_ids=IDS).logits
+    assert all(x.__dict__.get("_fast") is not None for x in lora)  # the kernels ran
+    assert (fast - trained).abs().max().item() < 1e-4 * (1 + trained.abs().max().item())
+    assert not any("_fast" in k for k in m.state_dict())
+    ln.revert_(m)
+    assert set(m.state_dict()) == set(sd0) and all(torch.equal(v, m.state_dict()[k]) for k, v in sd0.items())
 
 
 def test_gates_compose_with_the_runtime(tmp_path):

@@ -43,14 +43,14 @@ def test_gemv_matches_reference(dtype: str, in_f: int, out_f: int, batch: int, m
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype,dot", [("fp32", True), ("bf16", True), ("bf16", False), ("int8", True)])
+@pytest.mark.parametrize("dtype,dot", [("fp32", True), ("bf16", True), ("bf16", False), ("int8", True), ("int8", False)])
 @pytest.mark.parametrize("in_f,out_f", [(64, 48), (576, 192), (300, 1537), (7, 65), (520, 33)])
 @pytest.mark.parametrize("tokens", [17, 40, 97, 301])
 def test_gemm_matches_reference(dtype: str, dot: bool, in_f: int, out_f: int, tokens: int) -> None:
     """The blocked GEMM for long inputs, over every tail: tokens not a multiple of the micro-tile,
     outputs not a multiple of the column tile, inputs not a multiple of the packed panel (odd ones
-    included: the bf16 dot products pair input channels). bf16 weights run both paths: bf16 dot
-    products on a bf16-rounded input where the CPU has them, and fp32 compute."""
+    included: the bf16 dot products pair input channels). bf16 and int8 weights run both paths: bf16
+    dot products on a bf16-rounded input where the CPU has them, and fp32 compute."""
     prev = G.set_bf16_dot(dot)
     try:
         g = torch.Generator().manual_seed(in_f * 7 + out_f + tokens)
@@ -61,7 +61,7 @@ def test_gemm_matches_reference(dtype: str, dot: bool, in_f: int, out_f: int, to
         ref = G.gemm_reference(x, wt, scale, bias)
         assert y.shape == (tokens, out_f) and y.dtype == torch.float32
         assert (y - ref).abs().max().item() <= 1e-4 * (1 + ref.abs().max().item())
-        if dtype == "bf16" and G.bf16_dot():  # the input really is rounded: far closer to that reference than to fp32 compute
+        if dtype != "fp32" and G.bf16_dot():  # the input really is rounded: far closer to that reference than to fp32 compute
             assert (y - ref).abs().max().item() < 0.1 * (y - G.reference(x, wt, scale, bias)).abs().max().item()
         fl = FastLinear(torch.nn.Linear(in_f, out_f), dtype)  # the runtime's linear takes the GEMM above the GEMV's batch
         xb = torch.randn(3, tokens, in_f, generator=g)
@@ -439,7 +439,7 @@ def test_long_inputs_sparsified_then_dense_gemm(dtype: str, centred: bool) -> No
     for thr in (torch.tensor([0.6]), torch.rand(96, generator=g)):
         y = K.masked_matmul(x, wt, bias, centre, thr, scale)
         ref = K.reference(x, wt, bias, centre, thr, scale)
-        if dtype == "bf16" and G.bf16_dot():  # the bf16 dot-product GEMM rounds the sparsified input to bf16
+        if dtype != "fp32" and G.bf16_dot():  # the bf16 dot-product GEMM rounds the sparsified input to bf16
             d = x - centre if centre is not None else x
             ref = G.gemm_reference(d.masked_fill(d.abs() <= thr, 0.0), wt, scale, bias)
         assert torch.allclose(y, ref, atol=1e-4, rtol=1e-5)

@@ -327,15 +327,15 @@ GEMM_SHAPES = [(1500, 512, 512), (1500, 512, 2048), (1500, 2048, 512),  # Whispe
                (128, 384, 1536), (128, 1536, 384)]                           # MiniLM-L6 on a batch of 128 tokens
 GEMM_QUICK = dict(shapes=GEMM_SHAPES[:2] + GEMM_SHAPES[3:4], repeats=5)
 GEMM_FULL = dict(shapes=GEMM_SHAPES, repeats=9)
-GEMM_FORMATS = (("fp32", True), ("bf16", True), ("bf16", False), ("int8", True))  # (weights, bf16 dot products where the CPU has them)
+GEMM_FORMATS = (("fp32", True), ("bf16", True), ("bf16", False), ("int8", True), ("int8", False))  # (weights, bf16 dot products where the CPU has them)
 
 
 @torch.inference_mode()
 def measure_gemm(tokens: int, in_f: int, out_f: int, repeats: int) -> list[dict[str, Any]]:
     """The runtime's blocked GEMM (x (tokens, in) @ W) in each weight format against torch's fp32
     ``F.linear`` on the same input, interleaved per repeat: GFLOP/s (2 * tokens * in * out / time)
-    and the speedup; bf16 twice, with the bf16 dot products (input rounded to bf16) where the CPU
-    has them and with fp32 compute."""
+    and the speedup; bf16 and int8 twice, with the bf16 dot products (input rounded to bf16) where
+    the CPU has them and with fp32 compute."""
     from . import gemv as G
 
     g = torch.Generator().manual_seed(0)
@@ -344,7 +344,7 @@ def measure_gemm(tokens: int, in_f: int, out_f: int, repeats: int) -> list[dict[
     packed = {dt: G.prepare_weight(w, dt) for dt in ("fp32", "bf16", "int8")}
     dot_prev = G.set_bf16_dot(True)
     has_dot = G.bf16_dot()
-    fmts = [(dt, dot) for dt, dot in GEMM_FORMATS if dot or has_dot]  # without the instructions bf16 has one path
+    fmts = [(dt, dot) for dt, dot in GEMM_FORMATS if dot or has_dot]  # without the instructions each format has one path
     fns: dict[Any, Callable[[], Any]] = {"torch": lambda: F.linear(x, w)}
     for dt, dot in fmts:
         fns[(dt, dot)] = lambda dt=dt, dot=dot: (G.set_bf16_dot(dot), G.gemm(x, *packed[dt]))
@@ -362,7 +362,7 @@ def measure_gemm(tokens: int, in_f: int, out_f: int, repeats: int) -> list[dict[
     t = {k: statistics.median(v) for k, v in samples.items()}
     flop = 2.0 * tokens * in_f * out_f
     return [{"kernel": "gemm", "shape": f"{tokens}x{in_f}x{out_f}", "tokens": tokens, "dtype": dt,
-             "compute": "bf16 dot" if dt == "bf16" and dot and has_dot else "fp32", "time_us": t[(dt, dot)] * 1e6,
+             "compute": "bf16 dot" if dt != "fp32" and dot and has_dot else "fp32", "time_us": t[(dt, dot)] * 1e6,
              "time_torch_us": t["torch"] * 1e6, "gflops": flop / t[(dt, dot)] / 1e9, "gflops_torch": flop / t["torch"] / 1e9,
              "speedup_vs_torch": t["torch"] / t[(dt, dot)], "threads": torch.get_num_threads(), "fast_path": G.available()} for dt, dot in fmts]
 

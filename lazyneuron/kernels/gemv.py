@@ -110,10 +110,11 @@ def gemv(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, b
 
 
 def bf16_dot() -> bool:
-    """Whether :func:`gemm` over bf16 weights rounds its input to bf16 and multiplies with the CPU's
-    bf16 dot-product instructions (AVX512_BF16: twice the fp32 rate; accumulation stays fp32). True
-    on CPUs that have them unless switched off with :func:`set_bf16_dot`; elsewhere bf16 weights
-    are widened to fp32 and multiplied with fp32 inputs."""
+    """Whether :func:`gemm` over bf16 or int8 weights rounds its input to bf16 and multiplies with
+    the CPU's bf16 dot-product instructions (AVX512_BF16: twice the fp32 rate; accumulation stays
+    fp32; int8 values are exact in bf16, the per-output scale is applied after). True on CPUs that
+    have them unless switched off with :func:`set_bf16_dot`; elsewhere the weights are widened to
+    fp32 and multiplied with fp32 inputs, as the GEMV always does."""
     ext = extension("gemv")
     return bool(ext is not None and ext.bf16_dot and _BF16_DOT[0])
 
@@ -134,8 +135,8 @@ def set_bf16_dot(enabled: bool) -> bool:
 
 def gemm_reference(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """What :func:`gemm` computes, in pure torch: :func:`reference`, with the input rounded to bf16
-    first where the bf16 dot-product path is on and the weights are bf16."""
-    if wt.dtype == torch.bfloat16 and bf16_dot():
+    first where the bf16 dot-product path is on and the weights are bf16 or int8."""
+    if wt.dtype in (torch.bfloat16, torch.int8) and bf16_dot():
         x = x.to(torch.bfloat16).float()
     return reference(x, wt, scale, bias)
 
@@ -144,8 +145,8 @@ def gemm(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, b
     """Dense ``x (N, in) @ wt`` for any number of tokens (prefill, encoder forwards), float32 out.
 
     bf16 / int8 weights are widened as they are read, panel by panel in L2, never into a full fp32
-    copy; on CPUs with AVX512_BF16, bf16 weights multiply an input rounded to bf16 with bf16 dot
-    products instead (:func:`bf16_dot`). Falls back to :func:`reference` without the extension or
+    copy; on CPUs with AVX512_BF16, bf16 and int8 weights multiply an input rounded to bf16 with
+    bf16 dot products instead (:func:`bf16_dot`). Falls back to :func:`reference` without the extension or
     off the CPU."""
     ext = extension("gemv")
     if ext is None or x.shape[0] == 0 or not (x.is_cpu and wt.is_cpu):

@@ -219,18 +219,41 @@ class LowRankLinear(LazyModule):
         self.enabled = True
         self._merged: torch.Tensor | None = None
 
+    weight_dtype: str | None = None  # set by the runtime: inference runs the merged weight on its kernels in this format
+
+    def set_weight_dtype(self, dtype: str) -> None:
+        """Run inference on the runtime's kernels, the merged weight stored in ``dtype`` (the runtime
+        applied after gating calls this); training and the dense teacher (``enabled=False``) are
+        unchanged, and ``base`` is never touched."""
+        self.weight_dtype = dtype
+        self.__dict__["_fast"] = None  # built from the merged weight at the first inference call
+
+    def _runtime_linear(self) -> nn.Module:
+        fast = self.__dict__.get("_fast")
+        if fast is None:
+            from ..runtime.linear import FastLinear
+
+            lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(self._merged)
+                if self.base.bias is not None:
+                    lin.bias.copy_(self.base.bias)
+            fast = self.__dict__["_fast"] = FastLinear(lin, self.weight_dtype)  # held outside the module tree: not a parameter
+        return fast
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged is not None and self.enabled and not torch.is_grad_enabled():  # inference: one product
-            return F.linear(x, self._merged, self.base.bias)
+            return self._runtime_linear()(x) if self.weight_dtype else F.linear(x, self._merged, self.base.bias)
         if not self.enabled:
             return self.base(x)
         if torch.is_grad_enabled() and (self.a.requires_grad or self.b.requires_grad):
             self._merged = None  # the adapters are changing
+            self.__dict__["_fast"] = None
             return self.base(x) + F.linear(F.linear(x, self.a), self.b) * self.scale
         if self._merged is None:
             with torch.no_grad():
                 self._merged = self.base.weight + self.scale * (self.b @ self.a)
-        return F.linear(x, self._merged, self.base.bias)
+        return self._runtime_linear()(x) if self.weight_dtype else F.linear(x, self._merged, self.base.bias)
 
 
 def install_lora(layers: nn.Module, paths: list[str], rank: int, state: dict[str, torch.Tensor] | None) -> list[LowRankLinear]:

@@ -296,6 +296,7 @@ class GatedWhisperDecoder(_Delegating):
         """Merge the adapters into their weight copies now (otherwise the first inference call does)."""
         for m in self.lora_modules():
             m._merged = m.base.weight + m.scale * (m.b @ m.a)
+            m.__dict__["_fast"] = None  # the runtime's copy, if any, is rebuilt from the new merge
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         from .gating import lora_state

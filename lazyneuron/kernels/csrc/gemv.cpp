@@ -361,9 +361,9 @@ void gemm_run(const float* x, const W* wt, const float* scale, const float* bias
   });
 }
 
-// bf16 weights on CPUs with AVX512_BF16: the input is rounded to bf16 too (nearest even) and each
-// instruction multiplies pairs of input channels (vdpbf16ps: 32 products per 512 bits, accumulated
-// in fp32), twice the fp32 FMA rate. Panels hold (input-channel pair, column) as one 32-bit lane:
+// bf16 and int8 weights on CPUs with AVX512_BF16: the input is rounded to bf16 (nearest even) and
+// each instruction multiplies pairs of input channels (vdpbf16ps: 32 products per 512 bits,
+// accumulated in fp32), twice the fp32 FMA rate; int8 values are exact in bf16. Panels hold (input-channel pair, column) as one 32-bit lane:
 // the low half the even channel, the high half the odd one; an odd input dimension pads with zero.
 // Toggled by set_bf16_dot (on by default) so that callers can check the fp32-compute result too.
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -390,7 +390,23 @@ inline void gemm_micro_bf16(const uint32_t* x, int64_t ldx, const uint32_t* pane
     for (int64_t n = 0; n < kNRV; ++n) _mm512_storeu_ps(c + m * kNR + n * kV, acc[m][n]);
 }
 
-void gemm_run_bf16(const float* x, const uint16_t* wt, const float* scale, const float* bias, float* y, int64_t N, int64_t in, int64_t out,
+// bf16 bits of 16 weights of row `lo` (the even channel, low halves) and `hi` (the odd one, high
+// halves): bf16 as stored; int8 exactly (a small integer's fp32 bits end in 16 zero bits), its
+// per-output scale applied at the end as in every other path.
+inline __m512i bf16_bits(const uint16_t* p) { return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512i bf16_bits(const int8_t* p) {
+  return _mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))), 16);
+}
+inline uint32_t bf16_bits1(uint16_t v) { return v; }
+inline uint32_t bf16_bits1(int8_t v) {
+  const float f = static_cast<float>(v);
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u >> 16;
+}
+
+template <typename W>
+void gemm_run_bf16(const float* x, const W* wt, const float* scale, const float* bias, float* y, int64_t N, int64_t in, int64_t out,
                    int64_t ldw) {
   const int64_t inp = (in + 1) / 2;  // input-channel pairs per token
   std::vector<uint32_t> xb(static_cast<size_t>(N * inp));
@@ -420,17 +436,13 @@ void gemm_run_bf16(const float* x, const uint16_t* wt, const float* scale, const
       for (int64_t k0 = 0; k0 < in; k0 += kKC) {
         const int64_t kc = std::min(kKC, in - k0), kp = (kc + 1) / 2;
         for (int64_t pp = 0; pp < kp; ++pp) {  // pair rows k0 + 2 pp and k0 + 2 pp + 1 of the (kc, len) slice, zero past len
-          const uint16_t* lo = wt + (k0 + 2 * pp) * ldw + j0;
-          const uint16_t* hi = k0 + 2 * pp + 1 < in ? lo + ldw : nullptr;
+          const W* lo = wt + (k0 + 2 * pp) * ldw + j0;
+          const W* hi = k0 + 2 * pp + 1 < in ? lo + ldw : nullptr;
           uint32_t* dst = panel.data() + pp * kNR;
           int64_t j = 0;
           if (len == kNR && hi)
-            for (; j < kNR; j += kV) {
-              const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + j)));
-              const __m512i b = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + j))), 16);
-              _mm512_storeu_si512(dst + j, _mm512_or_si512(a, b));
-            }
-          for (; j < len; ++j) dst[j] = static_cast<uint32_t>(lo[j]) | (hi ? static_cast<uint32_t>(hi[j]) << 16 : 0u);
+            for (; j < kNR; j += kV) _mm512_storeu_si512(dst + j, _mm512_or_si512(bf16_bits(lo + j), _mm512_slli_epi32(bf16_bits(hi + j), 16)));
+          for (; j < len; ++j) dst[j] = bf16_bits1(lo[j]) | (hi ? bf16_bits1(hi[j]) << 16 : 0u);
           for (; j < kNR; ++j) dst[j] = 0u;
         }
         const uint32_t* xp = xb.data() + b0 * inp + k0 / 2;
@@ -717,6 +729,12 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor wt, torch::Tensor scale, torch
 #endif
     gemm_run<uint16_t>(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), sp, bp, y.data_ptr<float>(), N, in, out, std::max<int64_t>(wt.stride(0), out));
   } else {
+#ifdef LN_BF16_DOT
+    if (g_bf16_dot) {
+      gemm_run_bf16(x.data_ptr<float>(), wt.data_ptr<int8_t>(), sp, bp, y.data_ptr<float>(), N, in, out, std::max<int64_t>(wt.stride(0), out));
+      return y;
+    }
+#endif
     gemm_run<int8_t>(x.data_ptr<float>(), wt.data_ptr<int8_t>(), sp, bp, y.data_ptr<float>(), N, in, out, std::max<int64_t>(wt.stride(0), out));
   }
   return y;
@@ -900,7 +918,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparsify", &sparsify, "(x - c) where |x - c| > t, else 0");
   m.def("read_sum", &read_sum, "sum of a large fp32 buffer (memory-bandwidth probe)");
   m.def("set_bf16_dot", [](bool on) { const bool was = g_bf16_dot; g_bf16_dot = on; return was; },
-        "bf16 weights' GEMM: round the input to bf16 and use the CPU's bf16 dot products (where built); returns the previous setting");
+        "bf16 / int8 weights' GEMM: round the input to bf16 and use the CPU's bf16 dot products (where built); returns the previous setting");
 #ifdef LN_BF16_DOT
   m.attr("bf16_dot") = true;
 #else
