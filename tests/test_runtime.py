@@ -456,3 +456,27 @@ def test_step_profile_splits_the_step() -> None:
     p = step_profile(m, prompt, steps=2, repeats=1)
     # per layer: q / k / v in one call (stored side by side), o, gate / up in one call, down; then the head
     assert p["kernel_calls"] == 2 * 4 + 1 and 0 <= p["non_gemv_share"] <= 1 and p["step_s"] > 0
+
+
+@needs_ext
+@pytest.mark.parametrize("T,H,D", [(150, 2, 64), (67, 3, 32), (6, 1, 64), (1, 2, 16), (130, 1, 50)])
+def test_attention_kernel_matches_reference(T: int, H: int, D: int) -> None:
+    """The bf16 flash-style attention for long inputs against fp32 attention and against fp32
+    attention on the same bf16-rounded q, k, v: key blocks with tails, query blocks with tails,
+    head sizes below the tile."""
+    if not G.bf16_dot():
+        pytest.skip("this CPU has no bf16 dot-product instructions; attention runs torch's")
+    g = torch.Generator().manual_seed(T * 10 + D)
+    q, k, v = (torch.randn(2, T, H, D, generator=g) * 2 for _ in range(3))
+    out = G.attention(q, k, v, D ** -0.5)
+    ref = G.attention_reference(q, k, v, D ** -0.5)
+    rnd = G.attention_reference(*((t * (D ** -0.5 if i == 0 else 1)).bfloat16().float() for i, t in enumerate((q, k, v))), 1.0)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    scale = ref.abs().max().item()
+    assert (out - rnd).abs().max().item() < 1e-2 * scale  # only the probabilities' rounding differs
+    assert (out - ref).abs().max().item() < 3e-2 * scale
+    prev = G.set_bf16_dot(False)
+    try:
+        assert torch.allclose(G.attention(q, k, v, D ** -0.5), ref)  # switched off: torch's fp32 attention
+    finally:
+        G.set_bf16_dot(prev)

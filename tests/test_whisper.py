@@ -456,6 +456,16 @@ def test_runtime_covers_whisper_and_reverts_exactly(dtype, request):
         ref = rounded(input_features=feats, decoder_input_ids=ids).logits
     tokens = greedy_transcribe(model, feats, language="en", max_new_tokens=10)
     ln.apply_(model, RuntimeConfig(dtype=dtype))
+    from lazyneuron.runtime.linear import FastEncoderAttention
+
+    wrapped = [isinstance(layer.self_attn, FastEncoderAttention) for layer in model.model.encoder.layers]
+    assert wrapped == [dtype != "fp32" and G.bf16_dot()] * 2  # bf16 / int8: the encoder's attention on the bf16 kernel
+    if any(wrapped):  # the wrapper against the attention it wraps (torch's, fp32) on a real encoder input
+        att = model.model.encoder.layers[1].self_attn
+        h = 0.05 * torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(5))  # attention logits of order 1 (weights here are N(0, 0.6))
+        with torch.no_grad():
+            got, want = att(hidden_states=h)[0], att.base(hidden_states=h)[0]
+        assert got.shape == want.shape and ((got - want).abs().max() / want.abs().max()).item() < 2e-2
     prev = G.set_bf16_dot(False)  # bf16 weights multiply fp32 inputs everywhere (tests/test_runtime.py covers the bf16 dot products)
     request.addfinalizer(lambda: G.set_bf16_dot(prev))
     fast = [m for m in model.modules() if isinstance(m, FastLinear)]
@@ -469,5 +479,5 @@ def test_runtime_covers_whisper_and_reverts_exactly(dtype, request):
     if dtype == "fp32":
         assert greedy_transcribe(model, feats, language="en", max_new_tokens=10) == tokens
     ln.revert_(model)
-    assert not any(isinstance(m, FastLinear) for m in model.modules())
+    assert not any(isinstance(m, (FastLinear, FastEncoderAttention)) for m in model.modules())
     assert set(model.state_dict()) == set(sd) and all(torch.equal(v, model.state_dict()[k]) for k, v in sd.items())

@@ -83,6 +83,7 @@ def kernel_error(code: int, x: torch.Tensor, w: torch.Tensor) -> str:
         18: "bad expert down weight: (E * Fe, out) contiguous, in the dtype of the gate/up blocks",
         19: "bad expert coefficients: (B, E) float32 contiguous, one row per token",
         20: "unknown activation code (0 silu, 1 gelu, 2 gelu_tanh, 3 relu)",
+        22: "attention: q, k, v must be (B, T, H, D) contiguous float32 of one shape, D even and at most 64",
         21: "bad router: kind 0 (learned: w1 (d, H), b1 (H), w2 (H, K), b2 (K)), 1 (analytic: w1 (d, P[*2]), b1, norm (P)) or 2 (native: w1 (d, E)), fp32 contiguous, 0 <= top_k",
     }.get(code, "bad input")
 
@@ -139,6 +140,28 @@ def gemm_reference(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None
     if wt.dtype in (torch.bfloat16, torch.int8) and bf16_dot():
         x = x.to(torch.bfloat16).float()
     return reference(x, wt, scale, bias)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Non-causal, unmasked attention of a long input: q, k, v (B, T, H, D) float32, the layout a
+    projection's output has (no transposes), -> (B, T, H, D) = softmax(scale q k^T) v per head.
+    With the bf16 dot products (:func:`bf16_dot`) and D even and <= 64: the project's flash-style
+    kernel, q * scale, k, the probabilities and v rounded to bf16, fp32 accumulation and softmax;
+    otherwise torch's scaled_dot_product_attention in fp32."""
+    ext = extension("gemv")
+    d = q.shape[-1]
+    if bf16_dot() and d % 2 == 0 and d <= 64 and q.dim() == 4 and q.is_cpu and q.dtype == torch.float32:
+        out = ext.attn_bf16(q.contiguous(), k.contiguous(), v.contiguous(), float(scale))
+        if out is None:
+            raise ValueError(f"attention: {kernel_error(ext.last_error(), q, k)}")
+        return out
+    return attention_reference(q, k, v, scale)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Pure torch: softmax(scale q k^T) v per (batch, head) for (B, T, H, D) inputs, in fp32."""
+    o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return o.transpose(1, 2).contiguous()
 
 
 def gemm(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:

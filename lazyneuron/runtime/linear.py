@@ -106,6 +106,57 @@ class FastLinear(LazyModule):
         return f"method=runtime, dtype={self.dtype}, in={self.in_features}, out={self.out_features}"
 
 
+class FastEncoderAttention(LazyModule):
+    """An encoder's self-attention (Whisper's) on the runtime's attention kernel: its own q / k / v
+    projections (runtime linears), then :func:`gemv.attention` on their (B, T, heads, head_dim)
+    outputs as they are, then its output projection. Installed for bf16 / int8 runtimes where the
+    CPU has bf16 dot products; any other call (a mask, a cache, cross-attention, gradients, bf16
+    dot products switched off) runs the wrapped module."""
+
+    method_name = "runtime"
+
+    # the wrapped module's submodules stay reachable (and replaceable) at their old paths
+    # (``...self_attn.q_proj``), so that every path the runtime converted still resolves
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base")
+            if base is None:
+                raise
+            return getattr(base, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        base = self.__dict__.get("_modules", {}).get("base")
+        if base is not None and name in base._modules:
+            setattr(base, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def weight_elements(self) -> int:
+        return 0  # its linears count themselves
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        a = self.base
+        plain = (not args and kw.get("attention_mask") is None and kw.get("key_value_states") is None and kw.get("past_key_values") is None
+                 and not kw.get("output_attentions") and hidden_states.dim() == 3 and hidden_states.shape[1] > G.MAX_BATCH)
+        if not plain or not G.bf16_dot() or (hidden_states.requires_grad and torch.is_grad_enabled()):
+            return a(hidden_states, *args, **kw)
+        b, t, d = hidden_states.shape
+        shape = (b, t, -1, a.head_dim)
+        o = G.attention(a.q_proj(hidden_states).view(shape), a.k_proj(hidden_states).view(shape), a.v_proj(hidden_states).view(shape), a.scaling)
+        return a.out_proj(o.view(b, t, d)), None
+
+
+def _encoder_attentions(model: nn.Module) -> list[str]:
+    """Paths of an encoder-decoder's (Whisper's) encoder self-attention modules."""
+    layers = _find(model, "model.encoder.layers")
+    if layers is None or getattr(getattr(model, "config", None), "model_type", None) != "whisper":
+        return []
+    return [f"model.encoder.layers.{i}.self_attn" for i, layer in enumerate(layers)
+            if all(hasattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "out_proj", "head_dim", "scaling"))]
+
+
 def _is_shared(base: nn.Linear) -> bool:
     """A weight tied to another module (an LM head tied to the embedding) keeps its layout: the
     embedding lookup reads its rows."""
@@ -164,10 +215,17 @@ class Runtime(Method):
         # encoder-decoder's cross-attention projects two inputs (q the decoder's, k / v the encoder's)
         if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             fuse_siblings(model)
+        if cfg.dtype != "fp32" and G.bf16_dot():  # bf16 / int8: the encoder's attention on bf16 dot products too (fp32 stays exact)
+            from ..surgery import set_module
+
+            for p in _encoder_attentions(model):
+                set_module(model, p, FastEncoderAttention(model.get_submodule(p)))
+                paths.append(p)  # reported, and undone with the rest if apply_ fails after this
 
     def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
-        mods = [model.get_submodule(p) for p in paths]
-        return {"dtype": getattr(cfg, "dtype", "fp32"), "linears": len(mods), "weight_bytes": sum(m.weight_bytes() for m in mods if isinstance(m, FastLinear))}
+        mods = [m for m in (model.get_submodule(p) for p in paths) if isinstance(m, FastLinear)]
+        return {"dtype": getattr(cfg, "dtype", "fp32"), "linears": len(mods), "weight_bytes": sum(m.weight_bytes() for m in mods),
+                "attention_kernels": sum(isinstance(model.get_submodule(p), FastEncoderAttention) for p in paths)}
 
 
 def _find(model: nn.Module, path: str) -> nn.Module | None:

@@ -460,6 +460,156 @@ void gemm_run_bf16(const float* x, const W* wt, const float* scale, const float*
     }
   });
 }
+
+// Non-causal attention without a mask for long inputs (encoder self-attention), bf16 dot products:
+// q, k, v (B, T, H, D) fp32 contiguous (the projections' own layout), D even and <= kNR; out (B, T,
+// H, D) = softmax(scale * q k^T) v per (batch, head). Flash-style: keys in blocks of kNR, each
+// query block of kMR rows keeps a running max, sum and output; q * scale, k, the probabilities and
+// v are rounded to bf16, every product accumulated in fp32, the softmax in fp32.
+// exp of 16 lanes (exp_fast's polynomial; 2^n applied with scalef)
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 32 floats -> 16 bf16 pairs (element 2i in the low half of lane i), rounded to nearest even
+inline __m512i bf16_pairs32(const float* p) { return (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(p)); }
+
+template <int64_t MR>
+void attn_block(const uint32_t* qp, int64_t kp, const uint32_t* kpan, const uint32_t* vpan, int64_t nkb, int64_t T, float* o, float* m, float* l) {
+  static_assert(kNR == 64, "one key block is four vectors");
+  alignas(64) float sc[MR * kNR];
+  alignas(64) uint32_t pp[MR * kNR / 2];
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    std::fill(sc, sc + MR * kNR, 0.f);
+    gemm_micro_bf16<MR>(qp, kp, kpan + kb * kp * kNR, kp, sc);
+    const int64_t valid = std::min<int64_t>(kNR, T - kb * kNR);
+    __mmask16 keep[4];
+    for (int64_t n = 0; n < 4; ++n) {
+      const int64_t c = std::max<int64_t>(0, std::min<int64_t>(16, valid - 16 * n));
+      keep[n] = static_cast<__mmask16>(c >= 16 ? 0xFFFF : (1u << c) - 1u);
+    }
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int64_t r = 0; r < MR; ++r) {
+      float* srow = sc + r * kNR;
+      __m512 sv[4];
+      for (int64_t n = 0; n < 4; ++n) sv[n] = _mm512_mask_mov_ps(ninf, keep[n], _mm512_load_ps(srow + 16 * n));
+      const float mx = std::max(m[r], _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(sv[0], sv[1]), _mm512_max_ps(sv[2], sv[3]))));
+      const float corr = exp_fast(m[r] - mx);
+      const __m512 mxv = _mm512_set1_ps(mx);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t n = 0; n < 4; ++n) {
+        const __m512 e = _mm512_maskz_mov_ps(keep[n], exp512(_mm512_sub_ps(sv[n], mxv)));
+        _mm512_store_ps(srow + 16 * n, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      l[r] = l[r] * corr + _mm512_reduce_add_ps(sum);
+      m[r] = mx;
+      float* orow = o + r * kNR;
+      const __m512 cv = _mm512_set1_ps(corr);
+      for (int64_t n = 0; n < 4; ++n) _mm512_storeu_ps(orow + 16 * n, _mm512_mul_ps(cv, _mm512_loadu_ps(orow + 16 * n)));
+      _mm512_store_si512(pp + r * (kNR / 2), bf16_pairs32(srow));
+      _mm512_store_si512(pp + r * (kNR / 2) + 16, bf16_pairs32(srow + 32));
+    }
+    gemm_micro_bf16<MR>(pp, kNR / 2, vpan + kb * (kNR / 2) * kNR, kNR / 2, o);
+  }
+}
+
+torch::Tensor attn_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  LN_CHECK(q.dim() == 4 && q.scalar_type() == torch::kFloat32 && q.is_contiguous() && k.sizes() == q.sizes() && v.sizes() == q.sizes() &&
+               k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 && k.is_contiguous() && v.is_contiguous(), 22);
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  LN_CHECK(D % 2 == 0 && D <= kNR && T >= 1, 22);
+  const int64_t kp = D / 2, nkb = (T + kNR - 1) / kNR, ld = H * D;
+  const float* qd = q.data_ptr<float>();
+  const float* kd = k.data_ptr<float>();
+  const float* vd = v.data_ptr<float>();
+  // per (batch, head): keys as (channel pair, key) panels of kNR keys, values as (key pair, channel)
+  std::vector<uint32_t> kpan(static_cast<size_t>(B * H * nkb * kp * kNR)), vpan(static_cast<size_t>(B * H * nkb * (kNR / 2) * kNR));
+  at::parallel_for(0, B * H * nkb, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bh = i / nkb, kb = i % nkb, b = bh / H, h = bh % H;
+      uint32_t* kq = kpan.data() + i * kp * kNR;
+      uint32_t* vq = vpan.data() + i * (kNR / 2) * kNR;
+      alignas(64) float row[kNR];
+      alignas(64) uint32_t pairs[kNR / 2];
+      for (int64_t j = 0; j < kNR; ++j) {  // key j's channels in pairs, down column j of the panel
+        const int64_t t = kb * kNR + j;
+        if (t >= T) {
+          for (int64_t p = 0; p < kp; ++p) kq[p * kNR + j] = 0u;
+          continue;
+        }
+        std::memcpy(row, kd + (b * T + t) * ld + h * D, D * sizeof(float));
+        std::fill(row + D, row + kNR, 0.f);
+        _mm512_store_si512(pairs, bf16_pairs32(row));
+        _mm512_store_si512(pairs + 16, bf16_pairs32(row + 32));
+        for (int64_t p = 0; p < kp; ++p) kq[p * kNR + j] = pairs[p];
+      }
+      alignas(64) float r0[kNR], r1[kNR];
+      for (int64_t p = 0; p < kNR / 2; ++p) {  // keys 2p and 2p + 1 of the block, channel by channel
+        const int64_t t0 = kb * kNR + 2 * p, t1 = t0 + 1;
+        if (t0 < T) std::memcpy(r0, vd + (b * T + t0) * ld + h * D, D * sizeof(float)); else std::fill(r0, r0 + D, 0.f);
+        if (t1 < T) std::memcpy(r1, vd + (b * T + t1) * ld + h * D, D * sizeof(float)); else std::fill(r1, r1 + D, 0.f);
+        std::fill(r0 + D, r0 + kNR, 0.f);
+        std::fill(r1 + D, r1 + kNR, 0.f);
+        for (int64_t c = 0; c < kNR; c += 16) {
+          const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(r0 + c)));
+          const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(r1 + c)));
+          _mm512_storeu_si512(vq + p * kNR + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+      }
+    }
+  });
+  auto out = torch::empty_like(q);
+  float* od = out.data_ptr<float>();
+  const int64_t nqb = (T + kMR - 1) / kMR;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * H * nqb, 1, [&](int64_t i0, int64_t i1) {
+    alignas(64) float o[kMR * kNR];
+    alignas(64) float qrow[kNR];
+    alignas(64) uint32_t qpairs[kNR / 2];
+    std::vector<uint32_t> qp(static_cast<size_t>(kMR * kp));
+    float m[kMR], l[kMR];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bh = i / nqb, qb = i % nqb, b = bh / H, h = bh % H;
+      const int64_t t0 = qb * kMR, rows = std::min<int64_t>(kMR, T - t0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* qr = qd + (b * T + t0 + r) * ld + h * D;
+        for (int64_t c = 0; c < D; ++c) qrow[c] = sc * qr[c];
+        std::fill(qrow + D, qrow + kNR, 0.f);
+        _mm512_store_si512(qpairs, bf16_pairs32(qrow));
+        _mm512_store_si512(qpairs + 16, bf16_pairs32(qrow + 32));
+        std::memcpy(qp.data() + r * kp, qpairs, kp * sizeof(uint32_t));
+      }
+      std::fill(o, o + kMR * kNR, 0.f);
+      std::fill(m, m + kMR, -INFINITY);
+      std::fill(l, l + kMR, 0.f);
+      const uint32_t* kq = kpan.data() + bh * nkb * kp * kNR;
+      const uint32_t* vq = vpan.data() + bh * nkb * (kNR / 2) * kNR;
+      switch (rows) {
+#define LN_AB(R) case R: attn_block<R>(qp.data(), kp, kq, vq, nkb, T, o, m, l); break;
+        LN_AB(1) LN_AB(2) LN_AB(3) LN_AB(4) LN_AB(5) LN_AB(6)
+#undef LN_AB
+        default: break;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = od + (b * T + t0 + r) * ld + h * D;
+        const float inv = 1.f / l[r];
+        for (int64_t c = 0; c < D; ++c) dst[c] = o[r * kNR + c] * inv;
+      }
+    }
+  });
+  return out;
+}
 #endif
 
 inline float act_fn(float v, int64_t act) {
@@ -920,6 +1070,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_bf16_dot", [](bool on) { const bool was = g_bf16_dot; g_bf16_dot = on; return was; },
         "bf16 / int8 weights' GEMM: round the input to bf16 and use the CPU's bf16 dot products (where built); returns the previous setting");
 #ifdef LN_BF16_DOT
+  m.def("attn_bf16", &attn_bf16, "non-causal attention of long inputs with bf16 dot products (B, T, H, D), flash-style");
   m.attr("bf16_dot") = true;
 #else
   m.attr("bf16_dot") = false;
