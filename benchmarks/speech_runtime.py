@@ -15,7 +15,8 @@ excluded everywhere):
 - ``torch``: the eager transformers model (fp32) through lazyneuron's greedy loop;
 - ``lazyneuron``: the same model with every linear on the runtime (``RuntimeConfig``: the encoder's
   1500-frame forwards on the blocked GEMM, decode steps on the GEMV, the 51,865-row output
-  projection included) in fp32, bf16 and int8 weights;
+  projection included) in fp32, bf16 and int8 weights (bf16 / int8: the encoder's attention on bf16
+  dot products too, where the CPU has them);
 - ``faster-whisper`` (when installed: ``bash scripts/setup.sh --with-peers``): CTranslate2's
   Whisper on the same CTranslate2 files lazyneuron's model was converted from, float32 and int8;
 - ``--gates NAME=CKPT`` (repeatable): module gating from a Whisper gate checkpoint (as
