@@ -134,10 +134,11 @@ def set_bf16_dot(enabled: bool) -> bool:
     return prev
 
 
-def gemm_reference(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemm_reference(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   dot: bool = True) -> torch.Tensor:
     """What :func:`gemm` computes, in pure torch: :func:`reference`, with the input rounded to bf16
-    first where the bf16 dot-product path is on and the weights are bf16 or int8."""
-    if wt.dtype in (torch.bfloat16, torch.int8) and bf16_dot():
+    first where the bf16 dot-product path is on (and ``dot``) and the weights are bf16 or int8."""
+    if dot and wt.dtype in (torch.bfloat16, torch.int8) and bf16_dot():
         x = x.to(torch.bfloat16).float()
     return reference(x, wt, scale, bias)
 
@@ -164,18 +165,19 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return o.transpose(1, 2).contiguous()
 
 
-def gemm(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemm(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+         dot: bool = True) -> torch.Tensor:
     """Dense ``x (N, in) @ wt`` for any number of tokens (prefill, encoder forwards), float32 out.
 
     bf16 / int8 weights are widened as they are read, panel by panel in L2, never into a full fp32
     copy; on CPUs with AVX512_BF16, bf16 and int8 weights multiply an input rounded to bf16 with
-    bf16 dot products instead (:func:`bf16_dot`). Falls back to :func:`reference` without the extension or
+    bf16 dot products instead (:func:`bf16_dot`; ``dot=False``: not for this call). Falls back to :func:`reference` without the extension or
     off the CPU."""
     ext = extension("gemv")
     if ext is None or x.shape[0] == 0 or not (x.is_cpu and wt.is_cpu):
         return reference(x, wt, scale, bias)
     y = ext.gemm(x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(), wt,
-                 _EMPTY if scale is None else scale, _EMPTY if bias is None else bias)
+                 _EMPTY if scale is None else scale, _EMPTY if bias is None else bias, bool(dot))
     if y is None:
         raise ValueError(f"gemm: {kernel_error(ext.last_error(), x, wt)}")
     return y

@@ -47,7 +47,9 @@ def masked_matmul(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, 
     d = ext.sparsify(x.contiguous(), _EMPTY if centre is None else centre, threshold)
     if d is None:
         raise ValueError(f"sparsify: {G.kernel_error(ext.last_error(), x, wt)}")
-    return G.gemm(d, wt, scale, bias)
+    # fp32 compute: rounding the sparsified input to bf16 for the dot products cost TEAL 25% on the
+    # bf16 runtime +1.7% news perplexity on SmolLM2-135M (33.66 against 33.09; dense bf16: +0.03%)
+    return G.gemm(d, wt, scale, bias, dot=False)
 
 
 def cats_reference(x: torch.Tensor, g: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, threshold: float) -> torch.Tensor:

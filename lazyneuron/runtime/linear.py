@@ -87,7 +87,7 @@ class FastLinear(LazyModule):
             if n <= G.MAX_BATCH:  # decode: the GEMV, every weight byte read once
                 y, _ = self._ext.gemv(xs, self.wt, *self._args)
             else:  # prefill, encoder forwards: the blocked GEMM, widening panel by panel in L2
-                y = self._ext.gemm(xs, self.wt, self._args[0], self._args[1])
+                y = self._ext.gemm(xs, self.wt, self._args[0], self._args[1], True)
             if y is None:
                 raise ValueError(f"FastLinear: {G.kernel_error(self._ext.last_error(), x2, self.wt)}")
         else:  # no extension, another device, or a backward pass to come: the reference on the kernel's weight values

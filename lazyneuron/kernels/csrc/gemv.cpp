@@ -318,19 +318,40 @@ inline void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t 
 #endif
 }
 
+// The GEMM's work items: token blocks of equal size (multiples of kMR, at most kGemmTokens) times
+// output tiles of kNR, enough items to keep the threads even. item(it) gives (first token, tokens,
+// first column, columns) of item it.
+struct GemmGrid {
+  int64_t N, out, ntiles, bs, items;
+  GemmGrid(int64_t n, int64_t o) : N(n), out(o), ntiles((o + kNR - 1) / kNR) {
+    const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+    int64_t nblk = std::max<int64_t>((N + kGemmTokens - 1) / kGemmTokens, (8 * nthreads + ntiles - 1) / ntiles);
+    bs = std::min(kGemmTokens, ((N + nblk - 1) / nblk + kMR - 1) / kMR * kMR);
+    items = (N + bs - 1) / bs * ntiles;
+  }
+  void item(int64_t it, int64_t& b0, int64_t& nb, int64_t& j0, int64_t& len) const {
+    b0 = it / ntiles * bs;
+    nb = std::min(bs, N - b0);
+    j0 = it % ntiles * kNR;
+    len = std::min(kNR, out - j0);
+  }
+};
+
+// y rows [b0, b0 + nb), columns [j0, j0 + len) from the (nb, kNR) accumulators
+inline void gemm_finish(float* y, const float* acc, const float* bias, const float* scale, int64_t b0, int64_t nb, int64_t j0, int64_t len,
+                        int64_t out) {
+  for (int64_t b = 0; b < nb; ++b)
+    finish(y + (b0 + b) * out + j0, acc + b * kNR, bias ? bias + j0 : nullptr, scale ? scale + j0 : nullptr, len);
+}
+
 template <typename W>
 void gemm_run(const float* x, const W* wt, const float* scale, const float* bias, float* y, int64_t N, int64_t in, int64_t out, int64_t ldw) {
-  // token blocks of equal size (multiples of kMR), enough (block, tile) items to keep the threads even
-  const int64_t ntiles = (out + kNR - 1) / kNR, nthreads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t nblk = std::max<int64_t>((N + kGemmTokens - 1) / kGemmTokens, (8 * nthreads + ntiles - 1) / ntiles);
-  int64_t bs = std::min(kGemmTokens, ((N + nblk - 1) / nblk + kMR - 1) / kMR * kMR);
-  nblk = (N + bs - 1) / bs;
-  at::parallel_for(0, nblk * ntiles, 1, [&](int64_t i0, int64_t i1) {
+  const GemmGrid grid(N, out);
+  at::parallel_for(0, grid.items, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> panel(static_cast<size_t>(kKC * kNR)), acc(static_cast<size_t>(kGemmTokens * kNR));
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t q = it / ntiles, tt = it % ntiles;
-      const int64_t b0 = q * bs, nb = std::min(bs, N - b0);
-      const int64_t j0 = tt * kNR, len = std::min(kNR, out - j0);
+      int64_t b0, nb, j0, len;
+      grid.item(it, b0, nb, j0, len);
       std::fill(acc.begin(), acc.begin() + nb * kNR, 0.f);
       for (int64_t k0 = 0; k0 < in; k0 += kKC) {
         const int64_t kc = std::min(kKC, in - k0);
@@ -355,8 +376,7 @@ void gemm_run(const float* x, const W* wt, const float* scale, const float* bias
           default: break;
         }
       }
-      for (int64_t b = 0; b < nb; ++b)
-        finish(y + (b0 + b) * out + j0, acc.data() + b * kNR, bias ? bias + j0 : nullptr, scale ? scale + j0 : nullptr, len);
+      gemm_finish(y, acc.data(), bias, scale, b0, nb, j0, len, out);
     }
   });
 }
@@ -421,17 +441,13 @@ void gemm_run_bf16(const float* x, const W* wt, const float* scale, const float*
       if (in & 1) dst[in] = 0;
     }
   });
-  const int64_t ntiles = (out + kNR - 1) / kNR, nthreads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t nblk = std::max<int64_t>((N + kGemmTokens - 1) / kGemmTokens, (8 * nthreads + ntiles - 1) / ntiles);
-  int64_t bs = std::min(kGemmTokens, ((N + nblk - 1) / nblk + kMR - 1) / kMR * kMR);
-  nblk = (N + bs - 1) / bs;
-  at::parallel_for(0, nblk * ntiles, 1, [&](int64_t i0, int64_t i1) {
+  const GemmGrid grid(N, out);
+  at::parallel_for(0, grid.items, 1, [&](int64_t i0, int64_t i1) {
     std::vector<uint32_t> panel(static_cast<size_t>(kKC / 2 * kNR));
     std::vector<float> acc(static_cast<size_t>(kGemmTokens * kNR));
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t q = it / ntiles, tt = it % ntiles;
-      const int64_t b0 = q * bs, nb = std::min(bs, N - b0);
-      const int64_t j0 = tt * kNR, len = std::min(kNR, out - j0);
+      int64_t b0, nb, j0, len;
+      grid.item(it, b0, nb, j0, len);
       std::fill(acc.begin(), acc.begin() + nb * kNR, 0.f);
       for (int64_t k0 = 0; k0 < in; k0 += kKC) {
         const int64_t kc = std::min(kKC, in - k0), kp = (kc + 1) / 2;
@@ -455,8 +471,7 @@ void gemm_run_bf16(const float* x, const W* wt, const float* scale, const float*
           default: break;
         }
       }
-      for (int64_t b = 0; b < nb; ++b)
-        finish(y + (b0 + b) * out + j0, acc.data() + b * kNR, bias ? bias + j0 : nullptr, scale ? scale + j0 : nullptr, len);
+      gemm_finish(y, acc.data(), bias, scale, b0, nb, j0, len, out);
     }
   });
 }
@@ -854,7 +869,8 @@ std::tuple<torch::Tensor, int64_t> gemv(torch::Tensor x, torch::Tensor wt, torch
 }
 
 // Dense x (N, in) @ Wt for any N >= 1 (see gemm_run); same weights, scale and bias as gemv.
-torch::Tensor gemm(torch::Tensor x, torch::Tensor wt, torch::Tensor scale, torch::Tensor bias) {
+// dot: bf16 / int8 weights may take the bf16 dot products (where built and switched on).
+torch::Tensor gemm(torch::Tensor x, torch::Tensor wt, torch::Tensor scale, torch::Tensor bias, bool dot) {
   LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(0) >= 1, 1);
   LN_CHECK(wt.dim() == 2 && (wt.size(1) <= 1 || wt.stride(1) == 1) && (wt.size(0) <= 1 || wt.stride(0) >= wt.size(1)), 3);
   const auto wd = wt.scalar_type();
@@ -871,7 +887,7 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor wt, torch::Tensor scale, torch
     gemm_run<float>(x.data_ptr<float>(), wt.data_ptr<float>(), sp, bp, y.data_ptr<float>(), N, in, out, std::max<int64_t>(wt.stride(0), out));
   } else if (wd == torch::kBFloat16) {
 #ifdef LN_BF16_DOT
-    if (g_bf16_dot) {
+    if (g_bf16_dot && dot) {
       gemm_run_bf16(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), sp, bp, y.data_ptr<float>(), N, in, out,
                     std::max<int64_t>(wt.stride(0), out));
       return y;
@@ -880,7 +896,7 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor wt, torch::Tensor scale, torch
     gemm_run<uint16_t>(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), sp, bp, y.data_ptr<float>(), N, in, out, std::max<int64_t>(wt.stride(0), out));
   } else {
 #ifdef LN_BF16_DOT
-    if (g_bf16_dot) {
+    if (g_bf16_dot && dot) {
       gemm_run_bf16(x.data_ptr<float>(), wt.data_ptr<int8_t>(), sp, bp, y.data_ptr<float>(), N, in, out, std::max<int64_t>(wt.stride(0), out));
       return y;
     }
