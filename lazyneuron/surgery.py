@@ -45,6 +45,29 @@ class LazyModule(nn.Module):
         return f"method={self.method_name}"
 
 
+class DelegatingLazyModule(LazyModule):
+    """A wrapper through which the wrapped module's attributes and submodules stay reachable, and
+    replaceable, at their old paths (``...self_attn.q_proj``, ``model.decoder.layers``): reads of
+    names the wrapper lacks go to ``base``, and assigning one of ``base``'s submodules replaces it
+    there, so that paths resolved before the wrapping still hold."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base")
+            if base is None:
+                raise
+            return getattr(base, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        base = self.__dict__.get("_modules", {}).get("base")
+        if base is not None and name in base._modules:
+            setattr(base, name, value)
+        else:
+            super().__setattr__(name, value)
+
+
 def get_module(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 

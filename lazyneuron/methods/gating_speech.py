@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..surgery import LazyModule
+from ..surgery import DelegatingLazyModule, LazyModule
 
 log = logging.getLogger(__name__)
 ENC_MODULES = ("attn", "mlp")
@@ -160,18 +160,9 @@ class SpeechGates:
                 "decoder": s["dec_skipped"] / s["dec_cost"] if s["dec_cost"] else 0.0}
 
 
-class _Delegating(LazyModule):
+class _Delegating(DelegatingLazyModule):
     """Attributes the wrapper does not have come from the wrapped module (``conv1``, ``config``,
     ``layers``...), so code that inspects ``model.model.encoder`` (generate) keeps working."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self._modules.get("base")
-            if base is None:
-                raise
-            return getattr(base, name)
 
 
 def _plan(g: torch.Tensor) -> list[tuple[int, int, torch.Tensor | None]]:

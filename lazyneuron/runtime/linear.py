@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..kernels import gemv as G
 from ..kernels._build import extension
 from ..methods.base import DEMO_MODEL, Method
-from ..surgery import LazyModule, filter_paths
+from ..surgery import DelegatingLazyModule, LazyModule, filter_paths
 
 _EMPTY = torch.empty(0)
 
@@ -106,7 +106,7 @@ class FastLinear(LazyModule):
         return f"method=runtime, dtype={self.dtype}, in={self.in_features}, out={self.out_features}"
 
 
-class FastEncoderAttention(LazyModule):
+class FastEncoderAttention(DelegatingLazyModule):
     """An encoder's self-attention (Whisper's) on the runtime's attention kernel: its own q / k / v
     projections (runtime linears), then :func:`gemv.attention` on their (B, T, heads, head_dim)
     outputs as they are, then its output projection. Installed for bf16 / int8 runtimes where the
@@ -114,24 +114,6 @@ class FastEncoderAttention(LazyModule):
     dot products switched off) runs the wrapped module."""
 
     method_name = "runtime"
-
-    # the wrapped module's submodules stay reachable (and replaceable) at their old paths
-    # (``...self_attn.q_proj``), so that every path the runtime converted still resolves
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self._modules.get("base")
-            if base is None:
-                raise
-            return getattr(base, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        base = self.__dict__.get("_modules", {}).get("base")
-        if base is not None and name in base._modules:
-            setattr(base, name, value)
-        else:
-            super().__setattr__(name, value)
 
     def weight_elements(self) -> int:
         return 0  # its linears count themselves

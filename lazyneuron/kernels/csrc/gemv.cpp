@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "ln_check.h"
@@ -337,6 +338,22 @@ struct GemmGrid {
   }
 };
 
+// f(std::integral_constant<int64_t, R>, m) for each micro-tile of R tokens starting at m of a block
+// of nb tokens: full tiles of kMR, then the tail
+template <typename F>
+inline void for_micro_tiles(int64_t nb, const F& f) {
+  int64_t m = 0;
+  for (; m + kMR <= nb; m += kMR) f(std::integral_constant<int64_t, kMR>{}, m);
+  switch (nb - m) {
+    case 1: f(std::integral_constant<int64_t, 1>{}, m); break;
+    case 2: f(std::integral_constant<int64_t, 2>{}, m); break;
+    case 3: f(std::integral_constant<int64_t, 3>{}, m); break;
+    case 4: f(std::integral_constant<int64_t, 4>{}, m); break;
+    case 5: f(std::integral_constant<int64_t, 5>{}, m); break;
+    default: break;
+  }
+}
+
 // y rows [b0, b0 + nb), columns [j0, j0 + len) from the (nb, kNR) accumulators
 inline void gemm_finish(float* y, const float* acc, const float* bias, const float* scale, int64_t b0, int64_t nb, int64_t j0, int64_t len,
                         int64_t out) {
@@ -367,14 +384,7 @@ void gemm_run(const float* x, const W* wt, const float* scale, const float* bias
           for (; j < kNR; ++j) dst[j] = 0.f;
         }
         const float* xb = x + b0 * in + k0;
-        int64_t m = 0;
-        for (; m + kMR <= nb; m += kMR) gemm_micro<kMR>(xb + m * in, in, panel.data(), kc, acc.data() + m * kNR);
-        switch (nb - m) {
-#define LN_MR(R) case R: gemm_micro<R>(xb + m * in, in, panel.data(), kc, acc.data() + m * kNR); break;
-          LN_MR(1) LN_MR(2) LN_MR(3) LN_MR(4) LN_MR(5)
-#undef LN_MR
-          default: break;
-        }
+        for_micro_tiles(nb, [&](auto mr, int64_t m) { gemm_micro<decltype(mr)::value>(xb + m * in, in, panel.data(), kc, acc.data() + m * kNR); });
       }
       gemm_finish(y, acc.data(), bias, scale, b0, nb, j0, len, out);
     }
@@ -462,14 +472,7 @@ void gemm_run_bf16(const float* x, const W* wt, const float* scale, const float*
           for (; j < kNR; ++j) dst[j] = 0u;
         }
         const uint32_t* xp = xb.data() + b0 * inp + k0 / 2;
-        int64_t m = 0;
-        for (; m + kMR <= nb; m += kMR) gemm_micro_bf16<kMR>(xp + m * inp, inp, panel.data(), kp, acc.data() + m * kNR);
-        switch (nb - m) {
-#define LN_MR(R) case R: gemm_micro_bf16<R>(xp + m * inp, inp, panel.data(), kp, acc.data() + m * kNR); break;
-          LN_MR(1) LN_MR(2) LN_MR(3) LN_MR(4) LN_MR(5)
-#undef LN_MR
-          default: break;
-        }
+        for_micro_tiles(nb, [&](auto mr, int64_t m) { gemm_micro_bf16<decltype(mr)::value>(xp + m * inp, inp, panel.data(), kp, acc.data() + m * kNR); });
       }
       gemm_finish(y, acc.data(), bias, scale, b0, nb, j0, len, out);
     }
