@@ -117,21 +117,14 @@ def bf16_dot() -> bool:
     have them unless switched off with :func:`set_bf16_dot`; elsewhere the weights are widened to
     fp32 and multiplied with fp32 inputs, as the GEMV always does."""
     ext = extension("gemv")
-    return bool(ext is not None and ext.bf16_dot and _BF16_DOT[0])
-
-
-_BF16_DOT = [True]
+    return bool(ext is not None and ext.bf16_dot and ext.bf16_dot_on())
 
 
 def set_bf16_dot(enabled: bool) -> bool:
     """Switch the bf16 dot-product GEMM on or off (for every caller in this process); returns the
     previous setting. Off, bf16 weights multiply fp32 inputs exactly as the GEMV does."""
-    prev = _BF16_DOT[0]
-    _BF16_DOT[0] = bool(enabled)
     ext = extension("gemv")
-    if ext is not None:
-        ext.set_bf16_dot(bool(enabled))
-    return prev
+    return bool(ext.set_bf16_dot(bool(enabled))) if ext is not None else False
 
 
 def gemm_reference(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,

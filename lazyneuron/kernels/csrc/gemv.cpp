@@ -1086,6 +1086,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("expert_route", &expert_route, "router (learned, analytic or native) and feed-forward experts in one call");
   m.def("sparsify", &sparsify, "(x - c) where |x - c| > t, else 0");
   m.def("read_sum", &read_sum, "sum of a large fp32 buffer (memory-bandwidth probe)");
+  m.def("bf16_dot_on", []() { return g_bf16_dot; }, "whether set_bf16_dot left the bf16 dot products on");
   m.def("set_bf16_dot", [](bool on) { const bool was = g_bf16_dot; g_bf16_dot = on; return was; },
         "bf16 / int8 weights' GEMM: round the input to bf16 and use the CPU's bf16 dot products (where built); returns the previous setting");
 #ifdef LN_BF16_DOT
