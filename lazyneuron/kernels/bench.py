@@ -146,9 +146,12 @@ def measure_dense(in_f: int, out_f: int, batch: int, dtype: str, repeats: int) -
     nbytes = in_f * out_f * elem + (out_f * 4 if dtype == "int8" else 0)
     gbps = nbytes / t["own"] / 1e9
     bw = statistics.median(probes)
+    # % of bandwidth: the median of per-sample ratios (each sample's GB/s against the probe taken
+    # just before it), which the host's drift between samples moves less than a ratio of medians
+    pct = statistics.median(100 * nbytes / s_ / 1e9 / p_ for s_, p_ in zip(samples["own"], probes))
     out = {
         "kernel": "dense", "shape": f"{in_f}x{out_f}", "batch": batch, "dtype": dtype, "time_us": t["own"] * 1e6,
-        "time_torch_us": t["torch"] * 1e6, "gbps": gbps, "probe_gbps": bw, "pct_of_bandwidth": 100 * gbps / bw,
+        "time_torch_us": t["torch"] * 1e6, "gbps": gbps, "probe_gbps": bw, "pct_of_bandwidth": pct,
         "speedup_vs_torch": t["torch"] / t["own"], "threads": torch.get_num_threads(), "fast_path": G.available(),
     }
     if "torch_bf16" in t:

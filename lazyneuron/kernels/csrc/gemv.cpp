@@ -46,8 +46,18 @@
 namespace {
 
 constexpr int64_t kMaxBatch = 16;
-constexpr int64_t kSplitAccBytes = 256 * 1024;  // row split while a thread's (B, out) accumulator fits L2
+#ifndef LN_SPLIT_ACC
+#define LN_SPLIT_ACC (256 * 1024)
+#endif
+constexpr int64_t kSplitAccBytes = LN_SPLIT_ACC;  // row split while a thread's (B, out) accumulator fits L2
 constexpr int64_t kTileAccBytes = 16 * 1024;    // column tiles: a (B, tile) accumulator in L1
+#ifndef LN_B1_ROWS
+#define LN_B1_ROWS 1
+#endif
+#ifndef LN_L1_ACC
+#define LN_L1_ACC (24 * 1024)
+#endif
+constexpr int64_t kL1AccBytes = LN_L1_ACC;     // batch 1 reads one row at a time while its accumulator fits L1
 
 inline float ld(const float* p, int64_t j) { return p[j]; }
 inline float ld(const uint16_t* p, int64_t j) {
@@ -68,7 +78,22 @@ inline vec vload(const uint16_t* p) {
 }
 inline vec vload(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
 inline vec vfma(float a, vec b, vec c) { return _mm512_fmadd_ps(_mm512_set1_ps(a), b, c); }
+inline vec vfmav(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vbroadcast(float a) { return _mm512_set1_ps(a); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+// 2 * kV bf16 weights: the even ones (low halves, shifted up) and the odd ones (high halves, masked)
+inline void vload_pairs(const uint16_t* p, vec& even, vec& odd) {
+  const __m512i raw = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+// columns back in order: (even, odd) of a block -> its first and second halves
+inline void vinterleave(vec even, vec odd, vec& lo, vec& hi) {
+  const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i ih = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  lo = _mm512_permutex2var_ps(even, il, odd);
+  hi = _mm512_permutex2var_ps(even, ih, odd);
+}
 constexpr int64_t kBB = 8;  // tokens whose accumulators are held in registers at once
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t kV = 8;
@@ -81,7 +106,19 @@ inline vec vload(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 inline vec vfma(float a, vec b, vec c) { return _mm256_fmadd_ps(_mm256_set1_ps(a), b, c); }
+inline vec vfmav(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vbroadcast(float a) { return _mm256_set1_ps(a); }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline void vload_pairs(const uint16_t* p, vec& even, vec& odd) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+inline void vinterleave(vec even, vec odd, vec& lo, vec& hi) {
+  const __m256 a = _mm256_unpacklo_ps(even, odd), b = _mm256_unpackhi_ps(even, odd);  // e0 o0 e1 o1 | e4 o4 e5 o5 ; e2 o2 e3 o3 | e6 o6 e7 o7
+  lo = _mm256_permute2f128_ps(a, b, 0x20);
+  hi = _mm256_permute2f128_ps(a, b, 0x31);
+}
 constexpr int64_t kBB = 4;
 #else
 #define LN_SCALAR 1
@@ -99,11 +136,46 @@ constexpr int64_t kPrefetchBytes = LN_PREFETCH;  // how far ahead in a row the s
 // Software prefetch: `ahead(r, pj)` gives the address pj elements further along row r's stream,
 // a stream being row r of this group, then row r of the next group, and so on (nullptr past the
 // end), so that short rows (sparse rows, small outputs) are fetched groups ahead.
+// bf16 weights: each block of 2 * kV columns is read as one full vector of bf16 pairs and widened
+// with a shift (the even columns) and a mask (the odd ones), no shuffles, so the accumulators hold
+// the block's even columns, then its odd ones; unshuffle<W> restores column order at the end.
 template <typename W, int64_t R, int64_t NB, typename Ahead>
 inline void group_pass_nb(const W* const* rows, const Ahead& ahead, const float* v, int64_t B, float* acc, int64_t lda, int64_t n) {
   int64_t j = 0;
 #ifndef LN_SCALAR
   constexpr int64_t pd = kPrefetchBytes / static_cast<int64_t>(sizeof(W));  // elements ahead
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    constexpr int64_t every2 = std::max<int64_t>(1, 64 / (4 * kV));  // blocks per cache line
+    vec xb[R][NB];
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t t = 0; t < NB; ++t) xb[r][t] = vbroadcast(v[r * B + t]);
+    int64_t step = 0;
+    for (; j + 2 * kV <= n; j += 2 * kV, ++step) {
+      if (step % every2 == 0) {
+        for (int64_t r = 0; r < R; ++r) {
+          const W* p = ahead(r, j + pd);
+          if (p) _mm_prefetch(reinterpret_cast<const char*>(p), LN_HINT);
+        }
+      }
+      vec ae[NB], ao[NB];
+      for (int64_t t = 0; t < NB; ++t) {
+        ae[t] = vload(acc + t * lda + j);
+        ao[t] = vload(acc + t * lda + j + kV);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        vec we, wo;
+        vload_pairs(rows[r] + j, we, wo);
+        for (int64_t t = 0; t < NB; ++t) {
+          ae[t] = vfmav(xb[r][t], we, ae[t]);
+          ao[t] = vfmav(xb[r][t], wo, ao[t]);
+        }
+      }
+      for (int64_t t = 0; t < NB; ++t) {
+        vstore(acc + t * lda + j, ae[t]);
+        vstore(acc + t * lda + j + kV, ao[t]);
+      }
+    }
+  }
   constexpr int64_t every = std::max<int64_t>(1, 64 / (kV * static_cast<int64_t>(sizeof(W))));  // vectors per cache line
   int64_t step = 0;
   for (; j + kV <= n; j += kV, ++step) {
@@ -158,21 +230,41 @@ inline void group_pass(const W* const* rows, const Ahead& ahead, const float* v,
   }
 }
 
-// acc (B rows, stride lda) += sum_{k in [k0, k1)} vals[k*B + b] * Wt[row k, j0 : j0 + len]
+// rows x len accumulators (stride lda) filled by group_pass over bf16 weights: each full block of
+// 2 * kV columns back from (even columns, odd columns) to column order. Other formats: nothing to do.
 template <typename W>
-void rows_pass(const W* wt, int64_t out, const int32_t* idx, const float* vals, int64_t B, int64_t k0, int64_t k1, int64_t j0,
+inline void unshuffle(float* acc, int64_t rows, int64_t lda, int64_t len) {
+#ifndef LN_SCALAR
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    for (int64_t b = 0; b < rows; ++b) {
+      float* a = acc + b * lda;
+      for (int64_t j = 0; j + 2 * kV <= len; j += 2 * kV) {
+        vec lo, hi;
+        vinterleave(vload(a + j), vload(a + j + kV), lo, hi);
+        vstore(a + j, lo);
+        vstore(a + j + kV, hi);
+      }
+    }
+  }
+#endif
+}
+
+// acc (B rows, stride lda) += sum_{k in [k0, k1)} vals[k*B + b] * Wt[row k, j0 : j0 + len]
+// in groups of R rows: the accumulators are loaded and stored once per group
+template <typename W, int64_t R>
+void rows_pass_r(const W* wt, int64_t out, const int32_t* idx, const float* vals, int64_t B, int64_t k0, int64_t k1, int64_t j0,
                int64_t len, float* acc, int64_t lda) {
   auto row = [&](int64_t k) { return wt + (idx ? static_cast<int64_t>(idx[k]) : k) * out + j0; };
-  const W* rows[kR];
-  const W* far0[kR];  // row r, G groups ahead, and G + 1 groups ahead, where G = prefetch distance / row length
-  const W* far1[kR];
+  const W* rows[R];
+  const W* far0[R];  // row r, G groups ahead, and G + 1 groups ahead, where G = prefetch distance / row length
+  const W* far1[R];
   constexpr int64_t pd = kPrefetchBytes / static_cast<int64_t>(sizeof(W));
   const int64_t G = len > 0 ? pd / len : 0, base = G * len;
   int64_t k = k0;
-  for (; k + kR <= k1; k += kR) {
-    for (int64_t r = 0; r < kR; ++r) {
+  for (; k + R <= k1; k += R) {
+    for (int64_t r = 0; r < R; ++r) {
       rows[r] = row(k + r);
-      const int64_t a = k + G * kR + r, b = a + kR;
+      const int64_t a = k + G * R + r, b = a + R;
       far0[r] = a < k1 ? row(a) : nullptr;
       far1[r] = b < k1 ? row(b) : nullptr;
     }
@@ -181,13 +273,28 @@ void rows_pass(const W* wt, int64_t out, const int32_t* idx, const float* vals, 
       if (off < len) return far0[r] ? far0[r] + off : nullptr;
       return far1[r] ? far1[r] + (off - len) : nullptr;
     };
-    group_pass<W, kR>(rows, ahead, vals + k * B, B, acc, lda, len);
+    group_pass<W, R>(rows, ahead, vals + k * B, B, acc, lda, len);
   }
   auto none = [](int64_t, int64_t) -> const W* { return nullptr; };
   for (; k < k1; ++k) {
     rows[0] = row(k);
     group_pass<W, 1>(rows, none, vals + k * B, B, acc, lda, len);
   }
+}
+
+// Dense at batch 1: with the accumulators in L1, one row at a time, so that each thread reads its
+// rows as one sequential stream; larger accumulators, 4 rows per pass. Sparse rows (scattered) and
+// more tokens: kR rows per pass, several streams in flight, the accumulators loaded and stored
+// once per kR rows (all measured: benchmarks in docs/runtime.md).
+template <typename W>
+void rows_pass(const W* wt, int64_t out, const int32_t* idx, const float* vals, int64_t B, int64_t k0, int64_t k1, int64_t j0,
+               int64_t len, float* acc, int64_t lda) {
+  if (B == 1 && !idx && len * static_cast<int64_t>(sizeof(float)) <= kL1AccBytes)
+    rows_pass_r<W, LN_B1_ROWS>(wt, out, idx, vals, B, k0, k1, j0, len, acc, lda);
+  else if (B == 1 && !idx)
+    rows_pass_r<W, 4>(wt, out, idx, vals, B, k0, k1, j0, len, acc, lda);
+  else
+    rows_pass_r<W, kR>(wt, out, idx, vals, B, k0, k1, j0, len, acc, lda);
 }
 
 inline void finish(float* y, const float* acc, const float* bias, const float* scale, int64_t len) {
@@ -224,6 +331,7 @@ int64_t apply_rows(const W* wt, const float* scale, const float* bias, const int
 #pragma GCC ivdep
       for (int64_t j = 0; j < B * out; ++j) pp[j] += src[j];
     }
+    unshuffle<W>(pp, B, out, out);
     for (int64_t b = 0; b < B; ++b) finish(y + b * out, pp + b * out, bias, scale, out);
     return n;
   }
@@ -237,6 +345,7 @@ int64_t apply_rows(const W* wt, const float* scale, const float* bias, const int
       const int64_t j0 = tt * tile, len = std::min(tile, out - j0);
       std::fill(acc.begin(), acc.end(), 0.f);
       rows_pass(wt, ldw, idx, vp, B, 0, n, j0, len, acc.data(), tile);
+      unshuffle<W>(acc.data(), B, tile, len);
       for (int64_t b = 0; b < B; ++b)
         finish(y + b * out + j0, acc.data() + b * tile, bias ? bias + j0 : nullptr, scale ? scale + j0 : nullptr, len);
     }
@@ -725,6 +834,7 @@ int64_t expert_run(const float* x, const W* gu, const float* gu_scale, const flo
 #pragma GCC ivdep
         for (int64_t j = 0; j < nt * C; ++j) a0[j] += src[j];
       }
+      unshuffle<W>(a0, nt, C, C);
       const float* sc = gu_scale ? gu_scale + e * C : nullptr;
       const float* bs = gu_bias ? gu_bias + e * C : nullptr;
       for (int64_t t = 0; t < nt; ++t) {
