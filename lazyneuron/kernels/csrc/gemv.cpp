@@ -133,6 +133,22 @@ constexpr int64_t kPrefetchBytes = LN_PREFETCH;  // how far ahead along each row
 template <typename W, int64_t R>
 constexpr int64_t prefetch_elems() { return (R == 1 && sizeof(W) >= 2 ? 4 : 1) * kPrefetchBytes / static_cast<int64_t>(sizeof(W)); }
 
+// A buffer whose data starts on a 64-byte line, so that no SIMD access to accumulators or panels
+// straddles two lines (std::vector's 16-byte alignment let them straddle: passes up to 2.5x
+// slower, varying with where each allocation happened to land).
+template <typename T>
+struct Aligned {
+  std::vector<T> buf;
+  T* p = nullptr;
+  explicit Aligned(int64_t n = 0, T v = T()) { assign(n, v); }
+  T* assign(int64_t n, T v = T()) {
+    buf.assign(static_cast<size_t>(n) + 64 / sizeof(T), v);
+    p = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    return p;
+  }
+  T* data() { return p; }
+};
+
 // acc[b] (stride lda) += sum_{r < R} v[r * B + b] * rows[r][0 : n] for NB tokens b: each weight vector
 // is widened once and applied to the NB accumulators, held in registers.
 // Software prefetch: `ahead(r, pj)` gives the address pj elements further along row r's stream,
@@ -290,57 +306,39 @@ void rows_pass_r(const W* wt, int64_t out, const int32_t* idx, const float* vals
 // path's per-row pointers and prefetch bookkeeping cost a measurable share on 576-column rows).
 // Same column order in the accumulators as group_pass (bf16: blocks of 2 * kV as even, then odd
 // columns).
-// RR rows per pass (adjacent in the buffer): 1 for fp32 / bf16; 4 for int8, whose widening makes
-// the pass compute-bound, so loading and storing the accumulators once per 4 rows pays (paired
-// A/B on the layer shapes: int8 1.25-1.57x with 4 rows, bf16 0.77-0.87x, fp32 0.96-1.03x).
-template <typename W, int64_t RR = (sizeof(W) == 1 ? 4 : 1)>
+template <typename W>
 void dense_stream(const W* wt, const float* vals, int64_t k0, int64_t k1, int64_t len, float* acc) {
 #ifndef LN_SCALAR
   constexpr int64_t pd = prefetch_elems<W, 1>();
   constexpr int64_t line = 64 / static_cast<int64_t>(sizeof(W));  // elements per 64-byte line: one prefetch each
 #endif
-  int64_t k = k0;
-  for (; k + RR <= k1; k += RR) {
-    const W* row = wt + k * len;  // rows k .. k + RR - 1, each len apart
+  for (int64_t k = k0; k < k1; ++k) {
+    const W* row = wt + k * len;
     int64_t j = 0;
 #ifndef LN_SCALAR
-    vec xv[RR];
-    for (int64_t r = 0; r < RR; ++r) xv[r] = vbroadcast(vals[k + r]);
+    const vec xv = vbroadcast(vals[k]);
     auto pairs = [&](int64_t c) {
-      vec ae = vload(acc + c), ao = vload(acc + c + kV);
-      for (int64_t r = 0; r < RR; ++r) {
-        vec we, wo;
-        vload_pairs(reinterpret_cast<const uint16_t*>(row + r * len) + c, we, wo);
-        ae = vfmav(xv[r], we, ae);
-        ao = vfmav(xv[r], wo, ao);
-      }
-      vstore(acc + c, ae);
-      vstore(acc + c + kV, ao);
+      vec we, wo;
+      vload_pairs(reinterpret_cast<const uint16_t*>(row) + c, we, wo);
+      vstore(acc + c, vfmav(xv, we, vload(acc + c)));
+      vstore(acc + c + kV, vfmav(xv, wo, vload(acc + c + kV)));
     };
-    auto single = [&](int64_t c) {
-      vec a = vload(acc + c);
-      for (int64_t r = 0; r < RR; ++r) a = vfmav(xv[r], vload(row + r * len + c), a);
-      vstore(acc + c, a);
-    };
+    auto single = [&](int64_t c) { vstore(acc + c, vfmav(xv, vload(row + c), vload(acc + c))); };
     if constexpr (std::is_same_v<W, uint16_t>) {
       for (; j + line <= len; j += line) {
-        for (int64_t r = 0; r < RR; ++r) _mm_prefetch(reinterpret_cast<const char*>(row + r * len + j + pd), LN_HINT);
+        _mm_prefetch(reinterpret_cast<const char*>(row + j + pd), LN_HINT);
         for (int64_t u = 0; u < line; u += 2 * kV) pairs(j + u);
       }
       for (; j + 2 * kV <= len; j += 2 * kV) pairs(j);
     } else {
       for (; j + line <= len; j += line) {
-        for (int64_t r = 0; r < RR; ++r) _mm_prefetch(reinterpret_cast<const char*>(row + r * len + j + pd), LN_HINT);
+        _mm_prefetch(reinterpret_cast<const char*>(row + j + pd), LN_HINT);
         for (int64_t u = 0; u < line; u += kV) single(j + u);
       }
     }
     for (; j + kV <= len; j += kV) single(j);
 #endif
-    for (; j < len; ++j)
-      for (int64_t r = 0; r < RR; ++r) acc[j] += vals[k + r] * ld(row + r * len, j);
-  }
-  if constexpr (RR > 1) {
-    if (k < k1) dense_stream<W, 1>(wt, vals, k, k1, len, acc);
+    for (; j < len; ++j) acc[j] += vals[k] * ld(row, j);
   }
 }
 
@@ -383,20 +381,26 @@ int64_t apply_rows(const W* wt, const float* scale, const float* bias, const int
   if (B * out * static_cast<int64_t>(sizeof(float)) <= kSplitAccBytes) {
     // 2a. row split: contiguous row ranges (multiples of 4) per part, partial sums added at the end
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 32));
-    thread_local std::vector<float> partial;
-    partial.assign(static_cast<size_t>(parts * B * out), 0.f);
-    float* pp = partial.data();
+    // each token's accumulator row starts on a 64-byte line: its stride is out rounded up to 16 floats
+    const int64_t ld = (out + 15) & ~int64_t(15);
+    thread_local Aligned<float> partial;
+    float* pp = partial.assign(parts * B * ld, 0.f);
     auto bound = [&](int64_t p) { return p == parts ? n : (n * p / parts) / kR * kR; };
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) rows_pass(wt, ldw, idx, vp, B, bound(p), bound(p + 1), 0, out, pp + p * B * out, out);
+      for (int64_t p = p0; p < p1; ++p) {
+        // one token with whole contiguous rows: the linear loop reads the accumulator at stride out
+        const int64_t lda = B == 1 ? out : ld;
+        rows_pass(wt, ldw, idx, vp, B, bound(p), bound(p + 1), 0, out, pp + p * B * ld, lda);
+      }
     });
     for (int64_t p = 1; p < parts; ++p) {
-      const float* src = pp + p * B * out;
+      const float* src = pp + p * B * ld;
 #pragma GCC ivdep
-      for (int64_t j = 0; j < B * out; ++j) pp[j] += src[j];
+      for (int64_t j = 0; j < B * ld; ++j) pp[j] += src[j];
     }
-    unshuffle<W>(pp, B, out, out);
-    for (int64_t b = 0; b < B; ++b) finish(y + b * out, pp + b * out, bias, scale, out);
+    const int64_t lda = B == 1 ? out : ld;
+    unshuffle<W>(pp, B, lda, out);
+    for (int64_t b = 0; b < B; ++b) finish(y + b * out, pp + b * lda, bias, scale, out);
     return n;
   }
   // 2b. column tiles
@@ -404,10 +408,10 @@ int64_t apply_rows(const W* wt, const float* scale, const float* bias, const int
   tile = std::min<int64_t>(tile, (((out + nthreads - 1) / nthreads) + 15) & ~int64_t(15));
   const int64_t ntiles = (out + tile - 1) / tile;
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(static_cast<size_t>(B * tile));
+    Aligned<float> acc(B * tile);
     for (int64_t tt = t0; tt < t1; ++tt) {
       const int64_t j0 = tt * tile, len = std::min(tile, out - j0);
-      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(acc.data(), acc.data() + B * tile, 0.f);
       rows_pass(wt, ldw, idx, vp, B, 0, n, j0, len, acc.data(), tile);
       unshuffle<W>(acc.data(), B, tile, len);
       for (int64_t b = 0; b < B; ++b)
@@ -538,11 +542,11 @@ template <typename W>
 void gemm_run(const float* x, const W* wt, const float* scale, const float* bias, float* y, int64_t N, int64_t in, int64_t out, int64_t ldw) {
   const GemmGrid grid(N, out);
   at::parallel_for(0, grid.items, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> panel(static_cast<size_t>(kKC * kNR)), acc(static_cast<size_t>(kGemmTokens * kNR));
+    Aligned<float> panel(kKC * kNR), acc(kGemmTokens * kNR);
     for (int64_t it = i0; it < i1; ++it) {
       int64_t b0, nb, j0, len;
       grid.item(it, b0, nb, j0, len);
-      std::fill(acc.begin(), acc.begin() + nb * kNR, 0.f);
+      std::fill(acc.data(), acc.data() + nb * kNR, 0.f);
       for (int64_t k0 = 0; k0 < in; k0 += kKC) {
         const int64_t kc = std::min(kKC, in - k0);
         for (int64_t k = 0; k < kc; ++k) {  // widen the (kc, len) weight slice into the panel, zero past len
@@ -626,12 +630,12 @@ void gemm_run_bf16(const float* x, const W* wt, const float* scale, const float*
   });
   const GemmGrid grid(N, out);
   at::parallel_for(0, grid.items, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<uint32_t> panel(static_cast<size_t>(kKC / 2 * kNR));
-    std::vector<float> acc(static_cast<size_t>(kGemmTokens * kNR));
+    Aligned<uint32_t> panel(kKC / 2 * kNR);
+    Aligned<float> acc(kGemmTokens * kNR);
     for (int64_t it = i0; it < i1; ++it) {
       int64_t b0, nb, j0, len;
       grid.item(it, b0, nb, j0, len);
-      std::fill(acc.begin(), acc.begin() + nb * kNR, 0.f);
+      std::fill(acc.data(), acc.data() + nb * kNR, 0.f);
       for (int64_t k0 = 0; k0 < in; k0 += kKC) {
         const int64_t kc = std::min(kKC, in - k0), kp = (kc + 1) / 2;
         for (int64_t pp = 0; pp < kp; ++pp) {  // pair rows k0 + 2 pp and k0 + 2 pp + 1 of the (kc, len) slice, zero past len
@@ -865,7 +869,7 @@ int64_t expert_run(const float* x, const W* gu, const float* gu_scale, const flo
   while (nh * nsplit < nthreads && d / (nsplit * 2) >= 64) nsplit *= 2;
   std::vector<int64_t> acc_off(static_cast<size_t>(nh + 1), 0);  // offset of hit expert k's partial sums
   for (int64_t k = 0; k < nh; ++k) acc_off[k + 1] = acc_off[k] + nsplit * (off[k + 1] - off[k]) * C;
-  std::vector<float> part(static_cast<size_t>(acc_off[nh]), 0.f);
+  Aligned<float> part(acc_off[nh], 0.f);
   const int32_t* hp = hit.data();
   const int32_t* tp = tok.data();
   const int32_t* op = off.data();
