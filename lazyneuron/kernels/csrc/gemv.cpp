@@ -128,8 +128,8 @@ constexpr int64_t kBB = 4;
 constexpr int64_t kR = LN_ROWS;
 constexpr int64_t kPrefetchBytes = LN_PREFETCH;  // how far ahead along each row stream the software prefetch runs
 // Elements ahead for groups of R rows: R streams of kPrefetchBytes each, and a single fp32 / bf16
-// stream (one row per pass) 4x as far, so that about as many bytes are in flight (paired A/B:
-// +3% on the layer shapes; int8, bound by its widening rather than memory, lost 3-5% and keeps 2 KB).
+// stream (one row per pass) 4x as far, so that about as many bytes are in flight (8 KB measured
+// at least as fast as 2 KB on the layer shapes; int8, bound by its widening, keeps 2 KB).
 template <typename W, int64_t R>
 constexpr int64_t prefetch_elems() { return (R == 1 && sizeof(W) >= 2 ? 4 : 1) * kPrefetchBytes / static_cast<int64_t>(sizeof(W)); }
 
@@ -302,10 +302,9 @@ void rows_pass_r(const W* wt, int64_t out, const int32_t* idx, const float* vals
 
 // Dense batch 1 over whole contiguous rows (row stride = len): the rows [k0, k1) are one buffer,
 // read as a single stream with the prefetch running linearly ahead across row ends, one prefetch
-// per line of each row and no per-row set-up beyond the input values' broadcasts (the grouped
-// path's per-row pointers and prefetch bookkeeping cost a measurable share on 576-column rows).
-// Same column order in the accumulators as group_pass (bf16: blocks of 2 * kV as even, then odd
-// columns).
+// per line and no per-row set-up beyond the input value's broadcast (no per-row pointers or
+// prefetch bookkeeping as in the grouped path). Same column order in the accumulators as
+// group_pass (bf16: blocks of 2 * kV as even, then odd columns).
 template <typename W>
 void dense_stream(const W* wt, const float* vals, int64_t k0, int64_t k1, int64_t len, float* acc) {
 #ifndef LN_SCALAR
