@@ -384,20 +384,16 @@ int64_t apply_rows(const W* wt, const float* scale, const float* bias, const int
     const int64_t ld = (out + 15) & ~int64_t(15);
     thread_local Aligned<float> partial;
     float* pp = partial.assign(parts * B * ld, 0.f);
+    const int64_t lda = B == 1 ? out : ld;  // one token: a single row, stride out (the linear loop's condition)
     auto bound = [&](int64_t p) { return p == parts ? n : (n * p / parts) / kR * kR; };
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        // one token with whole contiguous rows: the linear loop reads the accumulator at stride out
-        const int64_t lda = B == 1 ? out : ld;
-        rows_pass(wt, ldw, idx, vp, B, bound(p), bound(p + 1), 0, out, pp + p * B * ld, lda);
-      }
+      for (int64_t p = p0; p < p1; ++p) rows_pass(wt, ldw, idx, vp, B, bound(p), bound(p + 1), 0, out, pp + p * B * ld, lda);
     });
     for (int64_t p = 1; p < parts; ++p) {
       const float* src = pp + p * B * ld;
 #pragma GCC ivdep
       for (int64_t j = 0; j < B * ld; ++j) pp[j] += src[j];
     }
-    const int64_t lda = B == 1 ? out : ld;
     unshuffle<W>(pp, B, lda, out);
     for (int64_t b = 0; b < B; ++b) finish(y + b * out, pp + b * lda, bias, scale, out);
     return n;
