@@ -199,6 +199,14 @@ def test_bad_input_stops_with_one_clear_error(ids: torch.Tensor) -> None:
         ln.apply_(UnknownNet(), C(experts=8, top_k=4), None)
     assert not any(isinstance(x, ln.LazyModule) for x in m.modules())
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    cfg = C(experts=8, top_k=4)
+    cal = ln.calibrate(m, calib_batches(), cfg)
+    ln.runtime.prepare(m, "fp32")  # the runtime first: the FFN's linears are no longer the model's own
+    with pytest.raises(ConfigError, match="already on the runtime; apply the runtime last"):
+        ln.apply_(m, cfg, cal)
+    assert sum(isinstance(x, ln.LazyModule) for x in m.modules()) == 2 * 7 + 1  # the runtime's linears only
+    ln.revert_(m)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
 def _tiny_moe(kind: str):
@@ -384,3 +392,32 @@ def test_recovery_trains_merges_saves_and_reloads(tmp_path, family: str) -> None
     ln.revert_(m)
     for k, v in before.items():
         assert torch.equal(m.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_calls_the_experts_kernel_directly(batch: int, ids: torch.Tensor) -> None:
+    """The lean decode step runs router and experts in one kernel call per FFN, no module call:
+    the same logits as the module path, and tracking (which counts in the module) still counts."""
+    from lazyneuron.runtime import DecodeStep
+
+    m = tiny_causal_lm("llama")
+    cfg = C(experts=8, shared=1, top_k=3, router="learned")
+    cal = ln.calibrate(m, calib_batches(), cfg)
+    ln.apply_(m, [cfg, RuntimeConfig(dtype="fp32")], cal)
+    x = ids[:batch] if ids.shape[0] >= batch else ids[:1].repeat(batch, 1)
+
+    def run(direct: bool) -> list[torch.Tensor]:
+        st = DecodeStep(m, batch, 16)
+        assert all(f[6] is not None for f in st._fast)
+        if not direct:
+            st._fast = [f[:6] + (None,) for f in st._fast]
+        st.prefill(x[:, :6])
+        return [st.step(x[:, p], p) for p in range(6, 10)]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    with tracking(m):
+        run(True)
+    mods = [x for x in m.modules() if isinstance(x, ExpertMLP)]
+    assert all(mod.tokens_seen == 10 * batch for mod in mods)  # the prompt's 6 tokens and the 4 steps, through the tracked module
+    ln.revert_(m)

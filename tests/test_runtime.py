@@ -259,7 +259,7 @@ def test_siblings_stored_side_by_side_and_read_in_one_call(dtype: str, sparse: b
     def run(fused: bool) -> list[torch.Tensor]:
         st = DecodeStep(m, batch, 16)
         if not fused:
-            st._fast = [f[:4] + (None, f[5] if f[5] is None or not isinstance(f[5][1], list) else None) for f in st._fast]
+            st._fast = [f[:4] + (None, f[5] if f[5] is None or not isinstance(f[5][1], list) else None, f[6]) for f in st._fast]
         else:
             equal = not sparse or all(torch.equal(a.threshold, att.q_proj.threshold) for a in (att.k_proj, att.v_proj))
             qkv = st._fast[0][4]

@@ -219,6 +219,15 @@ def route_reference(x: torch.Tensor, r: Router, E: int, act_name: str, gated: bo
     return coef
 
 
+def route_args(r: Router, blocks: dict[str, torch.Tensor | None], down_bias: torch.Tensor | None, act_name: str, gated: bool) -> tuple:
+    """The arguments after ``x`` of the compiled ``expert_route`` call (the decode step builds
+    them once per FFN and calls the kernel directly)."""
+    opt = lambda t: _EMPTY if t is None else t  # noqa: E731
+    return (r.w1, opt(r.b1), opt(r.w2), opt(r.b2), opt(r.norm), ROUTER_KINDS[r.kind], r.probes, r.top_k, float(r.share), r.shared, r.renorm,
+            blocks["gu"], opt(blocks["gu_scale"]), opt(blocks["gu_bias"]), blocks["down"], opt(blocks["down_scale"]), opt(down_bias),
+            ACTS[act_name], gated)
+
+
 def routed_mlp(x: torch.Tensor, r: Router, blocks: dict[str, torch.Tensor | None], down_bias: torch.Tensor | None, act_name: str, gated: bool,
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Route x (N, d) and run its experts: (y (N, out) float32, coef (N, E)). Batches up to
@@ -231,10 +240,7 @@ def routed_mlp(x: torch.Tensor, r: Router, blocks: dict[str, torch.Tensor | None
         coef = route_reference(x, r, E, act_name, gated)
         run = reference if backend == "reference" or grouping_pays(coef) else masked_reference
         return run(x, blocks["gu"], blocks["gu_scale"], blocks["gu_bias"], blocks["down"], blocks["down_scale"], down_bias, coef, act_name, gated), coef
-    opt = lambda t: _EMPTY if t is None else t  # noqa: E731
-    y, _, coef, _ = ext.expert_route(x, r.w1, opt(r.b1), opt(r.w2), opt(r.b2), opt(r.norm), ROUTER_KINDS[r.kind], r.probes, r.top_k, float(r.share),
-                                     r.shared, r.renorm, blocks["gu"], opt(blocks["gu_scale"]), opt(blocks["gu_bias"]), blocks["down"],
-                                     opt(blocks["down_scale"]), opt(down_bias), ACTS[act_name], gated)
+    y, _, coef, _ = ext.expert_route(x, *route_args(r, blocks, down_bias, act_name, gated))
     if y is None:
         raise ValueError(f"expert_route: {G.kernel_error(ext.last_error(), x, blocks['gu'])}")
     return y, coef

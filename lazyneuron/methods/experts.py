@@ -552,6 +552,10 @@ class ExpertRouting(Method):
             m = model.get_submodule(p)
             if isinstance(m, LazyModule):
                 raise ConfigError(f"{p!r} is already converted by {m.method_name}; apply expert_routing before other methods on the FFN (revert_ first)")
+            on_rt = [n for n, c in m.named_modules() if isinstance(c, LazyModule) and c.method_name == "runtime"]
+            if on_rt:
+                raise ConfigError(f"{p + '.' + on_rt[0]!r} is already on the runtime; apply the runtime last: "
+                                  "apply_(model, [ExpertRoutingConfig(...), RuntimeConfig(...)]) or runtime.prepare(model, dtype, configs=[...]) (revert_ first)")
             if not is_native_moe(m):
                 parts = ffn_parts(m)
                 if parts["up"].shape[0] % cfg.experts:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..kernels import decode_ops as D
+from ..kernels import gemv as G
 from ..kernels._build import extension
 from ..surgery import LazyModule
 
@@ -117,6 +118,8 @@ class DecodeStep:
         self._gemv = extension("gemv")
         # per layer: the direct kernel arguments of each projection that is a FastLinear (None: call the module)
         self._fast = [self._kernel_args(lay) for lay in self.layers]
+        if batch > G.MAX_BATCH:  # the experts kernel takes at most MAX_BATCH tokens: the module falls back
+            self._fast = [f[:6] + (None,) for f in self._fast]
         self._head = _direct(self.head)
         self._none = torch.empty(0)
 
@@ -138,7 +141,7 @@ class DecodeStep:
             if all(p is not None for p in parts):
                 gu = fused_args([mlp.gate_proj, mlp.up_proj], list(parts[:2]))
                 gated = parts if gu is None or gu[1][0] != gu[1][1] else (gu[0], gu[1], parts[2])
-        return proj + (qkv, gated)
+        return proj + (qkv, gated, _expert_args(mlp))
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -173,6 +176,7 @@ class DecodeStep:
         x = ext.rmsnorm(h, w0, e0)
         n = len(self.layers)
         gemv = self._gemv.gemv
+        gemv_x = self._gemv.expert_route
         silu = torch.nn.functional.silu
         plan = self._plan()
         ee = self.exiting if self.exiting is not None and self.batch == 1 and pos >= self.exiting.dense_prefix else None
@@ -180,7 +184,7 @@ class DecodeStep:
             streak, prev = torch.zeros(1, dtype=torch.long), torch.full((1,), -1, dtype=torch.long)
         for i, lay in enumerate(self.layers):
             att = lay.self_attn
-            fq, fk, fv, fo, fqkv, fm = self._fast[i]
+            fq, fk, fv, fo, fqkv, fm, fx = self._fast[i]
             _, _, w2, e2 = self.norm_w[i]
             wn, en = (self.norm_w[i + 1][0], self.norm_w[i + 1][1]) if i + 1 < n else self.final
             ka, km = plan[i]
@@ -205,6 +209,8 @@ class DecodeStep:
                     m = gemv(ext.silu_mul(gemv(x, *fm[0])[0]), *fm[2])[0]
                 elif fm:  # a plain SiLU-gated MLP on the runtime: its three kernels, no module calls
                     m = gemv(silu(gemv(x, *fm[0])[0]).mul_(gemv(x, *fm[1])[0]), *fm[2])[0]
+                elif fx and fx[0].mode == "routed" and not (fx[0].track or fx[0].oracle):  # experts: router and chosen experts in one call
+                    m = gemv_x(x, *fx[1])[0]
                 else:
                     m = lay.mlp(x.unsqueeze(1)).reshape(h.shape)
                 x = ext.add_rmsnorm(h, m if km is True else m * km, wn, en)
@@ -287,6 +293,19 @@ def _gemv_or(gemv: Any, direct: tuple[Any, ...] | None, mod: nn.Module, x: torch
     return gemv.gemv(x, *direct)[0] if direct is not None and gemv is not None else mod(x)
 
 
+def _expert_args(mlp: nn.Module) -> tuple[Any, tuple[Any, ...]] | None:
+    """(module, the arguments after x of the compiled ``expert_route``) of an FFN run as experts
+    on the kernel (None: call the module). The module is kept to check, per step, that it still
+    routes for inference (not tracking, an oracle or recovery training)."""
+    from ..methods.experts import ExpertMLP
+
+    if type(mlp) is not ExpertMLP or mlp.backend != "auto" or mlp._out or extension("gemv") is None:
+        return None
+    from ..kernels import experts as X
+
+    return mlp, X.route_args(mlp.router_spec, mlp.blocks, mlp.down_bias, mlp.act, mlp.gated)
+
+
 def _direct(mod: nn.Module) -> tuple[Any, ...] | None:
     """(wt, scale, bias, centre, threshold) for calling the GEMV kernel directly on a runtime
     :class:`~lazyneuron.runtime.FastLinear` (None: call the module)."""
@@ -341,13 +360,17 @@ def step_profile(model: nn.Module, input_ids: torch.Tensor, steps: int = 16, rep
 
     st = DecodeStep(model, input_ids.shape[0], input_ids.shape[1] + steps + 2)
     nxt = st.prefill(input_ids).argmax(-1)
-    calls: list[tuple[torch.Tensor, tuple[Any, ...]]] = []
+    calls: list[tuple[Any, torch.Tensor, tuple[Any, ...]]] = []
     real = st._gemv
 
-    class _Recorder:
+    class _Recorder:  # the weight-reading kernels: the GEMV, and the experts' router and blocks
         def gemv(self, x: torch.Tensor, *args: Any) -> Any:
-            calls.append((x.clone(), args))
+            calls.append((real.gemv, x.clone(), args))
             return real.gemv(x, *args)
+
+        def expert_route(self, x: torch.Tensor, *args: Any) -> Any:
+            calls.append((real.expert_route, x.clone(), args))
+            return real.expert_route(x, *args)
 
     n = input_ids.shape[1]
     st._gemv = _Recorder()
@@ -363,8 +386,8 @@ def step_profile(model: nn.Module, input_ids: torch.Tensor, steps: int = 16, rep
         ts.append((time.perf_counter() - t0) / steps)
         t0 = time.perf_counter()
         for _ in range(steps):
-            for x, args in calls:
-                real.gemv(x, *args)
+            for fn, x, args in calls:
+                fn(x, *args)
         gs.append((time.perf_counter() - t0) / steps)
     step_s, gemv_s = statistics.median(ts), statistics.median(gs)
     return {"step_s": step_s, "gemv_s": gemv_s, "non_gemv_share": max(0.0, step_s - gemv_s) / step_s, "kernel_calls": len(calls)}

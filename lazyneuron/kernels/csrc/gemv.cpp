@@ -934,18 +934,15 @@ int64_t route(const float* x, const float* w1, const float* b1, const float* w2,
               int64_t E) {
   const int64_t K = E - shared;
   const int64_t cols = kind == 0 ? H : kind == 1 ? K * probes * (gated ? 2 : 1) : K;
-  std::vector<float> a(static_cast<size_t>(cols)), hid, sc(static_cast<size_t>(K)), pr(static_cast<size_t>(K));
+  // the first layer of every token at once, on the dense GEMV (its rows split across threads)
+  thread_local std::vector<float> first;
+  first.resize(static_cast<size_t>(B * cols));
+  run<float>(x, w1, nullptr, b1, nullptr, nullptr, false, first.data(), B, d, cols, cols);
+  std::vector<float> sc(static_cast<size_t>(K)), pr(static_cast<size_t>(K));
   std::vector<int32_t> ord(static_cast<size_t>(K));
   int64_t used = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const float* xb = x + b * d;
-    for (int64_t j = 0; j < cols; ++j) a[j] = b1 ? b1[j] : 0.f;
-    for (int64_t i = 0; i < d; ++i) {
-      const float xi = xb[i];
-      const float* wr = w1 + i * cols;
-#pragma GCC ivdep
-      for (int64_t j = 0; j < cols; ++j) a[j] += xi * wr[j];
-    }
+    const float* a = first.data() + b * cols;
     if (kind == 0) {
       for (int64_t k = 0; k < K; ++k) sc[k] = b2 ? b2[k] : 0.f;
       for (int64_t j = 0; j < H; ++j) {
