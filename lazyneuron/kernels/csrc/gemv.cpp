@@ -861,7 +861,9 @@ int64_t expert_run(const float* x, const W* gu, const float* gu_scale, const flo
   // partial sums; ranges are split only as far as every thread needs work.
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   int64_t nsplit = 1;
-  while (nh * nsplit < nthreads && d / (nsplit * 2) >= 64) nsplit *= 2;
+  // every thread gets work; with few hit experts (under 4 per thread) the threads also get equal
+  // shares where doubling can make them so (3 hit experts on two threads: each in two halves)
+  while ((nh * nsplit < nthreads || ((nh * nsplit) % nthreads && nh * nsplit < 4 * nthreads)) && d / (nsplit * 2) >= 64) nsplit *= 2;
   std::vector<int64_t> acc_off(static_cast<size_t>(nh + 1), 0);  // offset of hit expert k's partial sums
   for (int64_t k = 0; k < nh; ++k) acc_off[k + 1] = acc_off[k] + nsplit * (off[k + 1] - off[k]) * C;
   Aligned<float> part(acc_off[nh], 0.f);
