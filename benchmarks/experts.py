@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -37,6 +39,12 @@ from lazyneuron.methods.experts import ExpertMLP, ExpertRoutingConfig as C
 
 OUT = Path(__file__).parent / "results"
 MODEL = "smollm2-135m"
+RUN = time.strftime("experts-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]  # one id for everything this invocation measures
+
+
+def stamped(recs: list) -> list[dict]:
+    """Records as dicts carrying this run's id."""
+    return [{"run": RUN, **(r.to_dict() if isinstance(r, Record) else r)} for r in recs]
 
 
 def configs(quick: bool) -> list:
@@ -103,8 +111,9 @@ def main() -> None:
         with ln.applied(model, c, cal):
             pass
     recs = runner.run(MODEL, model, tok, cfgs, s, progress=True, calibration=cal)
-    others = [r for r in read(args.out) if r["model"] != MODEL] if Path(args.out).exists() and not args.quick else []  # --encoder / --kernel records
-    write(others + [r.to_dict() for r in recs], args.out, append=False)
+    # the --encoder, --kernel and --recovery records stay
+    others = [r for r in read(args.out) if r["model"] != MODEL or "recovery" in r["params"]] if Path(args.out).exists() and not args.quick else []
+    write(others + stamped(recs), args.out, append=False)
     wins = data.windows(tok, "austen", "test", s.ppl_length, s.ppl_windows)
     news = data.windows(tok, "news", "test", s.ppl_length, 2)
     news_ppl = data.windows(tok, "news", "test", s.ppl_length, s.ppl_windows)  # the runner's perplexity windows
@@ -146,8 +155,8 @@ def main() -> None:
             recs.append(Record(MODEL, r0.method, r0.params, "decode_time_saved_b1", saved, "fraction of the dense runtime's step"))
             if r0.value > 0:
                 recs.append(Record(MODEL, r0.method, r0.params, "time_saved_per_byte_skipped", saved / r0.value, "ratio"))
-    write(others + [r.to_dict() for r in recs], args.out, append=False)
-    draw(others + [r.to_dict() for r in recs])
+    write(others + stamped(recs), args.out, append=False)
+    draw(others + stamped(recs))
     sys.stdout.write(runner.table(recs) + "\n")
 
 
@@ -196,7 +205,7 @@ def kernel(args: argparse.Namespace) -> None:
     recs.append(Record("kernel", "probe", {}, "read_bandwidth", G.read_bandwidth(), "GB/s"))
     kept = [r for r in read(args.out) if r["model"] != "kernel"] if Path(args.out).exists() else []
     write(kept, args.out, append=False)
-    write(recs, args.out, append=True)
+    write(stamped(recs), args.out, append=True)
     for r in recs:
         sys.stdout.write(f"{r.method:11s} {r.params} {r.value:.2f} {r.unit}\n")
 
@@ -266,7 +275,7 @@ def recovery(args: argparse.Namespace) -> None:
         return mine and (not p["recovery"] or (p.get("train_windows") == len(train) and p.get("epochs") == args.epochs and p.get("rank") == args.rank))
 
     keep = [r for r in read(args.out) if not same(r)] if Path(args.out).exists() and not args.quick else []
-    write(keep + [r.to_dict() for r in recs], args.out, append=False)
+    write(keep + stamped(recs), args.out, append=False)
     for r in recs:
         sys.stdout.write(f"{r.method:16s} {str({k: r.params[k] for k in ('top_k', 'recovery') if k in r.params}):40s} {r.metric:24s} {r.value:.3f}\n")
 
@@ -318,12 +327,13 @@ def encoder(args: argparse.Namespace) -> None:
             recs.append(Record(ENCODER, meth, p, "encoder_speedup", ratio, "x dense (paired)"))
     kept = [r for r in read(args.out) if r["model"] != ENCODER] if Path(args.out).exists() else []
     write(kept, args.out, append=False)
-    write(recs, args.out, append=True)
+    write(stamped(recs), args.out, append=True)
     for r in recs:
         sys.stdout.write(f"{r.method:15s} {r.params} {r.metric} {r.value:.4g}\n")
 
 
 def draw(rd: list[dict]) -> None:
+    rd = [r for r in rd if r["model"] == MODEL and "recovery" not in r["params"]]  # the main run's records
     plots.pareto(rd, OUT / "experts_pareto.png", speed_metric="decode_vs_runtime_b1", series_params=("rule", "router", "experts", "shared", "share"),
                  title="SmolLM2-135M FFN: expert routing vs CATS / TEAL on the MLP, fp32 runtime (no recovery);\n"
                  "labels: share of FFN neurons run (experts) or sparsity")
