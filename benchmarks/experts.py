@@ -42,6 +42,12 @@ MODEL = "smollm2-135m"
 RUN = time.strftime("experts-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]  # one id for everything this invocation measures
 
 
+def from_recovery(r: dict) -> bool:
+    """A record of ``--recovery`` (its params say recovery true or false; a config's own ``recovery``
+    parameter is a path, empty without one)."""
+    return r["model"] == MODEL and isinstance(r["params"].get("recovery"), bool)
+
+
 def stamped(recs: list) -> list[dict]:
     """Records as dicts carrying this run's id."""
     return [{"run": RUN, **(r.to_dict() if isinstance(r, Record) else r)} for r in recs]
@@ -112,7 +118,7 @@ def main() -> None:
             pass
     recs = runner.run(MODEL, model, tok, cfgs, s, progress=True, calibration=cal)
     # the --encoder, --kernel and --recovery records stay
-    others = [r for r in read(args.out) if r["model"] != MODEL or "recovery" in r["params"]] if Path(args.out).exists() and not args.quick else []
+    others = [r for r in read(args.out) if r["model"] != MODEL or from_recovery(r)] if Path(args.out).exists() and not args.quick else []
     write(others + stamped(recs), args.out, append=False)
     wins = data.windows(tok, "austen", "test", s.ppl_length, s.ppl_windows)
     news = data.windows(tok, "news", "test", s.ppl_length, 2)
@@ -267,7 +273,7 @@ def recovery(args: argparse.Namespace) -> None:
             recs.append(Record(MODEL, cfg.name, p, "decode_vs_runtime_b1", statistics.median(ratios), "x", spread=max(ratios) - min(ratios), repeats=len(ratios)))
     def same(r: dict) -> bool:  # a record this run measures again (dense, or a setting and training it repeats)
         p = r.get("params", {})
-        if r["model"] != MODEL or "recovery" not in p:
+        if not from_recovery(r):
             return False
         if r["method"] == "dense":
             return True
@@ -333,7 +339,7 @@ def encoder(args: argparse.Namespace) -> None:
 
 
 def draw(rd: list[dict]) -> None:
-    rd = [r for r in rd if r["model"] == MODEL and "recovery" not in r["params"]]  # the main run's records
+    rd = [r for r in rd if r["model"] == MODEL and not from_recovery(r)]  # the main run's records
     plots.pareto(rd, OUT / "experts_pareto.png", speed_metric="decode_vs_runtime_b1", series_params=("rule", "router", "experts", "shared", "share"),
                  title="SmolLM2-135M FFN: expert routing vs CATS / TEAL on the MLP, fp32 runtime (no recovery);\n"
                  "labels: share of FFN neurons run (experts) or sparsity")

@@ -114,6 +114,36 @@ def masked_reference(x: torch.Tensor, gu: torch.Tensor, gu_scale: torch.Tensor |
     return y + down_bias if down_bias is not None else y
 
 
+def grouped_gemm(x: torch.Tensor, gu: torch.Tensor, gu_scale: torch.Tensor | None, gu_bias: torch.Tensor | None, down: torch.Tensor,
+                 down_scale: torch.Tensor | None, down_bias: torch.Tensor | None, coef: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor:
+    """:func:`reference`'s result for long inputs (prefill, encoder forwards) on the runtime's GEMM
+    (:func:`~lazyneuron.kernels.gemv.gemm`, in the blocks' own format): each hit expert's gate / up
+    block and down rows multiply the tokens that chose it, gathered (no gather when every token
+    did). Experts no token chose are never read. On this GEMM grouping paid at every share of
+    experts measured (SmolLM2, 256 tokens, 25-75% of the neurons): unlike torch's products in
+    :func:`masked_reference`, computing an expert for tokens that did not choose it never paid."""
+    E, _, C = gu.shape
+    fe = C // 2 if gated else C
+    x = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+    n = x.shape[0]
+    acc = torch.zeros(n, down.shape[1], dtype=torch.float32)
+    nz = coef != 0
+    for e in nz.any(0).nonzero().flatten().tolist():
+        t = nz[:, e].nonzero().flatten()
+        every = t.numel() == n
+        a = G.gemm(x if every else x[t], gu[e], None if gu_scale is None else gu_scale[e], None if gu_bias is None else gu_bias[e])  # (n_e, C)
+        h = act(act_name, a[:, :fe])
+        if gated:
+            h = h * a[:, fe:]
+        h = h * (coef[:, e, None] if every else coef[t, e, None])
+        y = G.gemm(h.contiguous(), down[e * fe:(e + 1) * fe], down_scale, None)  # down_scale per output column: each part scaled
+        if every:
+            acc += y
+        else:
+            acc.index_add_(0, t, y)
+    return acc + down_bias if down_bias is not None else acc
+
+
 GROUP_OVERHEAD = 36  # token-expert products one grouped expert's gather / scatter costs (measured on MiniLM / SmolLM2 shapes)
 
 
@@ -128,12 +158,13 @@ def grouping_pays(coef: torch.Tensor) -> bool:
 def expert_mlp(x: torch.Tensor, blocks: dict[str, torch.Tensor | None], down_bias: torch.Tensor | None, coef: torch.Tensor, act_name: str,
                gated: bool, backend: str = "auto") -> tuple[torch.Tensor, int]:
     """(y (N, out) float32, experts read) for x (N, d). Batches up to ``G.MAX_BATCH`` run the
-    C++ kernel; larger ones (prefill) and ``backend='reference'`` run :func:`reference`, which
-    also skips experts no token chose."""
+    C++ kernel; larger ones (prefill) :func:`grouped_gemm` and ``backend='reference'``
+    :func:`reference`, which also skip experts no token chose."""
     ext = extension("gemv")
     gu, down = blocks["gu"], blocks["down"]
     if backend == "reference" or ext is None or x.shape[0] > G.MAX_BATCH or x.shape[0] == 0 or not x.is_cpu:
-        y = reference(x, gu, blocks["gu_scale"], blocks["gu_bias"], down, blocks["down_scale"], down_bias, coef, act_name, gated)
+        run = grouped_gemm if backend != "reference" and ext is not None and x.shape[0] > 0 and x.is_cpu else reference
+        y = run(x, gu, blocks["gu_scale"], blocks["gu_bias"], down, blocks["down_scale"], down_bias, coef, act_name, gated)
         return y, int((coef != 0).any(0).sum())
     y, nh = ext.expert_mlp(
         x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(),
@@ -231,14 +262,18 @@ def route_args(r: Router, blocks: dict[str, torch.Tensor | None], down_bias: tor
 def routed_mlp(x: torch.Tensor, r: Router, blocks: dict[str, torch.Tensor | None], down_bias: torch.Tensor | None, act_name: str, gated: bool,
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Route x (N, d) and run its experts: (y (N, out) float32, coef (N, E)). Batches up to
-    ``G.MAX_BATCH`` run router and experts in one C++ call; larger ones (prefill) and
-    ``backend='reference'`` run :func:`route_reference` and :func:`reference`."""
+    ``G.MAX_BATCH`` run router and experts in one C++ call; larger ones (prefill) run
+    :func:`route_reference` and :func:`grouped_gemm`; ``backend='reference'`` (and no compiled
+    kernels) :func:`route_reference` and :func:`reference`."""
     ext = extension("gemv")
     E = blocks["gu"].shape[0]
     x = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     if backend == "reference" or ext is None or x.shape[0] > G.MAX_BATCH or x.shape[0] == 0 or not x.is_cpu:
         coef = route_reference(x, r, E, act_name, gated)
-        run = reference if backend == "reference" or grouping_pays(coef) else masked_reference
+        if backend == "reference" or ext is None or not x.is_cpu:
+            run = reference if backend == "reference" or grouping_pays(coef) else masked_reference
+        else:  # long inputs on the CPU: the runtime's GEMM, expert by expert
+            run = grouped_gemm
         return run(x, blocks["gu"], blocks["gu_scale"], blocks["gu_bias"], blocks["down"], blocks["down_scale"], down_bias, coef, act_name, gated), coef
     y, _, coef, _ = ext.expert_route(x, *route_args(r, blocks, down_bias, act_name, gated))
     if y is None:
