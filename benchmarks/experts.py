@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/experts.py             # ~20 min on 2 cores
     .venv/bin/python benchmarks/experts.py --quick     # smoke run
+    .venv/bin/python benchmarks/experts.py --runtime bf16   # the same on the bf16 runtime: experts_bf16.jsonl, experts_pareto_bf16.png
     .venv/bin/python benchmarks/experts.py --plots-only
     .venv/bin/python benchmarks/experts.py --encoder   # MiniLM-L6 on MR (~6 min), replaces its records
     .venv/bin/python benchmarks/experts.py --recovery  # low-rank recovery at 50% / 75% of FFN neurons (~25 min), replaces its records
@@ -85,7 +86,8 @@ def mlp_bytes_read(model: torch.nn.Module) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(OUT / "experts.jsonl"))
+    ap.add_argument("--out", default=None, help="records (default: experts.jsonl; experts_RUNTIME.jsonl for --runtime bf16 / int8)")
+    ap.add_argument("--runtime", default="fp32", choices=("fp32", "bf16", "int8"), help="the main run's weight format (every method and the dense baseline on it)")
     ap.add_argument("--plots-only", action="store_true")
     ap.add_argument("--encoder", action="store_true", help="MiniLM-L6 on MR: accuracy and sentences/s against dense")
     ap.add_argument("--kernel", action="store_true", help="the experts kernel alone on 30 SmolLM2-shaped FFNs against the dense GEMV (~1 min)")
@@ -95,6 +97,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--active", default="50,75", help="--recovery: the FFN neuron percentages to run (of 50, 75)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(OUT / ("experts.jsonl" if args.runtime == "fp32" else f"experts_{args.runtime}.jsonl"))
     logging.basicConfig(level=logging.INFO)
     if args.recovery:
         recovery(args)
@@ -106,9 +110,10 @@ def main() -> None:
         kernel(args)
         return
     if args.plots_only:
-        draw(list(read(args.out)))
+        draw(list(read(args.out)), args.runtime)
         return
     s = runner.quick() if args.quick else BenchSettings(new_tokens=24, repeats=3, ppl_windows=4, ppl_length=256, calib_texts=32, batches=(1, 8), hf_generate=False)
+    s.runtime = args.runtime
     model, tok = ln.models.load(MODEL)
     cfgs = configs(args.quick)
     cal = ln.calibrate(model, data.texts("news", "calibration")[: s.calib_texts], [C(), A(rule="cats"), A(rule="teal", targets=("mlp_in", "mlp_out"))], tok, max_length=512, progress=True)
@@ -162,7 +167,7 @@ def main() -> None:
             if r0.value > 0:
                 recs.append(Record(MODEL, r0.method, r0.params, "time_saved_per_byte_skipped", saved / r0.value, "ratio"))
     write(others + stamped(recs), args.out, append=False)
-    draw(others + stamped(recs))
+    draw(others + stamped(recs), args.runtime)
     sys.stdout.write(runner.table(recs) + "\n")
 
 
@@ -338,10 +343,11 @@ def encoder(args: argparse.Namespace) -> None:
         sys.stdout.write(f"{r.method:15s} {r.params} {r.metric} {r.value:.4g}\n")
 
 
-def draw(rd: list[dict]) -> None:
+def draw(rd: list[dict], runtime: str = "fp32") -> None:
     rd = [r for r in rd if r["model"] == MODEL and not from_recovery(r)]  # the main run's records
-    plots.pareto(rd, OUT / "experts_pareto.png", speed_metric="decode_vs_runtime_b1", series_params=("rule", "router", "experts", "shared", "share"),
-                 title="SmolLM2-135M FFN: expert routing vs CATS / TEAL on the MLP, fp32 runtime (no recovery);\n"
+    png = OUT / ("experts_pareto.png" if runtime == "fp32" else f"experts_pareto_{runtime}.png")
+    plots.pareto(rd, png, speed_metric="decode_vs_runtime_b1", series_params=("rule", "router", "experts", "shared", "share"),
+                 title=f"SmolLM2-135M FFN: expert routing vs CATS / TEAL on the MLP, {runtime} runtime (no recovery);\n"
                  "labels: share of FFN neurons run (experts) or sparsity")
 
 

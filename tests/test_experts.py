@@ -305,8 +305,8 @@ def test_masked_path_for_short_inputs_matches_grouped_reference(dtype: str, gate
 @kernel
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("density", [0.1, 0.6])
-def test_long_inputs_on_the_runtime_gemm_match_reference(dtype: str, gated: bool, density: float) -> None:
+@pytest.mark.parametrize("density,binary", [(0.1, False), (0.6, False), (0.6, True)])
+def test_long_inputs_on_the_runtime_gemm_match_reference(dtype: str, gated: bool, density: float, binary: bool) -> None:
     """Prefill-length inputs run each hit expert on the runtime's GEMM for the tokens that chose
     it: the reference's result, experts no token chose left out (one chosen by every token: no
     gather)."""
@@ -318,6 +318,8 @@ def test_long_inputs_on_the_runtime_gemm_match_reference(dtype: str, gated: bool
     coef = torch.rand(64, 8, generator=g) * (torch.rand(64, 8, generator=g) < density)
     coef[:, 3] = 0  # an expert no token chose
     coef[:, 0] = 0.5  # one every token chose
+    if binary:  # MoEfication's coefficients: 1 where chosen
+        coef = (coef != 0).float()
     args = (x, blk["gu"], blk["gu_scale"], blk["gu_bias"], blk["down"], blk["down_scale"], db, coef, "silu" if gated else "gelu", gated)
     ref = X.reference(*args)
     prev = G.set_bf16_dot(False)  # the bf16 dot-product GEMM also rounds the input (tests/test_runtime.py holds it to its own bound)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from . import decode_ops as D
 from . import gemv as G
 from ._build import extension
 
@@ -129,14 +130,20 @@ def grouped_gemm(x: torch.Tensor, gu: torch.Tensor, gu_scale: torch.Tensor | Non
     n = x.shape[0]
     acc = torch.zeros(n, down.shape[1], dtype=torch.float32)
     nz = coef != 0
+    unit = bool((coef[nz] == 1).all())  # MoEfication: every chosen expert's coefficient is 1, nothing to scale
+    fused = gated and act_name == "silu" and extension("decode") is not None  # silu(gate) * up in one pass
     for e in nz.any(0).nonzero().flatten().tolist():
         t = nz[:, e].nonzero().flatten()
         every = t.numel() == n
         a = G.gemm(x if every else x[t], gu[e], None if gu_scale is None else gu_scale[e], None if gu_bias is None else gu_bias[e])  # (n_e, C)
-        h = act(act_name, a[:, :fe])
-        if gated:
-            h = h * a[:, fe:]
-        h = h * (coef[:, e, None] if every else coef[t, e, None])
+        if fused:
+            h = D.silu_mul(a)
+        else:
+            h = act(act_name, a[:, :fe])
+            if gated:
+                h = h * a[:, fe:]
+        if not unit:
+            h = h * (coef[:, e, None] if every else coef[t, e, None])
         y = G.gemm(h.contiguous(), down[e * fe:(e + 1) * fe], down_scale, None)  # down_scale per output column: each part scaled
         if every:
             acc += y
