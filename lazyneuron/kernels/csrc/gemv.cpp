@@ -872,8 +872,38 @@ int64_t expert_run(const float* x, const W* gu, const float* gu_scale, const flo
   const int32_t* op = off.data();
   const int64_t* ao = acc_off.data();
   float* pp = part.data();
+  // the partial sums of an expert added, then activation (x up) times the token's coefficient
+  // into the down pass's coefficients hv ((nh * Fe rows) x B), the activation in a loop the
+  // compiler vectorises (act_vec)
+  std::vector<float> hv(static_cast<size_t>(nh * Fe * B), 0.f);
+  float* hvp = hv.data();
+  auto activate = [&](int64_t k, float* g, float* u) {
+    const int64_t e = hp[k], nt = op[k + 1] - op[k];
+    float* a0 = pp + ao[k];
+    for (int64_t r = 1; r < nsplit; ++r) {
+      const float* src = a0 + r * nt * C;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < nt * C; ++j) a0[j] += src[j];
+    }
+    unshuffle<W>(a0, nt, C, C);
+    const float* sc = gu_scale ? gu_scale + e * C : nullptr;
+    const float* bs = gu_bias ? gu_bias + e * C : nullptr;
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t b = tp[op[k] + t];
+      const float cf = coef[b * E + e];
+      const float* at = a0 + t * C;
+      for (int64_t j = 0; j < Fe; ++j) g[j] = (sc ? at[j] * sc[j] : at[j]) + (bs ? bs[j] : 0.f);
+      act_vec(g, Fe, act);
+      if (gated) {
+        for (int64_t j = 0; j < Fe; ++j) u[j] = (sc ? at[Fe + j] * sc[Fe + j] : at[Fe + j]) + (bs ? bs[Fe + j] : 0.f);
+        for (int64_t j = 0; j < Fe; ++j) g[j] *= u[j];
+      }
+      float* hk = hvp + k * Fe * B + b;
+      for (int64_t j = 0; j < Fe; ++j) hk[j * B] = g[j] * cf;
+    }
+  };
   at::parallel_for(0, nh * nsplit, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> xv;
+    std::vector<float> xv, g(static_cast<size_t>(Fe)), u(static_cast<size_t>(Fe));
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t k = it / nsplit, r = it % nsplit;
       const int64_t e = hp[k], nt = op[k + 1] - op[k];
@@ -883,40 +913,15 @@ int64_t expert_run(const float* x, const W* gu, const float* gu_scale, const flo
       for (int64_t i = r0; i < r1; ++i)
         for (int64_t t = 0; t < nt; ++t) xv[(i - r0) * nt + t] = x[tb[t] * d + i];
       rows_pass(gu + e * d * C + r0 * C, C, nullptr, xv.data(), nt, 0, r1 - r0, 0, C, pp + ao[k] + r * nt * C, C);
+      if (nsplit == 1) activate(k, g.data(), u.data());  // a whole expert in this item: no second pass
     }
   });
-  // the partial sums of each expert added, then activation (x up) times the token's coefficient,
-  // in parallel over hit experts, the activation in a loop the compiler vectorises (act_vec)
-  std::vector<float> hv(static_cast<size_t>(nh * Fe * B), 0.f);  // (nh * Fe rows) x B: the down pass's coefficients
-  float* hvp = hv.data();
-  at::parallel_for(0, nh, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<float> g(static_cast<size_t>(Fe)), u(static_cast<size_t>(Fe));
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t e = hp[k], nt = op[k + 1] - op[k];
-      float* a0 = pp + ao[k];
-      for (int64_t r = 1; r < nsplit; ++r) {
-        const float* src = a0 + r * nt * C;
-#pragma GCC ivdep
-        for (int64_t j = 0; j < nt * C; ++j) a0[j] += src[j];
-      }
-      unshuffle<W>(a0, nt, C, C);
-      const float* sc = gu_scale ? gu_scale + e * C : nullptr;
-      const float* bs = gu_bias ? gu_bias + e * C : nullptr;
-      for (int64_t t = 0; t < nt; ++t) {
-        const int64_t b = tp[op[k] + t];
-        const float cf = coef[b * E + e];
-        const float* at = a0 + t * C;
-        for (int64_t j = 0; j < Fe; ++j) g[j] = (sc ? at[j] * sc[j] : at[j]) + (bs ? bs[j] : 0.f);
-        act_vec(g.data(), Fe, act);
-        if (gated) {
-          for (int64_t j = 0; j < Fe; ++j) u[j] = (sc ? at[Fe + j] * sc[Fe + j] : at[Fe + j]) + (bs ? bs[Fe + j] : 0.f);
-          for (int64_t j = 0; j < Fe; ++j) g[j] *= u[j];
-        }
-        float* hk = hvp + k * Fe * B + b;
-        for (int64_t j = 0; j < Fe; ++j) hk[j * B] = g[j] * cf;
-      }
-    }
-  });
+  if (nsplit > 1) {  // experts split across items: their parts added once every item is done
+    at::parallel_for(0, nh, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<float> g(static_cast<size_t>(Fe)), u(static_cast<size_t>(Fe));
+      for (int64_t k = k0; k < k1; ++k) activate(k, g.data(), u.data());
+    });
+  }
   // 3. down: the rows of the hit experts, each read once for all tokens
   apply_rows<W>(down, down_scale, down_bias, rows.data(), nh * Fe, hvp, y, B, out, out);
   return nh;
