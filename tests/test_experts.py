@@ -174,10 +174,22 @@ def test_runs_on_the_runtime_formats(dtype: str, ids: torch.Tensor) -> None:
         fp32 = m(ids[:1, :4]).logits
     with ln.applied(m, [cfg, RuntimeConfig(dtype=dtype)], cal):
         mod = next(x for x in m.modules() if isinstance(x, ExpertMLP))
-        assert mod.weight_dtype == dtype and mod.blocks["gu"].dtype == {"bf16": torch.bfloat16, "int8": torch.int8}[dtype]
+        want = {"bf16": torch.bfloat16, "int8": torch.int8}[dtype]
+        assert mod.weight_dtype == dtype and mod.blocks["gu"].dtype == want
+        assert mod.router_spec.w1.dtype == want and (mod.router_spec.w1_scale is not None) == (dtype == "int8")  # the router in the runtime's format
+        x = torch.randn(5, mod.d, generator=torch.Generator().manual_seed(2))
+        r = mod.router_spec
+        sc = torch.relu(x @ r.first_layer() + r.b1) @ r.w2 + r.b2
+        top = sc.topk(r.top_k + 1, -1).values
+        assert bool((top[:, -2] - top[:, -1] > 1e-3).all())  # no near-tie at the top-k boundary: the choice is well defined
+        _, coef = X.routed_mlp(x, r, mod.blocks, mod.down_bias, mod.act, mod.gated)
+        assert torch.equal(coef, X.route_reference(x, r, mod.E, mod.act, mod.gated))  # the kernel reads the stored router as the reference does
         step = m(ids[:1, :4]).logits
     assert (step - fp32).abs().max() < 0.05 * (1 + fp32.abs().max())
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    ln.apply_(m, cfg, cal)  # without the runtime: the fp32 router
+    assert next(x for x in m.modules() if isinstance(x, ExpertMLP)).router_spec.w1.dtype == torch.float32
+    ln.revert_(m)
 
 
 def test_bad_input_stops_with_one_clear_error(ids: torch.Tensor) -> None:

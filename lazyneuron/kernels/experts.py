@@ -235,16 +235,32 @@ class Router:
     share: float = 1.0
     shared: int = 0
     renorm: bool = False
+    w1_scale: torch.Tensor | None = None  # per-column scales of an int8 ``w1``
 
     def elements(self) -> int:
         return sum(int(t.numel()) for t in (self.w1, self.w2) if t is not None)
+
+    def in_format(self, dtype: str) -> "Router":
+        """This router with its first layer ``w1`` (the only one of a size that counts: d x hidden)
+        stored in ``dtype`` (fp32, bf16, int8 with per-column scales), the runtime's weight format;
+        from an fp32 router. The rest stays fp32."""
+        if self.w1.dtype != torch.float32:
+            raise ValueError("Router.in_format converts an fp32 router; keep the fp32 one and convert it")
+        if dtype == "fp32":
+            return self
+        wt, scale = G.prepare_weight(self.w1.t(), dtype)
+        return dataclasses.replace(self, w1=wt, w1_scale=scale)
+
+    def first_layer(self) -> torch.Tensor:
+        """``w1`` as fp32 (d, cols), its stored rounding included."""
+        return self.w1 if self.w1.dtype == torch.float32 else G.dequantize(self.w1, self.w1_scale)
 
 
 def route_reference(x: torch.Tensor, r: Router, E: int, act_name: str, gated: bool) -> torch.Tensor:
     """Pure-torch ground truth of the router: coef (N, E) for x (N, d)."""
     K = E - r.shared
     x = x.float()
-    a = x @ r.w1 + (r.b1 if r.b1 is not None else 0)
+    a = x @ r.first_layer() + (r.b1 if r.b1 is not None else 0)
     if r.kind == "learned":
         sc = torch.relu(a) @ r.w2 + r.b2
         pr = torch.softmax(sc, -1)
@@ -281,7 +297,7 @@ def route_args(r: Router, blocks: dict[str, torch.Tensor | None], down_bias: tor
     opt = lambda t: _EMPTY if t is None else t  # noqa: E731
     return (r.w1, opt(r.b1), opt(r.w2), opt(r.b2), opt(r.norm), ROUTER_KINDS[r.kind], r.probes, r.top_k, float(r.share), r.shared, r.renorm,
             blocks["gu"], opt(blocks["gu_scale"]), opt(blocks["gu_bias"]), blocks["down"], opt(blocks["down_scale"]), opt(down_bias),
-            ACTS[act_name], gated)
+            ACTS[act_name], gated, opt(r.w1_scale))
 
 
 def routed_mlp(x: torch.Tensor, r: Router, blocks: dict[str, torch.Tensor | None], down_bias: torch.Tensor | None, act_name: str, gated: bool,

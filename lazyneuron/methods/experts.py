@@ -352,11 +352,13 @@ class ExpertMLP(LazyModule):
         else:
             self.router_spec = X.Router("learned", built["w1"].float().contiguous(), built["b1"].float().contiguous(), built["w2"].float().contiguous(),
                                         built["b2"].float().contiguous(), **common)
+        self._router_fp32 = self.router_spec  # set_weight_dtype stores its first layer in the runtime's format
         self.tokens_seen = self.weights_skipped = self.experts_read = 0
         self._parts = None  # fp32 copies are only needed while building
 
     def set_weight_dtype(self, dtype: str) -> None:
-        """Store the expert blocks in ``dtype`` (fp32, bf16, int8): the runtime's weight format."""
+        """Store the expert blocks and the router's first layer in ``dtype`` (fp32, bf16, int8): the
+        runtime's weight format."""
         if dtype == self.weight_dtype:
             return
         p = self._parts if self._parts is not None else ffn_parts(self.base)
@@ -366,6 +368,8 @@ class ExpertMLP(LazyModule):
         perm = self._perm
         self.blocks = X.prepare_experts(None if p["gate"] is None else p["gate"][perm], p["up"][perm], p["down"][:, perm].contiguous(), self.E, dtype,
                                         None if p["gate_bias"] is None else p["gate_bias"][perm], None if p["up_bias"] is None else p["up_bias"][perm])
+        if getattr(self, "_router_fp32", None) is not None:  # (at construction the router is built after the blocks)
+            self.router_spec = self._router_fp32.in_format(dtype)
         self.weight_dtype = dtype
 
     oracle = False  # analysis only: route by each expert's true output mass (computes every expert)

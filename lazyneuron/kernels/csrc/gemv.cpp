@@ -936,20 +936,18 @@ int64_t expert_run(const float* x, const W* gu, const float* gu_scale, const flo
 // the total (kinds 0, 1) or of the top-k mass (kind 2). Experts [0, shared) always run with coef 1.
 // Coefficient of a routed expert: 1 (kinds 0, 1), its prob (kind 2; renormalised over those run
 // when renorm).
-int64_t route(const float* x, const float* w1, const float* b1, const float* w2, const float* b2, const float* norm, int64_t kind, int64_t H,
-              int64_t probes, int64_t act, bool gated, int64_t top_k, double share, int64_t shared, bool renorm, float* coef, int64_t B, int64_t d,
+// first: (B, cols) = x @ w1 + b1, the first layer, computed by the caller on the dense GEMV in
+// w1's format.
+int64_t route(const float* first, const float* w2, const float* b2, const float* norm, int64_t kind, int64_t H,
+              int64_t probes, int64_t act, bool gated, int64_t top_k, double share, int64_t shared, bool renorm, float* coef, int64_t B,
               int64_t E) {
   const int64_t K = E - shared;
   const int64_t cols = kind == 0 ? H : kind == 1 ? K * probes * (gated ? 2 : 1) : K;
-  // the first layer of every token at once, on the dense GEMV (its rows split across threads)
-  thread_local std::vector<float> first;
-  first.resize(static_cast<size_t>(B * cols));
-  run<float>(x, w1, nullptr, b1, nullptr, nullptr, false, first.data(), B, d, cols, cols);
   std::vector<float> sc(static_cast<size_t>(K)), pr(static_cast<size_t>(K));
   std::vector<int32_t> ord(static_cast<size_t>(K));
   int64_t used = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const float* a = first.data() + b * cols;
+    const float* a = first + b * cols;
     if (kind == 0) {
       for (int64_t k = 0; k < K; ++k) sc[k] = b2 ? b2[k] : 0.f;
       for (int64_t j = 0; j < H; ++j) {
@@ -1205,7 +1203,7 @@ std::tuple<torch::Tensor, int64_t> expert_mlp(torch::Tensor x, torch::Tensor gu,
 std::tuple<torch::Tensor, int64_t, torch::Tensor, int64_t> expert_route(
     torch::Tensor x, torch::Tensor r_w1, torch::Tensor r_b1, torch::Tensor r_w2, torch::Tensor r_b2, torch::Tensor r_norm, int64_t kind,
     int64_t probes, int64_t top_k, double share, int64_t shared, bool renorm, torch::Tensor gu, torch::Tensor gu_scale, torch::Tensor gu_bias,
-    torch::Tensor down, torch::Tensor down_scale, torch::Tensor down_bias, int64_t act, bool gated) {
+    torch::Tensor down, torch::Tensor down_scale, torch::Tensor down_bias, int64_t act, bool gated, torch::Tensor r_w1_scale) {
   LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), 9);
   LN_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxBatch, 2);
   LN_CHECK(gu.dim() == 3 && gu.size(1) == x.size(1), 17);
@@ -1213,16 +1211,32 @@ std::tuple<torch::Tensor, int64_t, torch::Tensor, int64_t> expert_route(
   LN_CHECK(kind >= 0 && kind <= 2 && shared >= 0 && K >= 1 && top_k >= 0, 21);
   const int64_t H = kind == 0 ? r_w2.size(0) : 0;
   const int64_t cols = kind == 0 ? H : kind == 1 ? K * probes * (gated ? 2 : 1) : K;
-  LN_CHECK(r_w1.dim() == 2 && r_w1.scalar_type() == torch::kFloat32 && r_w1.is_contiguous() && r_w1.size(0) == d && r_w1.size(1) == cols, 21);
+  const auto rd = r_w1.scalar_type();
+  LN_CHECK(r_w1.dim() == 2 && (rd == torch::kFloat32 || rd == torch::kBFloat16 || rd == torch::kChar) && r_w1.is_contiguous() &&
+           r_w1.size(0) == d && r_w1.size(1) == cols, 21);
+  LN_CHECK((rd == torch::kChar) == (r_w1_scale.numel() > 0) &&
+           (r_w1_scale.numel() == 0 || (r_w1_scale.numel() == cols && r_w1_scale.scalar_type() == torch::kFloat32 && r_w1_scale.is_contiguous())), 21);
   LN_CHECK(r_b1.numel() == 0 || (r_b1.numel() == cols && r_b1.scalar_type() == torch::kFloat32 && r_b1.is_contiguous()), 21);
   LN_CHECK(kind != 0 || (r_w2.dim() == 2 && r_w2.size(1) == K && r_w2.scalar_type() == torch::kFloat32 && r_w2.is_contiguous() &&
                          r_b2.numel() == K && r_b2.scalar_type() == torch::kFloat32 && r_b2.is_contiguous()), 21);
   LN_CHECK(kind != 1 || (probes >= 1 && r_norm.numel() == K * probes && r_norm.scalar_type() == torch::kFloat32 && r_norm.is_contiguous()), 21);
   auto coef = torch::empty({B, E}, x.options());
-  const int64_t used = route(x.data_ptr<float>(), r_w1.data_ptr<float>(), r_b1.numel() ? r_b1.data_ptr<float>() : nullptr,
-                             kind == 0 ? r_w2.data_ptr<float>() : nullptr, kind == 0 ? r_b2.data_ptr<float>() : nullptr,
+  // the router's first layer for every token at once, on the dense GEMV in its stored format (its
+  // rows split across threads)
+  thread_local std::vector<float> first;
+  first.resize(static_cast<size_t>(B * cols));
+  const float* xp = x.data_ptr<float>();
+  const float* rb = r_b1.numel() ? r_b1.data_ptr<float>() : nullptr;
+  const float* rs = r_w1_scale.numel() ? r_w1_scale.data_ptr<float>() : nullptr;
+  if (rd == torch::kFloat32)
+    run<float>(xp, r_w1.data_ptr<float>(), nullptr, rb, nullptr, nullptr, false, first.data(), B, d, cols, cols);
+  else if (rd == torch::kBFloat16)
+    run<uint16_t>(xp, reinterpret_cast<const uint16_t*>(r_w1.data_ptr<at::BFloat16>()), nullptr, rb, nullptr, nullptr, false, first.data(), B, d, cols, cols);
+  else
+    run<int8_t>(xp, r_w1.data_ptr<int8_t>(), rs, rb, nullptr, nullptr, false, first.data(), B, d, cols, cols);
+  const int64_t used = route(first.data(), kind == 0 ? r_w2.data_ptr<float>() : nullptr, kind == 0 ? r_b2.data_ptr<float>() : nullptr,
                              kind == 1 ? r_norm.data_ptr<float>() : nullptr, kind, H, probes, act, gated, top_k, share, shared, renorm,
-                             coef.data_ptr<float>(), B, d, E);
+                             coef.data_ptr<float>(), B, E);
   auto [y, nh] = expert_mlp(x, gu, gu_scale, gu_bias, down, down_scale, down_bias, coef, act, gated);
   return {y, nh, coef, used};
 }
