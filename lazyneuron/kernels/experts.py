@@ -131,7 +131,7 @@ def grouped_gemm(x: torch.Tensor, gu: torch.Tensor, gu_scale: torch.Tensor | Non
     acc = torch.zeros(n, down.shape[1], dtype=torch.float32)
     nz = coef != 0
     unit = bool((coef[nz] == 1).all())  # MoEfication: every chosen expert's coefficient is 1, nothing to scale
-    fused = gated and act_name == "silu" and extension("decode") is not None  # silu(gate) * up in one pass
+    fused = gated and act_name == "silu"  # silu(gate) * up in one pass (D.silu_mul falls back to torch without the extension)
     for e in nz.any(0).nonzero().flatten().tolist():
         t = nz[:, e].nonzero().flatten()
         every = t.numel() == n
@@ -159,9 +159,9 @@ def long_input_path(x: torch.Tensor, coef: torch.Tensor, backend: str, ext: Any)
     """The function that runs more tokens than the decode kernel takes: :func:`grouped_gemm` for
     inputs of at least ``GEMM_TOKENS`` on the CPU; shorter ones (a sentence through an encoder) one
     of torch's products: :func:`reference` where grouping pays, else :func:`masked_reference`;
-    ``backend='reference'``: :func:`reference`. Measured (MiniLM-L6, 16 experts): batch-32
-    sentences 1.05-1.46x dense on the GEMM path; one ~20-token sentence 0.70-0.78x on it, about dense
-    speed on the masked product."""
+    ``backend='reference'``: :func:`reference`. Measured (MiniLM-L6 on MR, 16 experts,
+    ``benchmarks/experts.py --encoder``): batch-32 sentences 1.05-1.53x dense on the GEMM path; one
+    ~20-token sentence 0.70-0.78x on it, 1.02-1.05x on the masked product."""
     if backend == "reference":
         return reference
     if ext is not None and x.is_cpu and x.shape[0] >= GEMM_TOKENS:
