@@ -67,8 +67,10 @@ def _router(kind: str, gated: bool, E: int = 8, shared: int = 2, top_k: int = 3,
 @kernel
 @pytest.mark.parametrize("kind", ["learned", "analytic", "native"])
 @pytest.mark.parametrize("share", [1.0, 0.5])
-@pytest.mark.parametrize("batch", [1, 5, 16])
+@pytest.mark.parametrize("batch", [1, 5, 16, 40, 70])
 def test_router_and_experts_in_one_call_match_reference(kind: str, share: float, batch: int) -> None:
+    """Up to the decode kernel's batch, router and experts in one call; beyond (40, 70), the same
+    router over every token, then the grouped GEMM."""
     gated = kind != "learned"  # both FFN kinds covered
     blk, db = _blocks(gated, "fp32", seed=batch)
     r = _router(kind, gated, shared=0 if kind == "native" else 2, share=share, seed=batch)
@@ -342,6 +344,29 @@ def test_long_inputs_on_the_runtime_gemm_match_reference(dtype: str, gated: bool
     assert (y - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
     y2, hit = X.expert_mlp(x, blk, db, coef, "silu" if gated else "gelu", gated)  # the public entry takes this path for long inputs
     assert hit == 7 and (y2 - ref).abs().max() <= (1e-4 if dtype == "fp32" else 2e-2) * (1 + ref.abs().max())
+
+
+@kernel
+def test_long_input_path_choice_and_expert_gemm_input_checks() -> None:
+    """Inputs above the decode kernel's batch take the grouped GEMM on the CPU with the extension,
+    torch's products without it; the kernel refuses mismatched coefficients with a message naming
+    them."""
+    from lazyneuron.kernels._build import extension
+
+    ext = extension("gemv")
+    blk, db = _blocks(True, "fp32", seed=13)
+    sparse = (torch.arange(8) < 2).float().expand(20, 8).contiguous()
+    assert X.long_input_path(torch.randn(20, 48), sparse, "auto", ext) is X.grouped_gemm
+    assert X.long_input_path(torch.randn(20, 48), torch.ones(20, 8), "auto", ext) is X.grouped_gemm
+    assert X.long_input_path(torch.randn(20, 48), torch.ones(20, 8), "auto", None) is X.masked_reference
+    assert X.long_input_path(torch.randn(20, 48), sparse, "reference", ext) is X.reference
+    x = torch.randn(20, 48)
+    args = (blk["gu"], blk["gu_scale"], blk["gu_bias"], blk["down"], blk["down_scale"], db)
+    y = X.grouped_gemm(x, *args, sparse, "silu", True)
+    ref = X.reference(x, *args, sparse, "silu", True)
+    assert (y - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
+    with pytest.raises(ValueError, match="expert coefficients"):
+        X.grouped_gemm(x, *args, sparse[:, :5].contiguous(), "silu", True)
 
 
 @kernel

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from . import decode_ops as D
 from . import gemv as G
 from ._build import extension
 
@@ -119,52 +118,33 @@ def masked_reference(x: torch.Tensor, gu: torch.Tensor, gu_scale: torch.Tensor |
 def grouped_gemm(x: torch.Tensor, gu: torch.Tensor, gu_scale: torch.Tensor | None, gu_bias: torch.Tensor | None, down: torch.Tensor,
                  down_scale: torch.Tensor | None, down_bias: torch.Tensor | None, coef: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor:
     """:func:`reference`'s result for long inputs (prefill, encoder forwards) on the runtime's GEMM
-    (:func:`~lazyneuron.kernels.gemv.gemm`, in the blocks' own format): each hit expert's gate / up
-    block and down rows multiply the tokens that chose it, gathered (no gather when every token
-    did). Experts no token chose are never read. On this GEMM grouping paid at every share of
-    experts measured (SmolLM2, 256 tokens, 25-75% of the neurons): unlike torch's products in
-    :func:`masked_reference`, computing an expert for tokens that did not choose it never paid."""
-    E, _, C = gu.shape
-    fe = C // 2 if gated else C
+    (the blocks' own format; bf16 / int8 on the bf16 dot products where :func:`~lazyneuron.kernels.gemv.gemm`
+    takes them), one C++ call per FFN: each hit expert's tokens are gathered, its gate / up block
+    and down rows multiply them, act(gate) * up and the coefficient applied in between, and its
+    output is added into its tokens' rows. Experts no token chose are never read. Falls back to
+    :func:`reference` without the extension or off the CPU."""
+    ext = extension("gemv")
+    if ext is None or not x.is_cpu or x.shape[0] == 0:
+        return reference(x, gu, gu_scale, gu_bias, down, down_scale, down_bias, coef, act_name, gated)
     x = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-    n = x.shape[0]
-    acc = torch.zeros(n, down.shape[1], dtype=torch.float32)
-    nz = coef != 0
-    unit = bool((coef[nz] == 1).all())  # MoEfication: every chosen expert's coefficient is 1, nothing to scale
-    fused = gated and act_name == "silu"  # silu(gate) * up in one pass (D.silu_mul falls back to torch without the extension)
-    for e in nz.any(0).nonzero().flatten().tolist():
-        t = nz[:, e].nonzero().flatten()
-        every = t.numel() == n
-        a = G.gemm(x if every else x[t], gu[e], None if gu_scale is None else gu_scale[e], None if gu_bias is None else gu_bias[e])  # (n_e, C)
-        if fused:
-            h = D.silu_mul(a)
-        else:
-            h = act(act_name, a[:, :fe])
-            if gated:
-                h = h * a[:, fe:]
-        if not unit:
-            h = h * (coef[:, e, None] if every else coef[t, e, None])
-        y = G.gemm(h.contiguous(), down[e * fe:(e + 1) * fe], down_scale, None)  # down_scale per output column: each part scaled
-        if every:
-            acc += y
-        else:
-            acc.index_add_(0, t, y)
-    return acc + down_bias if down_bias is not None else acc
-
-
-GEMM_TOKENS = 64  # from this many tokens the runtime's GEMM expert by expert pays (below, per-expert calls cost more than they save)
+    c = coef if coef.dtype == torch.float32 and coef.is_contiguous() else coef.float().contiguous()
+    y, _ = ext.expert_gemm(x, gu, _EMPTY if gu_scale is None else gu_scale, _EMPTY if gu_bias is None else gu_bias, down,
+                           _EMPTY if down_scale is None else down_scale, _EMPTY if down_bias is None else down_bias, c, ACTS[act_name], gated, True)
+    if y is None:
+        raise ValueError(f"expert_gemm: {G.kernel_error(ext.last_error(), x, gu)}")
+    return y
 
 
 def long_input_path(x: torch.Tensor, coef: torch.Tensor, backend: str, ext: Any) -> Any:
-    """The function that runs more tokens than the decode kernel takes: :func:`grouped_gemm` for
-    inputs of at least ``GEMM_TOKENS`` on the CPU; shorter ones (a sentence through an encoder) one
-    of torch's products: :func:`reference` where grouping pays, else :func:`masked_reference`;
-    ``backend='reference'``: :func:`reference`. Measured (MiniLM-L6 on MR, 16 experts,
-    ``benchmarks/experts.py --encoder``): batch-32 sentences 1.05-1.53x dense on the GEMM path; one
-    ~20-token sentence 0.70-0.78x on it, 1.02-1.05x on the masked product."""
+    """The function that runs more tokens than the decode kernel takes: on the CPU with the
+    extension :func:`grouped_gemm`; otherwise one of torch's products, :func:`reference` where
+    grouping pays, else :func:`masked_reference`; ``backend='reference'``: :func:`reference`.
+    Measured against torch's products (16 experts, one FFN, 2 threads, SmolLM2 and MiniLM shapes,
+    16-96 tokens): 1.5-5x at 25-75% of the experts; against the dense FFN on the runtime's GEMM,
+    256 tokens: 3.9 / 2.1 / 1.4x at 25 / 50 / 75%."""
     if backend == "reference":
         return reference
-    if ext is not None and x.is_cpu and x.shape[0] >= GEMM_TOKENS:
+    if ext is not None and x.is_cpu:
         return grouped_gemm
     return reference if grouping_pays(coef) else masked_reference
 
@@ -303,13 +283,21 @@ def route_args(r: Router, blocks: dict[str, torch.Tensor | None], down_bias: tor
 def routed_mlp(x: torch.Tensor, r: Router, blocks: dict[str, torch.Tensor | None], down_bias: torch.Tensor | None, act_name: str, gated: bool,
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Route x (N, d) and run its experts: (y (N, out) float32, coef (N, E)). Batches up to
-    ``G.MAX_BATCH`` run router and experts in one C++ call; larger ones (prefill) and
-    ``backend='reference'`` run :func:`route_reference` and :func:`long_input_path`'s choice."""
+    ``G.MAX_BATCH`` run router and experts in one C++ call; larger ones (prefill) the same router
+    in C++ (``route_tokens``) and :func:`long_input_path`'s choice; ``backend='reference'``
+    :func:`route_reference` and :func:`reference`."""
     ext = extension("gemv")
     E = blocks["gu"].shape[0]
     x = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     if backend == "reference" or ext is None or x.shape[0] > G.MAX_BATCH or x.shape[0] == 0 or not x.is_cpu:
-        coef = route_reference(x, r, E, act_name, gated)
+        if backend == "reference" or ext is None or x.shape[0] == 0 or not x.is_cpu:
+            coef = route_reference(x, r, E, act_name, gated)
+        else:  # the router in C++ (the decode kernel's, for every token at once), then the long-input path
+            opt = lambda t: _EMPTY if t is None else t  # noqa: E731
+            coef = ext.route_tokens(x, r.w1, opt(r.b1), opt(r.w2), opt(r.b2), opt(r.norm), ROUTER_KINDS[r.kind], r.probes, r.top_k,
+                                    float(r.share), r.shared, r.renorm, E, ACTS[act_name], gated, opt(r.w1_scale))
+            if coef is None:
+                raise ValueError(f"route_tokens: {G.kernel_error(ext.last_error(), x, r.w1)}")
         run = long_input_path(x, coef, backend, ext)
         return run(x, blocks["gu"], blocks["gu_scale"], blocks["gu_bias"], blocks["down"], blocks["down_scale"], down_bias, coef, act_name, gated), coef
     y, _, coef, _ = ext.expert_route(x, *route_args(r, blocks, down_bias, act_name, gated))

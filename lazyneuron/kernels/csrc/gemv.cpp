@@ -496,9 +496,12 @@ inline void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t 
 // first column, columns) of item it.
 struct GemmGrid {
   int64_t N, out, ntiles, bs, items;
-  GemmGrid(int64_t n, int64_t o) : N(n), out(o), ntiles((o + kNR - 1) / kNR) {
+  // serial: one thread runs every item, so tokens are not split into more blocks than kGemmTokens
+  // needs (each block packs its own weight panels)
+  GemmGrid(int64_t n, int64_t o, bool serial = false) : N(n), out(o), ntiles((o + kNR - 1) / kNR) {
     const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-    int64_t nblk = std::max<int64_t>((N + kGemmTokens - 1) / kGemmTokens, (8 * nthreads + ntiles - 1) / ntiles);
+    int64_t nblk = (N + kGemmTokens - 1) / kGemmTokens;
+    if (!serial) nblk = std::max<int64_t>(nblk, (8 * nthreads + ntiles - 1) / ntiles);
     bs = std::min(kGemmTokens, ((N + nblk - 1) / nblk + kMR - 1) / kMR * kMR);
     items = (N + bs - 1) / bs * ntiles;
   }
@@ -534,9 +537,10 @@ inline void gemm_finish(float* y, const float* acc, const float* bias, const flo
 }
 
 template <typename W>
-void gemm_run(const float* x, const W* wt, const float* scale, const float* bias, float* y, int64_t N, int64_t in, int64_t out, int64_t ldw) {
-  const GemmGrid grid(N, out);
-  at::parallel_for(0, grid.items, 1, [&](int64_t i0, int64_t i1) {
+void gemm_run(const float* x, const W* wt, const float* scale, const float* bias, float* y, int64_t N, int64_t in, int64_t out, int64_t ldw,
+              bool serial = false) {
+  const GemmGrid grid(N, out, serial);
+  auto body = [&](int64_t i0, int64_t i1) {
     Aligned<float> panel(kKC * kNR), acc(kGemmTokens * kNR);
     for (int64_t it = i0; it < i1; ++it) {
       int64_t b0, nb, j0, len;
@@ -560,7 +564,9 @@ void gemm_run(const float* x, const W* wt, const float* scale, const float* bias
       }
       gemm_finish(y, acc.data(), bias, scale, b0, nb, j0, len, out);
     }
-  });
+  };
+  if (serial) body(0, grid.items);
+  else at::parallel_for(0, grid.items, 1, body);
 }
 
 // bf16 and int8 weights on CPUs with AVX512_BF16: the input is rounded to bf16 (nearest even) and
@@ -609,10 +615,10 @@ inline uint32_t bf16_bits1(int8_t v) {
 
 template <typename W>
 void gemm_run_bf16(const float* x, const W* wt, const float* scale, const float* bias, float* y, int64_t N, int64_t in, int64_t out,
-                   int64_t ldw) {
+                   int64_t ldw, bool serial = false) {
   const int64_t inp = (in + 1) / 2;  // input-channel pairs per token
   std::vector<uint32_t> xb(static_cast<size_t>(N * inp));
-  at::parallel_for(0, N, 8, [&](int64_t r0, int64_t r1) {  // the input in bf16 pairs, zero-padded
+  auto pairs = [&](int64_t r0, int64_t r1) {  // the input in bf16 pairs, zero-padded
     for (int64_t r = r0; r < r1; ++r) {
       const float* src = x + r * in;
       uint16_t* dst = reinterpret_cast<uint16_t*>(xb.data() + r * inp);
@@ -622,9 +628,11 @@ void gemm_run_bf16(const float* x, const W* wt, const float* scale, const float*
       for (; k < in; ++k) dst[k] = c10::BFloat16(src[k]).x;
       if (in & 1) dst[in] = 0;
     }
-  });
-  const GemmGrid grid(N, out);
-  at::parallel_for(0, grid.items, 1, [&](int64_t i0, int64_t i1) {
+  };
+  if (serial) pairs(0, N);
+  else at::parallel_for(0, N, 8, pairs);
+  const GemmGrid grid(N, out, serial);
+  auto body = [&](int64_t i0, int64_t i1) {
     Aligned<uint32_t> panel(kKC / 2 * kNR);
     Aligned<float> acc(kGemmTokens * kNR);
     for (int64_t it = i0; it < i1; ++it) {
@@ -648,7 +656,9 @@ void gemm_run_bf16(const float* x, const W* wt, const float* scale, const float*
       }
       gemm_finish(y, acc.data(), bias, scale, b0, nb, j0, len, out);
     }
-  });
+  };
+  if (serial) body(0, grid.items);
+  else at::parallel_for(0, grid.items, 1, body);
 }
 
 // Non-causal attention without a mask for long inputs (encoder self-attention), bf16 dot products:
@@ -1197,6 +1207,239 @@ std::tuple<torch::Tensor, int64_t> expert_mlp(torch::Tensor x, torch::Tensor gu,
   return {y, nh};
 }
 
+// x (N, in) @ Wt on the GEMM: bf16 / int8 weights on the bf16 dot products where built and `dot`
+template <typename W>
+void gemm_any(const float* x, const W* wt, const float* scale, const float* bias, float* y, int64_t N, int64_t in, int64_t out, int64_t ldw,
+              bool dot, bool serial = false) {
+#ifdef LN_BF16_DOT
+  if constexpr (!std::is_same_v<W, float>) {
+    if (g_bf16_dot && dot) {
+      gemm_run_bf16(x, wt, scale, bias, y, N, in, out, ldw, serial);
+      return;
+    }
+  }
+#endif
+  gemm_run<W>(x, wt, scale, bias, y, N, in, out, ldw, serial);
+}
+
+// Feed-forward experts for long inputs (prefill, encoder batches), one call per FFN: for each hit
+// expert, its tokens are gathered, its gate / up block multiplies them on the GEMM, act(gate) * up
+// (or act(up)) times the token's coefficient is formed, the expert's down rows multiply that, and
+// the result is added into its tokens' rows of y. Blocks as in expert_mlp. With at least two hit
+// experts per thread, the experts are shared out among the threads (the largest first, each to
+// the least loaded thread), each thread running its experts' products alone into its own output
+// rows, added at the end: no token block split off only for parallelism (each block packs its own
+// weight panels) and no synchronisation per expert. With fewer, each product is split across the
+// threads. Returns the hit experts.
+template <typename W>
+int64_t expert_gemm_run(const float* x, const W* gu, const float* gu_scale, const float* gu_bias, const W* down, const float* down_scale,
+                        const float* down_bias, const float* coef, int64_t act, bool gated, bool dot, float* y, int64_t N, int64_t d, int64_t E,
+                        int64_t Fe, int64_t out) {
+  const int64_t C = gated ? 2 * Fe : Fe;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<std::vector<int32_t>> tok(static_cast<size_t>(E));
+  std::vector<std::vector<float>> cf(static_cast<size_t>(E));
+  for (int64_t b = 0; b < N; ++b)
+    for (int64_t e = 0; e < E; ++e) {
+      const float c = coef[b * E + e];
+      if (c != 0.f) {
+        tok[e].push_back(static_cast<int32_t>(b));
+        cf[e].push_back(c);
+      }
+    }
+  std::vector<int64_t> hit;
+  for (int64_t e = 0; e < E; ++e)
+    if (!tok[e].empty()) hit.push_back(e);
+  const int64_t nh = static_cast<int64_t>(hit.size());
+
+  // expert e's output added into the rows of yacc (N, out); serial: this thread alone
+  auto one = [&](int64_t e, bool serial, float* yacc) {
+    auto par = [&](int64_t n, int64_t grain, const auto& f) {
+      if (serial) f(int64_t(0), n);
+      else at::parallel_for(0, n, grain, f);
+    };
+    const std::vector<int32_t>& t = tok[e];
+    const std::vector<float>& c = cf[e];
+    const int64_t ne = static_cast<int64_t>(t.size());
+    bool unit = true;
+    for (float v : c) unit &= v == 1.f;
+    Aligned<float> xe, a, h, ye;
+    const float* xin = x;
+    if (ne < N) {  // gather the expert's tokens
+      float* xp = xe.assign(ne * d);
+      par(ne, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) std::memcpy(xp + r * d, x + static_cast<int64_t>(t[r]) * d, d * sizeof(float));
+      });
+      xin = xp;
+    }
+    float* ap = a.assign(ne * C);
+    gemm_any<W>(xin, gu + e * d * C, gu_scale ? gu_scale + e * C : nullptr, gu_bias ? gu_bias + e * C : nullptr, ap, ne, d, C, C, dot, serial);
+    float* hp = h.assign(ne * Fe);
+    par(ne, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* hr = hp + r * Fe;
+        const float* ar = ap + r * C;
+        std::memcpy(hr, ar, Fe * sizeof(float));
+        act_vec(hr, Fe, act);
+        const float cv = c[r];
+        if (gated) {
+#pragma GCC ivdep
+          for (int64_t j = 0; j < Fe; ++j) hr[j] *= ar[Fe + j] * cv;
+        } else if (!unit) {
+          for (int64_t j = 0; j < Fe; ++j) hr[j] *= cv;
+        }
+      }
+    });
+    float* yp = ye.assign(ne * out);
+    gemm_any<W>(hp, down + e * Fe * out, down_scale, nullptr, yp, ne, Fe, out, out, dot, serial);
+    par(ne, 8, [&](int64_t r0, int64_t r1) {  // distinct tokens: no two rows write the same output row
+      for (int64_t r = r0; r < r1; ++r) {
+        float* dst = yacc + static_cast<int64_t>(t[r]) * out;
+        const float* src = yp + r * out;
+#pragma GCC ivdep
+        for (int64_t j = 0; j < out; ++j) dst[j] += src[j];
+      }
+    });
+  };
+
+  std::fill(y, y + N * out, 0.f);
+  if (nthreads > 1 && nh >= 2 * nthreads) {
+    std::vector<int64_t> order(hit);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return tok[p].size() > tok[q].size(); });
+    std::vector<std::vector<int64_t>> part(static_cast<size_t>(nthreads));
+    std::vector<int64_t> load(static_cast<size_t>(nthreads), 0);
+    for (int64_t e : order) {
+      const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+      part[t].push_back(e);
+      load[t] += static_cast<int64_t>(tok[e].size());
+    }
+    std::vector<Aligned<float>> ys(static_cast<size_t>(nthreads));
+    at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        float* yt = t == 0 ? y : ys[t].assign(N * out, 0.f);
+        for (int64_t e : part[t]) one(e, true, yt);
+      }
+    });
+    at::parallel_for(0, N, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t t = 1; t < nthreads; ++t) {
+        const float* src = ys[t].data();
+#pragma GCC ivdep
+        for (int64_t j = r0 * out; j < r1 * out; ++j) y[j] += src[j];
+      }
+    });
+  } else {
+    for (int64_t e : hit) one(e, false, y);
+  }
+  if (down_bias)
+    at::parallel_for(0, N, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < out; ++j) y[r * out + j] += down_bias[j];
+    });
+  return nh;
+}
+
+std::tuple<torch::Tensor, int64_t> expert_gemm(torch::Tensor x, torch::Tensor gu, torch::Tensor gu_scale, torch::Tensor gu_bias, torch::Tensor down,
+                                               torch::Tensor down_scale, torch::Tensor down_bias, torch::Tensor coef, int64_t act, bool gated,
+                                               bool dot) {
+  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(0) >= 1, 9);
+  LN_CHECK(gu.dim() == 3 && gu.is_contiguous() && gu.size(1) == x.size(1), 17);
+  const auto wd = gu.scalar_type();
+  LN_CHECK(wd == torch::kFloat32 || wd == torch::kBFloat16 || wd == torch::kChar, 4);
+  const int64_t N = x.size(0), d = x.size(1), E = gu.size(0), C = gu.size(2);
+  LN_CHECK(C > 0 && (!gated || C % 2 == 0), 17);
+  const int64_t Fe = gated ? C / 2 : C;
+  LN_CHECK(down.dim() == 2 && down.is_contiguous() && down.scalar_type() == wd && down.size(0) == E * Fe && down.size(1) > 0, 18);
+  const int64_t out = down.size(1);
+  LN_CHECK(coef.dim() == 2 && coef.scalar_type() == torch::kFloat32 && coef.is_contiguous() && coef.size(0) == N && coef.size(1) == E, 19);
+  LN_CHECK((wd == torch::kChar) == (gu_scale.numel() > 0) && (wd == torch::kChar) == (down_scale.numel() > 0), 14);
+  LN_CHECK(gu_scale.numel() == 0 || (gu_scale.numel() == E * C && gu_scale.scalar_type() == torch::kFloat32 && gu_scale.is_contiguous()), 15);
+  LN_CHECK(down_scale.numel() == 0 || (down_scale.numel() == out && down_scale.scalar_type() == torch::kFloat32 && down_scale.is_contiguous()), 15);
+  LN_CHECK(gu_bias.numel() == 0 || (gu_bias.numel() == E * C && gu_bias.scalar_type() == torch::kFloat32 && gu_bias.is_contiguous()), 6);
+  LN_CHECK(down_bias.numel() == 0 || (down_bias.numel() == out && down_bias.scalar_type() == torch::kFloat32 && down_bias.is_contiguous()), 6);
+  LN_CHECK(act >= 0 && act <= 3, 20);
+  auto y = torch::empty({N, out}, x.options());
+  const float* gs = gu_scale.numel() ? gu_scale.data_ptr<float>() : nullptr;
+  const float* ds = down_scale.numel() ? down_scale.data_ptr<float>() : nullptr;
+  const float* gb = gu_bias.numel() ? gu_bias.data_ptr<float>() : nullptr;
+  const float* db = down_bias.numel() ? down_bias.data_ptr<float>() : nullptr;
+  const float* xp = x.data_ptr<float>();
+  const float* cp = coef.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  int64_t nh = 0;
+  if (wd == torch::kFloat32) {
+    nh = expert_gemm_run<float>(xp, gu.data_ptr<float>(), gs, gb, down.data_ptr<float>(), ds, db, cp, act, gated, dot, yp, N, d, E, Fe, out);
+  } else if (wd == torch::kBFloat16) {
+    nh = expert_gemm_run<uint16_t>(xp, reinterpret_cast<const uint16_t*>(gu.data_ptr<at::BFloat16>()), gs, gb,
+                                   reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>()), ds, db, cp, act, gated, dot, yp, N, d, E, Fe, out);
+  } else {
+    nh = expert_gemm_run<int8_t>(xp, gu.data_ptr<int8_t>(), gs, gb, down.data_ptr<int8_t>(), ds, db, cp, act, gated, dot, yp, N, d, E, Fe, out);
+  }
+  return {y, nh};
+}
+
+// The router's input checks and first layer for x (B, d): `first` (B, cols) = x @ r_w1 + r_b1 in
+// r_w1's stored format (the dense GEMV up to kMaxBatch tokens, all rows split across threads; the
+// GEMM in fp32 compute beyond), and H (the learned router's hidden width). Returns cols, or 0 after
+// a failed check. r_w1 (d, cols) fp32 / bf16 / int8 (r_w1_scale (cols) for int8); r_b1 (cols) or
+// empty; r_w2 (H, K) and r_b2 (K) for kind 0, else empty; r_norm (P) for kind 1, else empty.
+int64_t router_first(const torch::Tensor& x, int64_t E, const torch::Tensor& r_w1, const torch::Tensor& r_b1, const torch::Tensor& r_w2,
+                     const torch::Tensor& r_b2, const torch::Tensor& r_norm, int64_t kind, int64_t probes, int64_t top_k, int64_t shared, bool gated,
+                     const torch::Tensor& r_w1_scale, std::vector<float>& first, int64_t& H) {
+  const int64_t B = x.size(0), d = x.size(1), K = E - shared;
+  LN_CHECK(kind >= 0 && kind <= 2 && shared >= 0 && K >= 1 && top_k >= 0, 21);
+  H = kind == 0 ? r_w2.size(0) : 0;
+  const int64_t cols = kind == 0 ? H : kind == 1 ? K * probes * (gated ? 2 : 1) : K;
+  const auto rd = r_w1.scalar_type();
+  LN_CHECK(cols >= 1 && r_w1.dim() == 2 && (rd == torch::kFloat32 || rd == torch::kBFloat16 || rd == torch::kChar) && r_w1.is_contiguous() &&
+           r_w1.size(0) == d && r_w1.size(1) == cols, 21);
+  LN_CHECK((rd == torch::kChar) == (r_w1_scale.numel() > 0) &&
+           (r_w1_scale.numel() == 0 || (r_w1_scale.numel() == cols && r_w1_scale.scalar_type() == torch::kFloat32 && r_w1_scale.is_contiguous())), 21);
+  LN_CHECK(r_b1.numel() == 0 || (r_b1.numel() == cols && r_b1.scalar_type() == torch::kFloat32 && r_b1.is_contiguous()), 21);
+  LN_CHECK(kind != 0 || (r_w2.dim() == 2 && r_w2.size(1) == K && r_w2.scalar_type() == torch::kFloat32 && r_w2.is_contiguous() &&
+                         r_b2.numel() == K && r_b2.scalar_type() == torch::kFloat32 && r_b2.is_contiguous()), 21);
+  LN_CHECK(kind != 1 || (probes >= 1 && r_norm.numel() == K * probes && r_norm.scalar_type() == torch::kFloat32 && r_norm.is_contiguous()), 21);
+  first.resize(static_cast<size_t>(B * cols));
+  const float* xp = x.data_ptr<float>();
+  const float* rb = r_b1.numel() ? r_b1.data_ptr<float>() : nullptr;
+  const float* rs = r_w1_scale.numel() ? r_w1_scale.data_ptr<float>() : nullptr;
+  const bool small = B <= kMaxBatch;
+  if (rd == torch::kFloat32) {
+    if (small) run<float>(xp, r_w1.data_ptr<float>(), nullptr, rb, nullptr, nullptr, false, first.data(), B, d, cols, cols);
+    else gemm_run<float>(xp, r_w1.data_ptr<float>(), nullptr, rb, first.data(), B, d, cols, cols);
+  } else if (rd == torch::kBFloat16) {
+    const auto* w = reinterpret_cast<const uint16_t*>(r_w1.data_ptr<at::BFloat16>());
+    if (small) run<uint16_t>(xp, w, nullptr, rb, nullptr, nullptr, false, first.data(), B, d, cols, cols);
+    else gemm_run<uint16_t>(xp, w, nullptr, rb, first.data(), B, d, cols, cols);
+  } else {
+    if (small) run<int8_t>(xp, r_w1.data_ptr<int8_t>(), rs, rb, nullptr, nullptr, false, first.data(), B, d, cols, cols);
+    else gemm_run<int8_t>(xp, r_w1.data_ptr<int8_t>(), rs, rb, first.data(), B, d, cols, cols);
+  }
+  return cols;
+}
+
+// The router alone for any number of tokens (prefill, encoder batches): coef (N, E) as
+// expert_route computes it, the tokens split across threads.
+torch::Tensor route_tokens(torch::Tensor x, torch::Tensor r_w1, torch::Tensor r_b1, torch::Tensor r_w2, torch::Tensor r_b2, torch::Tensor r_norm,
+                           int64_t kind, int64_t probes, int64_t top_k, double share, int64_t shared, bool renorm, int64_t E, int64_t act, bool gated,
+                           torch::Tensor r_w1_scale) {
+  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(0) >= 1, 9);
+  LN_CHECK(act >= 0 && act <= 3, 20);
+  const int64_t N = x.size(0);
+  std::vector<float> first;
+  int64_t H = 0;
+  const int64_t cols = router_first(x, E, r_w1, r_b1, r_w2, r_b2, r_norm, kind, probes, top_k, shared, gated, r_w1_scale, first, H);
+  if (!cols) return {};
+  auto coef = torch::empty({N, E}, x.options());
+  float* cp = coef.data_ptr<float>();
+  const float* w2 = kind == 0 ? r_w2.data_ptr<float>() : nullptr;
+  const float* b2 = kind == 0 ? r_b2.data_ptr<float>() : nullptr;
+  const float* nm = kind == 1 ? r_norm.data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, 16, [&](int64_t b0, int64_t b1) {
+    route(first.data() + b0 * cols, w2, b2, nm, kind, H, probes, act, gated, top_k, share, shared, renorm, cp + b0 * E, b1 - b0, E);
+  });
+  return coef;
+}
+
 // expert_mlp with the router run here too (see route): one call per FFN and token batch.
 // r_w1 (d, cols) fp32; r_b1 (cols) or empty; r_w2 (H, K) and r_b2 (K) for kind 0, else empty;
 // r_norm (P) for kind 1, else empty. Returns (y, experts read, coef (B, E), (token, expert) pairs run).
@@ -1207,33 +1450,11 @@ std::tuple<torch::Tensor, int64_t, torch::Tensor, int64_t> expert_route(
   LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), 9);
   LN_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxBatch, 2);
   LN_CHECK(gu.dim() == 3 && gu.size(1) == x.size(1), 17);
-  const int64_t B = x.size(0), d = x.size(1), E = gu.size(0), K = E - shared;
-  LN_CHECK(kind >= 0 && kind <= 2 && shared >= 0 && K >= 1 && top_k >= 0, 21);
-  const int64_t H = kind == 0 ? r_w2.size(0) : 0;
-  const int64_t cols = kind == 0 ? H : kind == 1 ? K * probes * (gated ? 2 : 1) : K;
-  const auto rd = r_w1.scalar_type();
-  LN_CHECK(r_w1.dim() == 2 && (rd == torch::kFloat32 || rd == torch::kBFloat16 || rd == torch::kChar) && r_w1.is_contiguous() &&
-           r_w1.size(0) == d && r_w1.size(1) == cols, 21);
-  LN_CHECK((rd == torch::kChar) == (r_w1_scale.numel() > 0) &&
-           (r_w1_scale.numel() == 0 || (r_w1_scale.numel() == cols && r_w1_scale.scalar_type() == torch::kFloat32 && r_w1_scale.is_contiguous())), 21);
-  LN_CHECK(r_b1.numel() == 0 || (r_b1.numel() == cols && r_b1.scalar_type() == torch::kFloat32 && r_b1.is_contiguous()), 21);
-  LN_CHECK(kind != 0 || (r_w2.dim() == 2 && r_w2.size(1) == K && r_w2.scalar_type() == torch::kFloat32 && r_w2.is_contiguous() &&
-                         r_b2.numel() == K && r_b2.scalar_type() == torch::kFloat32 && r_b2.is_contiguous()), 21);
-  LN_CHECK(kind != 1 || (probes >= 1 && r_norm.numel() == K * probes && r_norm.scalar_type() == torch::kFloat32 && r_norm.is_contiguous()), 21);
-  auto coef = torch::empty({B, E}, x.options());
-  // the router's first layer for every token at once, on the dense GEMV in its stored format (its
-  // rows split across threads)
+  const int64_t B = x.size(0), E = gu.size(0);
   thread_local std::vector<float> first;
-  first.resize(static_cast<size_t>(B * cols));
-  const float* xp = x.data_ptr<float>();
-  const float* rb = r_b1.numel() ? r_b1.data_ptr<float>() : nullptr;
-  const float* rs = r_w1_scale.numel() ? r_w1_scale.data_ptr<float>() : nullptr;
-  if (rd == torch::kFloat32)
-    run<float>(xp, r_w1.data_ptr<float>(), nullptr, rb, nullptr, nullptr, false, first.data(), B, d, cols, cols);
-  else if (rd == torch::kBFloat16)
-    run<uint16_t>(xp, reinterpret_cast<const uint16_t*>(r_w1.data_ptr<at::BFloat16>()), nullptr, rb, nullptr, nullptr, false, first.data(), B, d, cols, cols);
-  else
-    run<int8_t>(xp, r_w1.data_ptr<int8_t>(), rs, rb, nullptr, nullptr, false, first.data(), B, d, cols, cols);
+  int64_t H = 0;
+  if (!router_first(x, E, r_w1, r_b1, r_w2, r_b2, r_norm, kind, probes, top_k, shared, gated, r_w1_scale, first, H)) return {};
+  auto coef = torch::empty({B, E}, x.options());
   const int64_t used = route(first.data(), kind == 0 ? r_w2.data_ptr<float>() : nullptr, kind == 0 ? r_b2.data_ptr<float>() : nullptr,
                              kind == 1 ? r_norm.data_ptr<float>() : nullptr, kind, H, probes, act, gated, top_k, share, shared, renorm,
                              coef.data_ptr<float>(), B, E);
@@ -1274,6 +1495,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "dense GEMM of a long input over input-major fp32 / bf16 / int8 weights (L2-resident panels)");
   m.def("cats_mlp", &cats_mlp, "CATS MLP reading only the up / down rows of active neurons");
   m.def("expert_mlp", &expert_mlp, "feed-forward experts: tokens grouped by expert, only chosen experts' blocks read");
+  m.def("expert_gemm", &expert_gemm, "feed-forward experts of a long input: each hit expert's tokens gathered and run on the GEMM");
+  m.def("route_tokens", &route_tokens, "the experts' router alone for any number of tokens");
   m.def("expert_route", &expert_route, "router (learned, analytic or native) and feed-forward experts in one call");
   m.def("sparsify", &sparsify, "(x - c) where |x - c| > t, else 0");
   m.def("read_sum", &read_sum, "sum of a large fp32 buffer (memory-bandwidth probe)");
