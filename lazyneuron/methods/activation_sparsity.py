@@ -356,15 +356,22 @@ class CatsMLP(LazyModule):
             return self.base(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, d)
-        if self.backend == "auto" and x2.shape[0] <= K.MAX_BATCH:  # (tokens, F): the gate stays dense
+        short = self.backend == "auto" and x2.shape[0] <= K.MAX_BATCH
+        on_gemm = self.backend == "auto" and not short and x2.is_cpu  # long inputs: gate and down on the runtime's GEMM
+        if short:  # (tokens, F): the gate stays dense
             g = self.base.act_fn(G.gemv(x2, self.gate_wt, None, self.gate_bias)[0])
+        elif on_gemm:
+            g = self.base.act_fn(G.gemm(x2, self.gate_wt, None, self.gate_bias))
         else:
             g = self.base.act_fn(self.base.gate_proj(x2))
         if self.track:
             self.tokens_seen += x2.shape[0]
             self.weights_skipped += int((g.abs() <= self.threshold).sum()) * (self.up_w.shape[1] + self.down_wt.shape[1])
-        if self.backend == "auto" and x2.shape[0] <= K.MAX_BATCH:
+        if short:
             y, _ = K.cats_mlp(x2, g, self.up_w, self.down_wt, self.threshold)
+        elif on_gemm:  # a long input's tokens together need nearly every neuron: the dense products, masked
+            h = torch.where(g.abs() > self.threshold, g * (x2.float() @ self.up_w.t()), torch.zeros((), dtype=g.dtype))
+            y = G.gemm(h, self.down_wt)
         else:
             y = K.cats_reference(x2, g, self.up_w, self.down_wt, self.threshold)
         return y.to(x.dtype).view(*shape[:-1], -1)
