@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import time
 import uuid
@@ -173,7 +174,8 @@ def main() -> None:
 
 def kernel(args: argparse.Namespace) -> None:
     """30 SmolLM2-shaped FFNs (d 576, F 1536, 16 experts, fp32; ~320 MB, beyond any L3): the
-    experts kernel with n experts hit against the runtime's dense GEMV, median ms per pass."""
+    experts kernel with n experts hit against the runtime's dense GEMV, median ms per pass; and
+    for long inputs (64, 256 tokens) the grouped GEMM against the dense FFN on the runtime's GEMM."""
     import time
 
     from lazyneuron.kernels import experts as X
@@ -213,6 +215,31 @@ def kernel(args: argparse.Namespace) -> None:
 
             p = {"batch": B, "experts": E, "chosen": name, "hit": int((coef.sum(0) > 0).sum())}
             recs.append(Record("kernel", "expert_mlp", p, "ffn30_ms", ms(run_experts), "ms"))
+    # long inputs (prefill, encoder batches): the grouped GEMM against the dense FFN on the
+    # runtime's GEMM, 2 shared experts and k of the 14 routed ones per token, chosen at random;
+    # 4 FFNs per pass, the two interleaved, medians
+    from lazyneuron.kernels import decode_ops as D
+
+    for n in (64, 256):
+        x = torch.randn(n, d, generator=g)
+        dense_ms: list[float] = []
+        grouped_ms: dict[int, list[float]] = {k: [] for k in (2, 6, 10)}
+        coefs = {}
+        for k in grouped_ms:
+            c = torch.zeros(n, E)
+            c[:, :2] = 1
+            c[:, 2:] = (torch.rand(n, E - 2, generator=g).argsort(1) < k).float()
+            coefs[k] = c
+        for _ in range(9):
+            dense_ms.append(ms(lambda: [G.gemm(D.silu_mul(G.gemm(x, gu)), dw) for gu, dw in dense[:4]], 3))
+            for k, c in coefs.items():
+                grouped_ms[k].append(ms(lambda c=c: [X.grouped_gemm(x, b["gu"], b["gu_scale"], b["gu_bias"], b["down"], b["down_scale"], None, c, "silu", True)
+                                                     for b in blks[:4]], 3))
+        recs.append(Record("kernel", "dense_gemm", {"tokens": n, "experts": E}, "ffn4_ms", statistics.median(dense_ms), "ms"))
+        for k, v in grouped_ms.items():
+            p = {"tokens": n, "experts": E, "shared": 2, "top_k": k, "active": (2 + k) / E}
+            recs.append(Record("kernel", "expert_gemm", p, "ffn4_ms", statistics.median(v), "ms"))
+            recs.append(Record("kernel", "expert_gemm", p, "speedup_vs_dense_gemm", statistics.median(dense_ms) / statistics.median(v), "x"))
     recs.append(Record("kernel", "probe", {}, "read_bandwidth", G.read_bandwidth(), "GB/s"))
     kept = [r for r in read(args.out) if r["model"] != "kernel"] if Path(args.out).exists() else []
     write(kept, args.out, append=False)
@@ -224,7 +251,6 @@ def kernel(args: argparse.Namespace) -> None:
 def recovery(args: argparse.Namespace) -> None:
     """Low-rank recovery of the split FFNs (SmolLM2-135M): perplexity on the news and Austen test
     windows without and with recovery, and decode tok/s against the dense fp32 runtime (paired)."""
-    import statistics
     import time
 
     from lazyneuron.methods import experts_recovery as R
