@@ -179,13 +179,14 @@ def test_runs_on_the_runtime_formats(dtype: str, ids: torch.Tensor) -> None:
         want = {"bf16": torch.bfloat16, "int8": torch.int8}[dtype]
         assert mod.weight_dtype == dtype and mod.blocks["gu"].dtype == want
         assert mod.router_spec.w1.dtype == want and (mod.router_spec.w1_scale is not None) == (dtype == "int8")  # the router in the runtime's format
-        x = torch.randn(5, mod.d, generator=torch.Generator().manual_seed(2))
         r = mod.router_spec
-        sc = torch.relu(x @ r.first_layer() + r.b1) @ r.w2 + r.b2
-        top = sc.topk(r.top_k + 1, -1).values
-        assert bool((top[:, -2] - top[:, -1] > 1e-3).all())  # no near-tie at the top-k boundary: the choice is well defined
-        _, coef = X.routed_mlp(x, r, mod.blocks, mod.down_bias, mod.act, mod.gated)
-        assert torch.equal(coef, X.route_reference(x, r, mod.E, mod.act, mod.gated))  # the kernel reads the stored router as the reference does
+        for n in (5, 40):  # the decode kernel's router; beyond its batch, route_tokens (first layer on the GEMM)
+            x = torch.randn(n, mod.d, generator=torch.Generator().manual_seed(2))
+            sc = torch.relu(x @ r.first_layer() + r.b1) @ r.w2 + r.b2
+            top = sc.topk(r.top_k + 1, -1).values
+            assert bool((top[:, -2] - top[:, -1] > 1e-3).all())  # no near-tie at the top-k boundary: the choice is well defined
+            _, coef = X.routed_mlp(x, r, mod.blocks, mod.down_bias, mod.act, mod.gated)
+            assert torch.equal(coef, X.route_reference(x, r, mod.E, mod.act, mod.gated))  # the kernel reads the stored router as the reference does
         step = m(ids[:1, :4]).logits
     assert (step - fp32).abs().max() < 0.05 * (1 + fp32.abs().max())
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
@@ -344,6 +345,38 @@ def test_long_inputs_on_the_runtime_gemm_match_reference(dtype: str, gated: bool
     assert (y - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
     y2, hit = X.expert_mlp(x, blk, db, coef, "silu" if gated else "gelu", gated)  # the public entry takes this path for long inputs
     assert hit == 7 and (y2 - ref).abs().max() <= (1e-4 if dtype == "fp32" else 2e-2) * (1 + ref.abs().max())
+
+
+@kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_grouped_gemm_thread_schedules_match_reference(threads: int, dtype: str) -> None:
+    """Both schedules of the long-input kernel on 1-3 threads: whole experts shared out among the
+    threads (at least two hit experts per thread) and each product split across them (fewer), in
+    every format, with the bf16 dot products off (held to fp32 precision) and on where the CPU has
+    them (the input and activations rounded to bf16)."""
+    from lazyneuron.kernels import gemv as G
+
+    blk, db = _blocks(True, dtype, E=16, fe=24, seed=21)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(70, 48, generator=g)
+    many = (torch.rand(70, 16, generator=g) < 0.5).float()  # every expert hit
+    few = torch.zeros(70, 16)
+    few[:, 3] = 1.0
+    few[::2, 9] = 0.5  # two experts hit, one by half the tokens
+    prev_threads, prev_dot = torch.get_num_threads(), G.bf16_dot()
+    try:
+        torch.set_num_threads(threads)
+        for coef in (many, few):
+            args = (x, blk["gu"], blk["gu_scale"], blk["gu_bias"], blk["down"], blk["down_scale"], db, coef, "silu", True)
+            ref = X.reference(*args)
+            for dot, tol in ((False, 1e-4), (True, 2e-2)):
+                G.set_bf16_dot(dot)
+                y = X.grouped_gemm(*args)
+                assert (y - ref).abs().max() <= tol * (1 + ref.abs().max()), (threads, dtype, dot, int((coef != 0).any(0).sum()))
+    finally:
+        torch.set_num_threads(prev_threads)
+        G.set_bf16_dot(prev_dot)
 
 
 @kernel

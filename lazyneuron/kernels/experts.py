@@ -124,7 +124,7 @@ def grouped_gemm(x: torch.Tensor, gu: torch.Tensor, gu_scale: torch.Tensor | Non
     output is added into its tokens' rows. Experts no token chose are never read. Falls back to
     :func:`reference` without the extension or off the CPU."""
     ext = extension("gemv")
-    if ext is None or not x.is_cpu or x.shape[0] == 0:
+    if ext is None or not (x.is_cpu and gu.is_cpu and down.is_cpu) or x.shape[0] == 0:
         return reference(x, gu, gu_scale, gu_bias, down, down_scale, down_bias, coef, act_name, gated)
     x = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     c = coef if coef.dtype == torch.float32 and coef.is_contiguous() else coef.float().contiguous()
@@ -290,7 +290,7 @@ def routed_mlp(x: torch.Tensor, r: Router, blocks: dict[str, torch.Tensor | None
     E = blocks["gu"].shape[0]
     x = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     if backend == "reference" or ext is None or x.shape[0] > G.MAX_BATCH or x.shape[0] == 0 or not x.is_cpu:
-        if backend == "reference" or ext is None or x.shape[0] == 0 or not x.is_cpu:
+        if backend == "reference" or ext is None or x.shape[0] == 0 or not (x.is_cpu and r.w1.is_cpu):
             coef = route_reference(x, r, E, act_name, gated)
         else:  # the router in C++ (the decode kernel's, for every token at once), then the long-input path
             opt = lambda t: _EMPTY if t is None else t  # noqa: E731

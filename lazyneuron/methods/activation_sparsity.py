@@ -357,7 +357,8 @@ class CatsMLP(LazyModule):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, d)
         short = self.backend == "auto" and x2.shape[0] <= K.MAX_BATCH
-        on_gemm = self.backend == "auto" and not short and x2.is_cpu  # long inputs: gate and down on the runtime's GEMM
+        on_gemm = (self.backend == "auto" and not short and x2.is_cpu and x2.dtype == torch.float32  # long inputs: gate and down on
+                   and self.gate_wt.dtype == self.up_w.dtype == self.down_wt.dtype == torch.float32)  # the runtime's GEMM (fp32 models)
         if short:  # (tokens, F): the gate stays dense
             g = self.base.act_fn(G.gemv(x2, self.gate_wt, None, self.gate_bias)[0])
         elif on_gemm:
@@ -370,7 +371,7 @@ class CatsMLP(LazyModule):
         if short:
             y, _ = K.cats_mlp(x2, g, self.up_w, self.down_wt, self.threshold)
         elif on_gemm:  # a long input's tokens together need nearly every neuron: the dense products, masked
-            h = torch.where(g.abs() > self.threshold, g * (x2.float() @ self.up_w.t()), torch.zeros((), dtype=g.dtype))
+            h = torch.where(g.abs() > self.threshold, g * (x2 @ self.up_w.t()), torch.zeros((), dtype=g.dtype))
             y = G.gemm(h, self.down_wt)
         else:
             y = K.cats_reference(x2, g, self.up_w, self.down_wt, self.threshold)

@@ -1303,7 +1303,8 @@ int64_t expert_gemm_run(const float* x, const W* gu, const float* gu_scale, cons
   };
 
   std::fill(y, y + N * out, 0.f);
-  if (nthreads > 1 && nh >= 2 * nthreads) {
+  // each thread beyond the first adds an (N, out) buffer: split while those stay under 256 MB
+  if (nthreads > 1 && nh >= 2 * nthreads && (nthreads - 1) * N * out * static_cast<int64_t>(sizeof(float)) <= (int64_t(256) << 20)) {
     std::vector<int64_t> order(hit);
     std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return tok[p].size() > tok[q].size(); });
     std::vector<std::vector<int64_t>> part(static_cast<size_t>(nthreads));
