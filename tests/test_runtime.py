@@ -44,7 +44,7 @@ def test_gemv_matches_reference(dtype: str, in_f: int, out_f: int, batch: int, m
 
 @needs_ext
 @pytest.mark.parametrize("dtype,dot", [("fp32", True), ("bf16", True), ("bf16", False), ("int8", True), ("int8", False)])
-@pytest.mark.parametrize("in_f,out_f", [(64, 48), (576, 192), (300, 1537), (7, 65), (520, 33)])
+@pytest.mark.parametrize("in_f,out_f", [(64, 48), (576, 192), (300, 1537), (7, 65), (520, 33), (130, 96), (48, 20)])
 @pytest.mark.parametrize("tokens", [17, 40, 97, 301])
 def test_gemm_matches_reference(dtype: str, dot: bool, in_f: int, out_f: int, tokens: int) -> None:
     """The blocked GEMM for long inputs, over every tail: tokens not a multiple of the micro-tile,

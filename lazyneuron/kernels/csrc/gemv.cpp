@@ -467,28 +467,39 @@ constexpr int64_t kNR = kNRV * kV;  // output columns per tile
 constexpr int64_t kKC = 256;        // input channels per packed panel
 constexpr int64_t kGemmTokens = 96; // at most this many tokens per block (a multiple of kMR on every path)
 
-// c (MR, kNR, stride kNR) += x (MR rows, stride ldx, kc columns) @ panel (kc, kNR)
-template <int64_t MR>
+// c (MR, kNR, stride kNR) += x (MR rows, stride ldx, kc columns) @ panel (kc, kNR), over the first
+// NV vectors of columns (a tile's tail narrower than kNR computes only the vectors it needs)
+template <int64_t MR, int64_t NV = kNRV>
 inline void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t kc, float* c) {
 #ifndef LN_SCALAR
-  vec acc[MR][kNRV];
+  vec acc[MR][NV];
   for (int64_t m = 0; m < MR; ++m)
-    for (int64_t n = 0; n < kNRV; ++n) acc[m][n] = vload(c + m * kNR + n * kV);
+    for (int64_t n = 0; n < NV; ++n) acc[m][n] = vload(c + m * kNR + n * kV);
   for (int64_t k = 0; k < kc; ++k) {
-    vec w[kNRV];
-    for (int64_t n = 0; n < kNRV; ++n) w[n] = vload(panel + k * kNR + n * kV);
+    vec w[NV];
+    for (int64_t n = 0; n < NV; ++n) w[n] = vload(panel + k * kNR + n * kV);
     for (int64_t m = 0; m < MR; ++m) {
       const float a = x[m * ldx + k];
-      for (int64_t n = 0; n < kNRV; ++n) acc[m][n] = vfma(a, w[n], acc[m][n]);
+      for (int64_t n = 0; n < NV; ++n) acc[m][n] = vfma(a, w[n], acc[m][n]);
     }
   }
   for (int64_t m = 0; m < MR; ++m)
-    for (int64_t n = 0; n < kNRV; ++n) vstore(c + m * kNR + n * kV, acc[m][n]);
+    for (int64_t n = 0; n < NV; ++n) vstore(c + m * kNR + n * kV, acc[m][n]);
 #else
   for (int64_t k = 0; k < kc; ++k)
     for (int64_t m = 0; m < MR; ++m)
-      for (int64_t j = 0; j < kNR; ++j) c[m * kNR + j] += x[m * ldx + k] * panel[k * kNR + j];
+      for (int64_t j = 0; j < NV * kV; ++j) c[m * kNR + j] += x[m * ldx + k] * panel[k * kNR + j];
 #endif
+}
+
+// f(std::integral_constant<int64_t, NV>) with NV = the vectors that len columns need (at most kNRV)
+template <typename F>
+inline void with_vectors(int64_t len, const F& f) {
+  const int64_t nv = (len + kV - 1) / kV;
+  if (nv <= 1) f(std::integral_constant<int64_t, 1>{});
+  else if (nv == 2) f(std::integral_constant<int64_t, std::min<int64_t>(2, kNRV)>{});
+  else if (nv == 3) f(std::integral_constant<int64_t, std::min<int64_t>(3, kNRV)>{});
+  else f(std::integral_constant<int64_t, kNRV>{});
 }
 
 // The GEMM's work items: token blocks of equal size (multiples of kMR, at most kGemmTokens) times
@@ -560,7 +571,11 @@ void gemm_run(const float* x, const W* wt, const float* scale, const float* bias
           for (; j < kNR; ++j) dst[j] = 0.f;
         }
         const float* xb = x + b0 * in + k0;
-        for_micro_tiles(nb, [&](auto mr, int64_t m) { gemm_micro<decltype(mr)::value>(xb + m * in, in, panel.data(), kc, acc.data() + m * kNR); });
+        with_vectors(len, [&](auto nv) {
+          for_micro_tiles(nb, [&](auto mr, int64_t m) {
+            gemm_micro<decltype(mr)::value, decltype(nv)::value>(xb + m * in, in, panel.data(), kc, acc.data() + m * kNR);
+          });
+        });
       }
       gemm_finish(y, acc.data(), bias, scale, b0, nb, j0, len, out);
     }
@@ -581,21 +596,21 @@ bool g_bf16_dot = true;
 
 #ifdef LN_BF16_DOT
 // c (MR, kNR, stride kNR) += x (MR rows of bf16 pairs, stride ldx) . panel (kp pairs, kNR columns)
-template <int64_t MR>
+template <int64_t MR, int64_t NV = kNRV>
 inline void gemm_micro_bf16(const uint32_t* x, int64_t ldx, const uint32_t* panel, int64_t kp, float* c) {
-  __m512 acc[MR][kNRV];
+  __m512 acc[MR][NV];
   for (int64_t m = 0; m < MR; ++m)
-    for (int64_t n = 0; n < kNRV; ++n) acc[m][n] = _mm512_loadu_ps(c + m * kNR + n * kV);
+    for (int64_t n = 0; n < NV; ++n) acc[m][n] = _mm512_loadu_ps(c + m * kNR + n * kV);
   for (int64_t p = 0; p < kp; ++p) {
-    __m512bh w[kNRV];
-    for (int64_t n = 0; n < kNRV; ++n) w[n] = (__m512bh)_mm512_loadu_si512(panel + p * kNR + n * kV);
+    __m512bh w[NV];
+    for (int64_t n = 0; n < NV; ++n) w[n] = (__m512bh)_mm512_loadu_si512(panel + p * kNR + n * kV);
     for (int64_t m = 0; m < MR; ++m) {
       const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[m * ldx + p]));
-      for (int64_t n = 0; n < kNRV; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], a, w[n]);
+      for (int64_t n = 0; n < NV; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], a, w[n]);
     }
   }
   for (int64_t m = 0; m < MR; ++m)
-    for (int64_t n = 0; n < kNRV; ++n) _mm512_storeu_ps(c + m * kNR + n * kV, acc[m][n]);
+    for (int64_t n = 0; n < NV; ++n) _mm512_storeu_ps(c + m * kNR + n * kV, acc[m][n]);
 }
 
 // bf16 bits of 16 weights of row `lo` (the even channel, low halves) and `hi` (the odd one, high
@@ -652,7 +667,11 @@ void gemm_run_bf16(const float* x, const W* wt, const float* scale, const float*
           for (; j < kNR; ++j) dst[j] = 0u;
         }
         const uint32_t* xp = xb.data() + b0 * inp + k0 / 2;
-        for_micro_tiles(nb, [&](auto mr, int64_t m) { gemm_micro_bf16<decltype(mr)::value>(xp + m * inp, inp, panel.data(), kp, acc.data() + m * kNR); });
+        with_vectors(len, [&](auto nv) {
+          for_micro_tiles(nb, [&](auto mr, int64_t m) {
+            gemm_micro_bf16<decltype(mr)::value, decltype(nv)::value>(xp + m * inp, inp, panel.data(), kp, acc.data() + m * kNR);
+          });
+        });
       }
       gemm_finish(y, acc.data(), bias, scale, b0, nb, j0, len, out);
     }
