@@ -140,8 +140,9 @@ def long_input_path(x: torch.Tensor, coef: torch.Tensor, backend: str, ext: Any)
     extension :func:`grouped_gemm`; otherwise one of torch's products, :func:`reference` where
     grouping pays, else :func:`masked_reference`; ``backend='reference'``: :func:`reference`.
     Measured against torch's products (16 experts, one FFN, 2 threads, SmolLM2 and MiniLM shapes,
-    16-96 tokens): 1.5-5x at 25-75% of the experts; against the dense FFN on the runtime's GEMM,
-    256 tokens: 3.9 / 2.1 / 1.4x at 25 / 50 / 75%."""
+    16-96 tokens): 1.5-5x at 25-75% of the experts; against the dense FFN on the runtime's GEMM
+    (``benchmarks/experts.py --kernel``), 2.4 / 1.8 / 1.4x at 64 tokens and 3.8 / 2.1 / 1.5x at
+    256, at 25 / 50 / 75% of the neurons."""
     if backend == "reference":
         return reference
     if ext is not None and x.is_cpu:
