@@ -1183,49 +1183,6 @@ torch::Tensor sparsify(torch::Tensor x, torch::Tensor centre, torch::Tensor thr)
   return d;
 }
 
-// x: (B, d) fp32; gu: (E, d, C) and down: (E * Fe, out), both fp32, bf16 or int8 (the same dtype),
-// contiguous; gu_scale (E, C) / down_scale (out) fp32 for int8, else empty; gu_bias (E, C) and
-// down_bias (out) fp32 or empty; coef (B, E) fp32; act: 0 silu, 1 gelu, 2 gelu_tanh, 3 relu.
-// Returns (y (B, out) fp32, number of experts read).
-std::tuple<torch::Tensor, int64_t> expert_mlp(torch::Tensor x, torch::Tensor gu, torch::Tensor gu_scale, torch::Tensor gu_bias, torch::Tensor down,
-                                              torch::Tensor down_scale, torch::Tensor down_bias, torch::Tensor coef, int64_t act, bool gated) {
-  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), 9);
-  LN_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxBatch, 2);
-  LN_CHECK(gu.dim() == 3 && gu.is_contiguous() && gu.size(1) == x.size(1), 17);
-  const auto wd = gu.scalar_type();
-  LN_CHECK(wd == torch::kFloat32 || wd == torch::kBFloat16 || wd == torch::kChar, 4);
-  const int64_t B = x.size(0), d = x.size(1), E = gu.size(0), C = gu.size(2);
-  LN_CHECK(!gated || C % 2 == 0, 17);
-  const int64_t Fe = gated ? C / 2 : C;
-  LN_CHECK(down.dim() == 2 && down.is_contiguous() && down.scalar_type() == wd && down.size(0) == E * Fe, 18);
-  const int64_t out = down.size(1);
-  LN_CHECK(coef.dim() == 2 && coef.scalar_type() == torch::kFloat32 && coef.is_contiguous() && coef.size(0) == B && coef.size(1) == E, 19);
-  LN_CHECK((wd == torch::kChar) == (gu_scale.numel() > 0) && (wd == torch::kChar) == (down_scale.numel() > 0), 14);
-  LN_CHECK(gu_scale.numel() == 0 || (gu_scale.numel() == E * C && gu_scale.scalar_type() == torch::kFloat32 && gu_scale.is_contiguous()), 15);
-  LN_CHECK(down_scale.numel() == 0 || (down_scale.numel() == out && down_scale.scalar_type() == torch::kFloat32 && down_scale.is_contiguous()), 15);
-  LN_CHECK(gu_bias.numel() == 0 || (gu_bias.numel() == E * C && gu_bias.scalar_type() == torch::kFloat32 && gu_bias.is_contiguous()), 6);
-  LN_CHECK(down_bias.numel() == 0 || (down_bias.numel() == out && down_bias.scalar_type() == torch::kFloat32 && down_bias.is_contiguous()), 6);
-  LN_CHECK(act >= 0 && act <= 3, 20);
-  auto y = torch::empty({B, out}, x.options());
-  const float* gs = gu_scale.numel() ? gu_scale.data_ptr<float>() : nullptr;
-  const float* ds = down_scale.numel() ? down_scale.data_ptr<float>() : nullptr;
-  const float* gb = gu_bias.numel() ? gu_bias.data_ptr<float>() : nullptr;
-  const float* db = down_bias.numel() ? down_bias.data_ptr<float>() : nullptr;
-  const float* xp = x.data_ptr<float>();
-  const float* cp = coef.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  int64_t nh = 0;
-  if (wd == torch::kFloat32) {
-    nh = expert_run<float>(xp, gu.data_ptr<float>(), gs, gb, down.data_ptr<float>(), ds, db, cp, act, gated, yp, B, d, E, Fe, out);
-  } else if (wd == torch::kBFloat16) {
-    nh = expert_run<uint16_t>(xp, reinterpret_cast<const uint16_t*>(gu.data_ptr<at::BFloat16>()), gs, gb,
-                              reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>()), ds, db, cp, act, gated, yp, B, d, E, Fe, out);
-  } else {
-    nh = expert_run<int8_t>(xp, gu.data_ptr<int8_t>(), gs, gb, down.data_ptr<int8_t>(), ds, db, cp, act, gated, yp, B, d, E, Fe, out);
-  }
-  return {y, nh};
-}
-
 // x (N, in) @ Wt on the GEMM: bf16 / int8 weights on the bf16 dot products where built and `dot`
 template <typename W>
 void gemm_any(const float* x, const W* wt, const float* scale, const float* bias, float* y, int64_t N, int64_t in, int64_t out, int64_t ldw,
@@ -1358,10 +1315,16 @@ int64_t expert_gemm_run(const float* x, const W* gu, const float* gu_scale, cons
   return nh;
 }
 
-std::tuple<torch::Tensor, int64_t> expert_gemm(torch::Tensor x, torch::Tensor gu, torch::Tensor gu_scale, torch::Tensor gu_bias, torch::Tensor down,
-                                               torch::Tensor down_scale, torch::Tensor down_bias, torch::Tensor coef, int64_t act, bool gated,
+// The experts' input checks and dtype dispatch, shared by expert_mlp and expert_gemm.
+// x: (N, d) fp32; gu: (E, d, C) and down: (E * Fe, out), both fp32, bf16 or int8 (the same dtype),
+// contiguous; gu_scale (E, C) / down_scale (out) fp32 for int8, else empty; gu_bias (E, C) and
+// down_bias (out) fp32 or empty; coef (N, E) fp32; act: 0 silu, 1 gelu, 2 gelu_tanh, 3 relu.
+// grouped: expert_gemm_run (long inputs, on the GEMM), else expert_run (the decode kernel).
+// Returns (y (N, out) fp32, number of experts read).
+std::tuple<torch::Tensor, int64_t> expert_call(const torch::Tensor& x, const torch::Tensor& gu, const torch::Tensor& gu_scale,
+                                               const torch::Tensor& gu_bias, const torch::Tensor& down, const torch::Tensor& down_scale,
+                                               const torch::Tensor& down_bias, const torch::Tensor& coef, int64_t act, bool gated, bool grouped,
                                                bool dot) {
-  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(0) >= 1, 9);
   LN_CHECK(gu.dim() == 3 && gu.is_contiguous() && gu.size(1) == x.size(1), 17);
   const auto wd = gu.scalar_type();
   LN_CHECK(wd == torch::kFloat32 || wd == torch::kBFloat16 || wd == torch::kChar, 4);
@@ -1385,16 +1348,35 @@ std::tuple<torch::Tensor, int64_t> expert_gemm(torch::Tensor x, torch::Tensor gu
   const float* xp = x.data_ptr<float>();
   const float* cp = coef.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  auto go = [&](const auto* g, const auto* dn) -> int64_t {
+    using W = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
+    return grouped ? expert_gemm_run<W>(xp, g, gs, gb, dn, ds, db, cp, act, gated, dot, yp, N, d, E, Fe, out)
+                   : expert_run<W>(xp, g, gs, gb, dn, ds, db, cp, act, gated, yp, N, d, E, Fe, out);
+  };
   int64_t nh = 0;
-  if (wd == torch::kFloat32) {
-    nh = expert_gemm_run<float>(xp, gu.data_ptr<float>(), gs, gb, down.data_ptr<float>(), ds, db, cp, act, gated, dot, yp, N, d, E, Fe, out);
-  } else if (wd == torch::kBFloat16) {
-    nh = expert_gemm_run<uint16_t>(xp, reinterpret_cast<const uint16_t*>(gu.data_ptr<at::BFloat16>()), gs, gb,
-                                   reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>()), ds, db, cp, act, gated, dot, yp, N, d, E, Fe, out);
-  } else {
-    nh = expert_gemm_run<int8_t>(xp, gu.data_ptr<int8_t>(), gs, gb, down.data_ptr<int8_t>(), ds, db, cp, act, gated, dot, yp, N, d, E, Fe, out);
-  }
+  if (wd == torch::kFloat32)
+    nh = go(gu.data_ptr<float>(), down.data_ptr<float>());
+  else if (wd == torch::kBFloat16)
+    nh = go(reinterpret_cast<const uint16_t*>(gu.data_ptr<at::BFloat16>()), reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>()));
+  else
+    nh = go(gu.data_ptr<int8_t>(), down.data_ptr<int8_t>());
   return {y, nh};
+}
+
+// The decode kernel's entry: up to kMaxBatch tokens (see expert_call).
+std::tuple<torch::Tensor, int64_t> expert_mlp(torch::Tensor x, torch::Tensor gu, torch::Tensor gu_scale, torch::Tensor gu_bias, torch::Tensor down,
+                                              torch::Tensor down_scale, torch::Tensor down_bias, torch::Tensor coef, int64_t act, bool gated) {
+  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), 9);
+  LN_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxBatch, 2);
+  return expert_call(x, gu, gu_scale, gu_bias, down, down_scale, down_bias, coef, act, gated, false, false);
+}
+
+// Long inputs, any number of tokens (see expert_call, expert_gemm_run).
+std::tuple<torch::Tensor, int64_t> expert_gemm(torch::Tensor x, torch::Tensor gu, torch::Tensor gu_scale, torch::Tensor gu_bias, torch::Tensor down,
+                                               torch::Tensor down_scale, torch::Tensor down_bias, torch::Tensor coef, int64_t act, bool gated,
+                                               bool dot) {
+  LN_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(0) >= 1, 9);
+  return expert_call(x, gu, gu_scale, gu_bias, down, down_scale, down_bias, coef, act, gated, true, dot);
 }
 
 // The router's input checks and first layer for x (B, d): `first` (B, cols) = x @ r_w1 + r_b1 in
