@@ -477,3 +477,77 @@ def test_attention_kernel_matches_reference(T: int, H: int, D: int) -> None:
         assert torch.allclose(G.attention(q, k, v, D ** -0.5), ref)  # switched off: torch's fp32 attention
     finally:
         G.set_bf16_dot(prev)
+
+
+def _hugepages(monkeypatch):
+    from lazyneuron.runtime import memory
+
+    if not (memory.available() and G.available()):
+        pytest.skip("no transparent huge pages (or no C++ extension) here")
+    monkeypatch.setattr(memory, "MIN_BYTES", 0)  # the tiny models' weights are far below the real floor
+    return memory
+
+
+@pytest.mark.parametrize("dtype", G.DTYPES)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_weights_on_hugepages_change_nothing_and_revert(dtype: str, sparse: bool, ids: torch.Tensor, monkeypatch) -> None:
+    """The runtime's weights move into one 2 MiB-aligned arena: logits and generated tokens equal
+    those of the same runtime on ordinary pages, the embedding (tied to the head) stays where it
+    is, and revert_ leaves no model tensor in the arena."""
+    _hugepages(monkeypatch)
+    m = tiny_causal_lm("llama")
+    m.config.tie_word_embeddings = True
+    m.tie_weights()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    emb = m.model.embed_tokens.weight.data_ptr()
+    cfgs, cal = [], None
+    if sparse:
+        cfgs = [ActivationSparsityConfig(rule="teal", sparsity=0.3)]
+        cal = ln.calibrate(m, calib_batches(), cfgs[0])
+    outs = {}
+    for huge in (False, True):
+        rep = ln.apply_(m, [*cfgs, RuntimeConfig(dtype=dtype, hugepages=huge)], cal)
+        stored = [mod.wt for mod in m.modules() if isinstance(getattr(mod, "wt", None), torch.Tensor)]
+        ptrs = {w.untyped_storage().data_ptr() for w in stored}
+        if huge:
+            assert rep[-1].summary["hugepage_bytes"] > 0
+            assert len(ptrs) == 1 and next(iter(ptrs)) % (2 << 20) == 0  # every stored weight in one arena
+            arena = next(iter(ptrs))
+        else:
+            assert rep[-1].summary["hugepage_bytes"] == 0 and len(ptrs) > 1
+        assert m.model.embed_tokens.weight.data_ptr() == emb
+        with torch.inference_mode():
+            outs[huge] = (m(ids).logits, generate(m, ids[:1, :4], 6))
+        ln.revert_(m)
+        after = m.state_dict()
+        for k, v in before.items():
+            assert torch.equal(after[k], v) and after[k].is_contiguous(), k
+            assert not huge or after[k].untyped_storage().data_ptr() != arena, k
+    assert torch.equal(outs[False][0], outs[True][0]) and torch.equal(outs[False][1], outs[True][1])
+
+
+def test_hugepages_move_only_what_method_modules_hold(monkeypatch) -> None:
+    """A method module's own tensors (attributes, argument tuples) move, every alias of them
+    included; a tensor it borrows from the model's own modules, and its base's weight when that
+    is not a converted weight's storage, stay where they are."""
+    from torch import nn
+
+    from lazyneuron.surgery import LazyModule
+
+    memory = _hugepages(monkeypatch)
+    seq = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    lm = LazyModule(seq[0])
+    own = torch.randn(64, 64)
+    lm.own, lm.alias, lm.args = own, own.t(), (torch.randn(32, 32), None)
+    lm.borrowed = seq[1].weight.detach()
+    seq[0] = lm
+    keep = {"borrowed": seq[1].weight.data_ptr(), "base": lm.base.weight.data_ptr()}
+    values = (own.clone(), lm.args[0].clone())
+    out = memory.to_hugepages(seq)
+    assert out["tensors"] == 3 and out["bytes"] >= 64 * 64 * 4 + 32 * 32 * 4
+    assert lm.own is own and torch.equal(lm.own, values[0]) and torch.equal(lm.args[0], values[1])
+    assert lm.alias.data_ptr() == lm.own.data_ptr() and torch.equal(lm.alias, values[0].t())
+    assert lm.own.untyped_storage().data_ptr() == lm.args[0].untyped_storage().data_ptr()  # one arena
+    assert lm.borrowed.data_ptr() == seq[1].weight.data_ptr() == keep["borrowed"]
+    assert lm.base.weight.data_ptr() == keep["base"]
+    assert memory.to_hugepages(nn.Sequential(nn.Linear(8, 8))) == {"tensors": 0, "bytes": 0}  # no method module: nothing to move

@@ -176,14 +176,27 @@ def gemm(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor | None = None, b
     return y
 
 
+def probe_buffer(mbytes: int) -> torch.Tensor:
+    """An fp32 buffer of ``mbytes`` MB of ones for :func:`read_bandwidth`, on huge pages where the
+    OS offers them (:mod:`lazyneuron.runtime.memory`), its pages faulted in."""
+    from ..runtime.memory import arena, available
+
+    n = mbytes * (1 << 20)
+    if available():
+        return arena(n).view(torch.float32).fill_(1.0)
+    return torch.ones(n // 4)
+
+
 def read_bandwidth(mbytes: int = 512, repeats: int = 5, buf: torch.Tensor | None = None) -> float:
     """Measured memory read bandwidth in GB/s: the best of ``repeats`` timed reads of a buffer of
     ``mbytes`` MB (far larger than any L3; or of ``buf``, an fp32 buffer kept for repeated probes)
-    by all of torch's threads. Falls back to ``torch.sum`` when the extension did not build."""
+    by all of torch's threads. Falls back to ``torch.sum`` when the extension did not build.
+    The buffer sits on 2 MiB pages where the OS offers them (:func:`probe_buffer`), as the
+    runtime's weights do: the probe is the best this host reads, not the 4 KiB-page figure."""
     import time
 
     fresh = buf is None
-    buf = torch.ones(mbytes * (1 << 20) // 4) if buf is None else buf
+    buf = probe_buffer(mbytes) if buf is None else buf
     ext = extension("gemv")
     read = (lambda: ext.read_sum(buf)) if ext is not None else (lambda: float(buf.sum()))
     if fresh:  # first touch of new pages

@@ -40,13 +40,15 @@ _EMPTY = torch.empty(0)
 class RuntimeConfig(MethodConfig):
     """``dtype``: the weight format of the converted linears: ``fp32`` (exact), ``bf16`` or ``int8``
     (weight-only, one scale per output channel); ``backend``: ``auto`` (the C++ kernels when they
-    built) or ``reference`` (pure torch, for checking)."""
+    built) or ``reference`` (pure torch, for checking); ``hugepages``: keep the converted weights
+    on 2 MiB pages where the OS offers them (Linux THP; see :mod:`lazyneuron.runtime.memory`)."""
 
     name: ClassVar[str] = "runtime"
     targets: tuple[str, ...] = ("attn_in", "attn_out", "mlp_in", "mlp_out", "head",  # + an encoder-decoder's (Whisper's) other linears:
                                 "cross_attn_in", "cross_attn_out", "enc_attn_in", "enc_attn_out", "enc_mlp_in", "enc_mlp_out")
     dtype: str = "fp32"
     backend: str = "auto"
+    hugepages: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -203,11 +205,16 @@ class Runtime(Method):
             for p in _encoder_attentions(model):
                 set_module(model, p, FastEncoderAttention(model.get_submodule(p)))
                 paths.append(p)  # reported, and undone with the rest if apply_ fails after this
+        if cfg.hugepages and cfg.backend == "auto":  # last: every method's weights are in their final buffers
+            from .memory import to_hugepages
+
+            self._hugepages = to_hugepages(model)
 
     def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
         mods = [m for m in (model.get_submodule(p) for p in paths) if isinstance(m, FastLinear)]
         return {"dtype": getattr(cfg, "dtype", "fp32"), "linears": len(mods), "weight_bytes": sum(m.weight_bytes() for m in mods),
-                "attention_kernels": sum(isinstance(model.get_submodule(p), FastEncoderAttention) for p in paths)}
+                "attention_kernels": sum(isinstance(model.get_submodule(p), FastEncoderAttention) for p in paths),
+                "hugepage_bytes": getattr(self, "_hugepages", {}).get("bytes", 0)}
 
 
 def _find(model: nn.Module, path: str) -> nn.Module | None:
