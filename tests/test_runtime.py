@@ -43,6 +43,40 @@ def test_gemv_matches_reference(dtype: str, in_f: int, out_f: int, batch: int, m
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", G.DTYPES)
+@pytest.mark.parametrize("in_f,out_f", [(576, 1536), (1536, 576), (100, 40)])
+def test_sparse_call_skipping_few_rows_reads_them_all(dtype: str, in_f: int, out_f: int) -> None:
+    """At batch 1 a call that skips under 15% of its rows reads every row as the dense stream
+    (the skipped ones with coefficient 0) and says so; with more skipped, or set_dense_below(0),
+    or two tokens, it reads only the active rows. The result is the masked product every time."""
+    g = torch.Generator().manual_seed(in_f + out_f)
+    wt, scale = G.prepare_weight(torch.randn(out_f, in_f, generator=g), dtype)
+    thr = torch.tensor([0.5])
+
+    def inputs(skipped: int, batch: int = 1) -> torch.Tensor:
+        x = torch.randn(batch, in_f, generator=g).sign() * (1 + torch.rand(batch, in_f, generator=g))  # |x| >= 1
+        x[:, torch.randperm(in_f, generator=g)[:skipped]] = 0.01
+        return x
+
+    def check(x: torch.Tensor, rows_expected: int) -> None:
+        y, rows = G.gemv(x, wt, scale, None, None, thr)
+        ref = G.reference(x, wt, scale, None, None, thr)
+        assert rows == rows_expected and (y - ref).abs().max().item() <= 1e-4 * (1 + ref.abs().max().item())
+
+    few, many = in_f // 10, in_f // 4
+    check(inputs(few), in_f)  # too few skipped to pay: every row read
+    check(inputs(many), in_f - many)
+    check(inputs(few, batch=2), in_f - few)  # the rows two tokens skip: never read
+    prev = G.set_dense_below(0.0)
+    try:
+        check(inputs(few), in_f - few)
+    finally:
+        assert G.set_dense_below(prev) == 0.0
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        G.set_dense_below(1.5)
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype,dot", [("fp32", True), ("bf16", True), ("bf16", False), ("int8", True), ("int8", False)])
 @pytest.mark.parametrize("in_f,out_f", [(64, 48), (576, 192), (300, 1537), (7, 65), (520, 33), (130, 96), (48, 20)])
 @pytest.mark.parametrize("tokens", [17, 40, 97, 301])

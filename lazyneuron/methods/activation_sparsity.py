@@ -312,16 +312,19 @@ class SparseLinear(LazyModule):
             return self.base(x)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (tokens, in)
-        if self.track:
-            d = x2.float() - (self.centre if self.centre is not None else 0.0)
-            self.tokens_seen += x2.shape[0]
-            self.weights_skipped += int((d.abs() <= self.threshold).sum()) * self.out_features
+        rows = None
         if self.backend == "auto" and x2.shape[0] <= K.MAX_BATCH:
-            y, _ = K.sparse_gemv(x2, self.wt, self.bias_eff, self.centre, self.threshold, self.scale)
+            y, rows = K.sparse_gemv(x2, self.wt, self.bias_eff, self.centre, self.threshold, self.scale)
         elif self.backend == "auto":  # a long input: sparsified in one pass, then a dense GEMM
             y = K.masked_matmul(x2, self.wt, self.bias_eff, self.centre, self.threshold, self.scale)
         else:
             y = K.reference(x2, self.wt, self.bias_eff, self.centre, self.threshold, self.scale)
+        if self.track:
+            d = x2.float() - (self.centre if self.centre is not None else 0.0)
+            self.tokens_seen += x2.shape[0]
+            if not (x2.shape[0] == 1 and rows == self.in_features and G.available()):
+                self.weights_skipped += int((d.abs() <= self.threshold).sum()) * self.out_features
+            # else: the kernel read every row (too few skipped to pay, gemv.set_dense_below): none saved
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def restore_base(self) -> nn.Module:

@@ -55,6 +55,14 @@ constexpr int64_t kTileAccBytes = 16 * 1024;    // column tiles: a (B, tile) acc
 #define LN_L1_ACC (24 * 1024)
 #endif
 constexpr int64_t kL1AccBytes = LN_L1_ACC;     // batch 1 reads one row at a time while its accumulator fits L1
+#ifndef LN_DENSE_BELOW
+#define LN_DENSE_BELOW 0.15
+#endif
+// A sparse-input call at batch 1 that skips fewer than this fraction of its rows reads them all as
+// the dense stream (zero coefficients for the skipped ones): scattered rows cost ~1.15-1.2x the
+// dense stream per byte (SmolLM2 shapes on fp32, 576-1536 wide), so below ~15% skipped the
+// sparse pass is slower than reading everything (benchmarks in docs/runtime.md).
+double g_dense_below = LN_DENSE_BELOW;  // set_dense_below() changes it (0: every sparse call skips rows)
 
 inline float ld(const float* p, int64_t j) { return p[j]; }
 inline float ld(const uint16_t* p, int64_t j) {
@@ -445,6 +453,16 @@ int64_t run(const float* x, const W* wt, const float* scale, const float* bias, 
       if (any) idx_buf[n++] = static_cast<int32_t>(i);
     }
     idx = idx_buf.data();
+    if (B == 1 && static_cast<double>(in - n) < g_dense_below * static_cast<double>(in)) {
+      // too few rows skipped to pay for reading the rest as scattered rows: every row in one
+      // stream, the skipped ones with coefficient 0 (same sum; all rows are reported read)
+      for (int64_t i = 0; i < in; ++i) {
+        const float d = x[i] - (centre ? centre[i] : 0.f);
+        vals[i] = std::fabs(d) > (thr_per_channel ? thr[i] : thr[0]) ? d : 0.f;
+      }
+      idx = nullptr;
+      n = in;
+    }
   }
   return apply_rows<W>(wt, scale, bias, idx, n, vals.data(), y, B, out, ldw);
 }
@@ -1494,6 +1512,8 @@ double read_sum(torch::Tensor buf) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("last_error", &last_error, "the number of the last failed input check");
   m.def("gemv", &gemv, "dense or sparse-input GEMV over input-major fp32 / bf16 / int8 weights");
+  m.def("set_dense_below", [](double f) { const double old = g_dense_below; g_dense_below = f; return old; },
+        "a batch-1 sparse-input call skipping fewer than this fraction of rows reads them all; returns the previous value");
   m.def("gemm", &gemm, "dense GEMM of a long input over input-major fp32 / bf16 / int8 weights (L2-resident panels)");
   m.def("cats_mlp", &cats_mlp, "CATS MLP reading only the up / down rows of active neurons");
   m.def("expert_mlp", &expert_mlp, "feed-forward experts: tokens grouped by expert, only chosen experts' blocks read");
