@@ -111,6 +111,17 @@ def probe_now(reads: int = 2) -> float:
     return read_bandwidth(repeats=reads, buf=_probe_buffer())
 
 
+def _on_hugepages(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in an arena of its own on huge pages (``t`` itself where there are none)."""
+    from ..runtime.memory import arena, available
+
+    if not available():
+        return t
+    n = t.numel() * t.element_size()
+    out = arena(n).view(t.dtype).view(t.shape)
+    return out.copy_(t)
+
+
 @torch.inference_mode()
 def measure_dense(in_f: int, out_f: int, batch: int, dtype: str, repeats: int) -> dict[str, Any]:
     """The runtime's dense GEMV on (in, out) weights in ``dtype`` against torch ``F.linear`` (fp32
@@ -122,8 +133,10 @@ def measure_dense(in_f: int, out_f: int, batch: int, dtype: str, repeats: int) -
     n_copies = max(2, -(-COLD_BYTES_DENSE // (in_f * out_f * elem)))
     n_torch = max(2, -(-COLD_BYTES_DENSE // (in_f * out_f * 4)))
     w = torch.randn(out_f, in_f)
-    packed = [G.prepare_weight(w + 0.001 * k, dtype) for k in range(n_copies)]
-    tw = [torch.randn(out_f, in_f) for _ in range(n_torch)]
+    # every weight copy on 2 MiB pages where the OS offers them, torch's included: the runtime
+    # keeps its weights there (lazyneuron.runtime.memory), and torch is given the same memory
+    packed = [(_on_hugepages(wt), sc) for wt, sc in (G.prepare_weight(w + 0.001 * k, dtype) for k in range(n_copies))]
+    tw = [_on_hugepages(torch.randn(out_f, in_f)) for _ in range(n_torch)]
     x = torch.randn(batch, in_f)
     fns: dict[str, Callable[[int], Any]] = {
         "torch": lambda k: F.linear(x, tw[k % n_torch]),
@@ -131,7 +144,8 @@ def measure_dense(in_f: int, out_f: int, batch: int, dtype: str, repeats: int) -
     }
     if dtype == "bf16":
         n_b = max(2, -(-COLD_BYTES_DENSE // (in_f * out_f * 2)))
-        tb = [t.to(torch.bfloat16) for t in tw[:n_b]] + [torch.randn(out_f, in_f).to(torch.bfloat16) for _ in range(max(0, n_b - n_torch))]
+        tb = [_on_hugepages(t.to(torch.bfloat16)) for t in tw[:n_b]] + [_on_hugepages(torch.randn(out_f, in_f).to(torch.bfloat16))
+                                                                        for _ in range(max(0, n_b - n_torch))]
         xb = x.to(torch.bfloat16)
         fns["torch_bf16"] = lambda k: F.linear(xb, tb[k % n_b])
     for f in fns.values():
