@@ -36,7 +36,7 @@ ALIGN = 4096  # each storage starts on its own 4 KiB line in the arena
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
     """Whether this process can get transparent huge pages by asking for them: Linux with THP in
-    ``madvise`` or ``always`` mode, and the C++ extension that allocates the arena."""
+    ``madvise`` or ``always`` mode, and the runtime's C++ extension (which allocates the arena)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -48,17 +48,20 @@ def available() -> bool:
         return False
     from ..kernels._build import extension
 
-    return extension("cmm") is not None
+    return extension("gemv") is not None
 
 
 def arena(nbytes: int) -> torch.Tensor:
     """A uint8 CPU tensor of ``nbytes`` in 2 MiB-aligned memory marked for huge pages (its pages
-    are faulted in, as huge pages where the OS has them, when it is written)."""
-    from ..kernels.cmm import hugepage_copy
+    are faulted in, as huge pages where the OS has them, as it is copied into); a plain tensor
+    where huge pages are not :func:`available`."""
+    if not available():
+        return torch.empty(nbytes, dtype=torch.uint8)
+    from ..kernels._build import extension
 
     huge = 2 << 20
     whole = max(huge, -(-nbytes // huge) * huge)  # whole huge pages (smaller requests get a plain copy)
-    return hugepage_copy(torch.empty(whole, dtype=torch.uint8))[:nbytes]
+    return extension("gemv").hugepage_copy(torch.empty(whole, dtype=torch.uint8))[:nbytes]
 
 
 def _tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:

@@ -22,15 +22,13 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
 
 #include "ln_check.h"
+#include "ln_mem.h"
 
 namespace {
 
@@ -399,32 +397,6 @@ std::vector<torch::Tensor> cmm(torch::Tensor x, torch::Tensor w_in, torch::Tenso
 #endif
   }
   return {y, nodes};
-}
-
-
-// A copy of `t` in 2 MiB-aligned memory marked for transparent huge pages (Linux; a plain copy
-// elsewhere). A walk reads rows scattered over a tree of tens of MB: with 4 KiB pages nearly every
-// row is a TLB miss, with 2 MiB pages a 25 MB tree needs 13 TLB entries. Measured in one process
-// at BERT-base dims, 128 tokens, cold: 17-19% less time than the same walk on 4 KiB pages.
-torch::Tensor hugepage_copy(torch::Tensor t) {
-  TORCH_CHECK(t.device().is_cpu(), "hugepage_copy: a CPU tensor is needed");
-  auto c = t.contiguous();
-  const size_t bytes = static_cast<size_t>(c.numel()) * c.element_size();
-  constexpr size_t kHuge = size_t(2) << 20;
-#if defined(__unix__) || defined(__APPLE__)
-  if (bytes >= kHuge) {
-    const size_t alloc = (bytes + kHuge - 1) / kHuge * kHuge;
-    void* p = nullptr;
-    if (posix_memalign(&p, kHuge, alloc) == 0) {
-#if defined(MADV_HUGEPAGE)
-      madvise(p, alloc, MADV_HUGEPAGE);  // before the first touch: the copy below faults huge pages in
-#endif
-      std::memcpy(p, c.data_ptr(), bytes);
-      return torch::from_blob(p, c.sizes(), [](void* q) { std::free(q); }, c.options());
-    }
-  }
-#endif
-  return c.clone();
 }
 
 }  // namespace

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "ln_check.h"
+#include "ln_mem.h"
 #include "ln_math.h"
 
 #ifndef LN_PREFETCH
@@ -1512,6 +1513,7 @@ double read_sum(torch::Tensor buf) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("last_error", &last_error, "the number of the last failed input check");
   m.def("gemv", &gemv, "dense or sparse-input GEMV over input-major fp32 / bf16 / int8 weights");
+  m.def("hugepage_copy", &hugepage_copy, "a copy in 2 MiB-aligned memory marked for transparent huge pages");
   m.def("set_dense_below", [](double f) { const double old = g_dense_below; g_dense_below = f; return old; },
         "a batch-1 sparse-input call skipping fewer than this fraction of rows reads them all; returns the previous value");
   m.def("gemm", &gemm, "dense GEMM of a long input over input-major fp32 / bf16 / int8 weights (L2-resident panels)");
