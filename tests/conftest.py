@@ -21,10 +21,12 @@ LLAMA_LIKE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_t
 
 
 def _native_abort(stderr: str) -> bool:
-    """Whether a rank was ended by a C++ abort (std::terminate, SIGABRT) and every rank that failed
-    was ended by a signal (a Python error exits with 1)."""
+    """Whether the run ended with a rank's std::terminate outside any exception (SIGABRT) and its
+    peer stopped by the launcher (SIGTERM), nothing else: a Python error exits with 1, a C++
+    exception says "terminate called after throwing", a crash or an out-of-memory kill is another
+    signal, and none of those is retried."""
     codes = [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", stderr)]
-    return "terminate called" in stderr and -6 in codes and all(c < 0 for c in codes)
+    return "terminate called without an active exception" in stderr and -6 in codes and set(codes) <= {-6, -15}
 
 
 def torchrun_worker(out: Path, *args: str, timeout: int = 300, fails: bool = False) -> str:

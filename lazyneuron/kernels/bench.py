@@ -111,15 +111,20 @@ def probe_now(reads: int = 2) -> float:
     return read_bandwidth(repeats=reads, buf=_probe_buffer())
 
 
-def _on_hugepages(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` in an arena of its own on huge pages (``t`` itself where there are none)."""
-    from ..runtime.memory import arena, available
+def _on_hugepages(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``ts`` side by side in one arena on huge pages (``ts`` themselves where there are
+    none), each starting on a 4 KiB line."""
+    from ..runtime.memory import ALIGN, arena, available
 
     if not available():
-        return t
-    n = t.numel() * t.element_size()
-    out = arena(n).view(t.dtype).view(t.shape)
-    return out.copy_(t)
+        return ts
+    sizes = [-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in ts]
+    buf = arena(sum(sizes))
+    out, off = [], 0
+    for t, n in zip(ts, sizes):
+        out.append(buf[off : off + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t))
+        off += n
+    return out
 
 
 @torch.inference_mode()
@@ -135,8 +140,9 @@ def measure_dense(in_f: int, out_f: int, batch: int, dtype: str, repeats: int) -
     w = torch.randn(out_f, in_f)
     # every weight copy on 2 MiB pages where the OS offers them, torch's included: the runtime
     # keeps its weights there (lazyneuron.runtime.memory), and torch is given the same memory
-    packed = [(_on_hugepages(wt), sc) for wt, sc in (G.prepare_weight(w + 0.001 * k, dtype) for k in range(n_copies))]
-    tw = [_on_hugepages(torch.randn(out_f, in_f)) for _ in range(n_torch)]
+    packed = [G.prepare_weight(w + 0.001 * k, dtype) for k in range(n_copies)]
+    packed = list(zip(_on_hugepages([p[0] for p in packed]), [p[1] for p in packed]))
+    tw = _on_hugepages([torch.randn(out_f, in_f) for _ in range(n_torch)])
     x = torch.randn(batch, in_f)
     fns: dict[str, Callable[[int], Any]] = {
         "torch": lambda k: F.linear(x, tw[k % n_torch]),
@@ -144,8 +150,7 @@ def measure_dense(in_f: int, out_f: int, batch: int, dtype: str, repeats: int) -
     }
     if dtype == "bf16":
         n_b = max(2, -(-COLD_BYTES_DENSE // (in_f * out_f * 2)))
-        tb = [_on_hugepages(t.to(torch.bfloat16)) for t in tw[:n_b]] + [_on_hugepages(torch.randn(out_f, in_f).to(torch.bfloat16))
-                                                                        for _ in range(max(0, n_b - n_torch))]
+        tb = _on_hugepages([t.to(torch.bfloat16) for t in tw[:n_b]] + [torch.randn(out_f, in_f).to(torch.bfloat16) for _ in range(max(0, n_b - n_torch))])
         xb = x.to(torch.bfloat16)
         fns["torch_bf16"] = lambda k: F.linear(xb, tb[k % n_b])
     for f in fns.values():

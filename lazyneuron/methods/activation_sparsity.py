@@ -322,7 +322,7 @@ class SparseLinear(LazyModule):
         if self.track:
             d = x2.float() - (self.centre if self.centre is not None else 0.0)
             self.tokens_seen += x2.shape[0]
-            if not (x2.shape[0] == 1 and rows == self.in_features and G.available()):
+            if not (x2.shape[0] == 1 and rows == self.in_features and G.available() and x2.is_cpu and self.wt.is_cpu):
                 self.weights_skipped += int((d.abs() <= self.threshold).sum()) * self.out_features
             # else: the kernel read every row (too few skipped to pay, gemv.set_dense_below): none saved
         return y.to(x.dtype).view(*shape[:-1], self.out_features)

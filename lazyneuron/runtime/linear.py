@@ -20,6 +20,7 @@ group's rows in one kernel call (:func:`fused_args`), one stream instead of thre
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +35,7 @@ from ..methods.base import DEMO_MODEL, Method
 from ..surgery import DelegatingLazyModule, LazyModule, filter_paths
 
 _EMPTY = torch.empty(0)
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,10 +207,14 @@ class Runtime(Method):
             for p in _encoder_attentions(model):
                 set_module(model, p, FastEncoderAttention(model.get_submodule(p)))
                 paths.append(p)  # reported, and undone with the rest if apply_ fails after this
+        self._hugepages = {"tensors": 0, "bytes": 0}
         if cfg.hugepages and cfg.backend == "auto":  # last: every method's weights are in their final buffers
             from .memory import to_hugepages
 
-            self._hugepages = to_hugepages(model)
+            try:
+                self._hugepages = to_hugepages(model)
+            except (RuntimeError, MemoryError) as e:  # huge pages only speed things up: go on without them
+                log.warning("runtime: the weights stay on ordinary pages (%s: %s); RuntimeConfig(hugepages=False) skips trying", type(e).__name__, e)
 
     def summarize(self, model: nn.Module, cfg: MethodConfig, paths: list[str]) -> dict[str, Any]:
         mods = [m for m in (model.get_submodule(p) for p in paths) if isinstance(m, FastLinear)]

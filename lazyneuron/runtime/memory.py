@@ -3,14 +3,15 @@
 A decode step streams every weight once per token. On 4 KiB pages each 4 KiB of a stream is a
 new TLB entry and the hardware prefetchers stop at every page boundary; a layer weight of 1-4 MB
 is a few hundred such pages per kernel call. Moved onto transparent huge pages (Linux, THP in
-``madvise`` or ``always`` mode), the same kernels read the SmolLM2 layer shapes 5-18% faster,
-the more so the higher the host's bandwidth (``benchmarks/results/hugepages.jsonl``).
+``madvise`` or ``always`` mode), the same kernels read the SmolLM2 layer shapes and LM head 4-16%
+faster (``benchmarks/hugepages.py``, ``benchmarks/results/hugepages.jsonl``).
 
-:func:`to_hugepages` moves the tensors that the method modules (:class:`~lazyneuron.surgery.LazyModule`)
-hold themselves (the runtime's converted weights, fused sibling buffers, activation sparsity's
-rows, expert blocks), never a tensor of the model's own modules, except a converted linear's
-``base.weight`` that already shares storage with the converted weight (``restore_base`` copies it
-out again on ``revert_``). Each tensor keeps its identity: its storage is swapped in place
+:func:`to_hugepages` moves the weight buffers the runtime made: each runtime linear's and sparse
+linear's ``wt`` and the side-by-side buffers of fused siblings, with every view of them that the
+method modules (:class:`~lazyneuron.surgery.LazyModule`) hold, and a converted ``nn.Linear``'s
+``base.weight`` where it shares the converted storage (fp32; ``restore_base`` copies it out again
+on ``revert_``). No other tensor of the model's own modules moves, and a buffer one of them also
+uses stays where it is. Each tensor keeps its identity: its storage is swapped in place
 (``Tensor.set_``), so every reference to it, cached argument tuples included, sees the move.
 Values are copied byte for byte; outputs do not change. Once every method module is reverted, the
 arena is freed.
@@ -29,7 +30,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-MIN_BYTES = 64 << 10  # smaller tensors (biases, norms, scales) stay where they are
+MIN_BYTES = 64 << 10  # smaller weights stay where they are
 ALIGN = 4096  # each storage starts on its own 4 KiB line in the arena
 
 
@@ -52,16 +53,14 @@ def available() -> bool:
 
 
 def arena(nbytes: int) -> torch.Tensor:
-    """A uint8 CPU tensor of ``nbytes`` in 2 MiB-aligned memory marked for huge pages (its pages
-    are faulted in, as huge pages where the OS has them, as it is copied into); a plain tensor
-    where huge pages are not :func:`available`."""
+    """An uninitialised uint8 CPU tensor of ``nbytes`` in 2 MiB-aligned memory marked for huge
+    pages, none of it touched yet (its pages fault in, as huge pages where the OS has them, as it is
+    written); a plain tensor where huge pages are not :func:`available`."""
     if not available():
         return torch.empty(nbytes, dtype=torch.uint8)
     from ..kernels._build import extension
 
-    huge = 2 << 20
-    whole = max(huge, -(-nbytes // huge) * huge)  # whole huge pages (smaller requests get a plain copy)
-    return extension("gemv").hugepage_copy(torch.empty(whole, dtype=torch.uint8))[:nbytes]
+    return extension("gemv").hugepage_empty(max(1, nbytes))[:nbytes]
 
 
 def _tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
@@ -96,68 +95,87 @@ def _key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _stored_weights(m: nn.Module) -> list[torch.Tensor]:
+    """The weight buffers the runtime made for ``m`` (a runtime or sparse linear): its ``wt``, and
+    the side-by-side buffer it is a column block of. Only these move: a method module may also hold
+    tensors that live on in caches outside the model (a calibration's derived tensors), which a move
+    would drag, with the whole arena, past ``revert_``."""
+    if type(m).__name__ not in ("FastLinear", "SparseLinear"):
+        return []
+    out = [m.wt] if isinstance(getattr(m, "wt", None), torch.Tensor) else []
+    fused = getattr(m, "_ln_fused", None)
+    if fused is not None and isinstance(getattr(fused[0], "wt", None), torch.Tensor):
+        out.append(fused[0].wt)
+    return out
+
+
 def to_hugepages(model: nn.Module) -> dict[str, int]:
-    """Move the method modules' stored weights into one huge-page arena (see the module's
-    docstring). Returns {"tensors": moved, "bytes": arena size}; nothing is moved where huge pages
-    are not available."""
+    """Move the runtime's stored weights into one huge-page arena (see the module's docstring).
+    Returns {"tensors": moved, "bytes": arena size}; nothing is moved where huge pages are not
+    available."""
+    none = {"tensors": 0, "bytes": 0}
     if not available():
-        return {"tensors": 0, "bytes": 0}
+        return none
     from ..surgery import LazyModule
 
     lazy = [m for m in model.modules() if isinstance(m, LazyModule)]
-    if not lazy:
-        return {"tensors": 0, "bytes": 0}
-    # a converted linear's base.weight that shares storage with its converted weight moves with it
-    # (restore_base copies it out on revert); every other tensor of the model's own modules pins
-    # its storage where it is
-    shared_bases: dict[int, nn.Parameter] = {}
+    # the storages to move: the runtime's weight buffers (CPU, not empty, at least MIN_BYTES)
+    keys: dict[int, int] = {}  # storage -> bytes
+    for m in lazy:
+        for t in _stored_weights(m):
+            st = t.untyped_storage()
+            if t.device.type == "cpu" and not (t.is_sparse or t.is_quantized) and st.nbytes() >= max(1, MIN_BYTES):
+                keys[_key(t)] = st.nbytes()
+    if not keys:
+        return none
+    # every tensor object on those storages that the method modules hold (views of a fused buffer,
+    # argument tuples); a converted nn.Linear's base.weight sharing the storage moves with it
+    # (restore_base copies it out on revert); any other tensor of the model's own modules on them
+    # keeps the storage where it is
+    groups: dict[int, list[torch.Tensor]] = {k: [] for k in keys}
+    seen: set[int] = set()
+    for m in lazy:
+        for t in _own_tensors(m):
+            if id(t) not in seen and t.device.type == "cpu" and _key(t) in groups:
+                seen.add(id(t))
+                groups[_key(t)].append(t)
+    lazy_ids = {id(m) for m in lazy}
+    bases: set[int] = set()
     for m in lazy:
         base = m._modules.get("base")
-        w = getattr(base, "weight", None) if base is not None else None
-        wt = getattr(m, "wt", None)
-        if isinstance(w, nn.Parameter) and isinstance(wt, torch.Tensor) and type(m).__name__ in ("FastLinear", "SparseLinear") \
-                and w.device.type == "cpu" and wt.device.type == "cpu" and _key(w) == _key(wt):
-            shared_bases[id(w)] = w
-    lazy_ids = {id(m) for m in lazy}
-    pinned: set[int] = set()
+        w = getattr(base, "weight", None)
+        if type(m).__name__ in ("FastLinear", "SparseLinear") and type(base) is nn.Linear and isinstance(w, torch.Tensor) \
+                and w.device.type == "cpu" and _key(w) in groups and id(w) not in seen:
+            seen.add(id(w))
+            bases.add(id(w))
+            groups[_key(w)].append(w)
     for mod in model.modules():
         if id(mod) in lazy_ids:
             continue
         for t in [*mod._parameters.values(), *mod._buffers.values()]:
-            if t is not None and id(t) not in shared_bases and t.device.type == "cpu":
-                pinned.add(_key(t))
-    groups: dict[int, list[torch.Tensor]] = {}
-    seen: set[int] = set()
-    for m in lazy:
-        for t in _own_tensors(m):
-            if id(t) in seen or t.device.type != "cpu" or t.is_sparse or t.is_quantized:
-                continue
-            seen.add(id(t))
-            s = t.untyped_storage()
-            if s.nbytes() >= MIN_BYTES and _key(t) not in pinned:
-                groups.setdefault(_key(t), []).append(t)
+            if t is not None and id(t) not in bases and t.device.type == "cpu":
+                groups.pop(_key(t), None)
+    inference = torch.is_inference_mode_enabled()  # an inference tensor can only be changed inside inference mode
+    groups = {k: ts for k, ts in groups.items() if ts and (inference or not any(t.is_inference() for t in ts))}
     if not groups:
-        return {"tensors": 0, "bytes": 0}
-    for w in shared_bases.values():
-        if _key(w) in groups and id(w) not in seen:
-            groups[_key(w)].append(w)
+        return none
     offsets, total = {}, 0
-    for k, ts in groups.items():
+    for k in groups:
         offsets[k] = total
-        total += -(-ts[0].untyped_storage().nbytes() // ALIGN) * ALIGN
+        total += -(-keys[k] // ALIGN) * ALIGN
     buf = arena(total)
-    if buf.untyped_storage().data_ptr() % (2 << 20):  # hugepage_copy fell back to a plain copy
-        return {"tensors": 0, "bytes": 0}
+    if buf.untyped_storage().data_ptr() % (2 << 20):  # no 2 MiB-aligned memory to be had
+        return none
     dst = buf.untyped_storage()
     moved = 0
     with torch.no_grad():
-        for k, ts in groups.items():
+        for k, ts in groups.items():  # pages fault in group by group, and each old buffer is freed once moved
             src = ts[0].untyped_storage()
             off = offsets[k]
-            buf[off : off + src.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(src))
+            buf[off : off + keys[k]].copy_(torch.empty(0, dtype=torch.uint8).set_(src))
             for t in ts:
-                es = t.element_size()
-                t.set_(dst, off // es + t.storage_offset(), t.size(), t.stride())
+                t.set_(dst, off // t.element_size() + t.storage_offset(), t.size(), t.stride())
                 moved += 1
+            del src
     log.debug("moved %d tensors (%.1f MB) onto huge pages", moved, total / 1e6)
     return {"tensors": moved, "bytes": total}

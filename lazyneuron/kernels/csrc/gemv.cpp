@@ -27,6 +27,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -63,7 +64,7 @@ constexpr int64_t kL1AccBytes = LN_L1_ACC;     // batch 1 reads one row at a tim
 // the dense stream (zero coefficients for the skipped ones): scattered rows cost ~1.15-1.2x the
 // dense stream per byte (SmolLM2 shapes on fp32, 576-1536 wide), so below ~15% skipped the
 // sparse pass is slower than reading everything (benchmarks in docs/runtime.md).
-double g_dense_below = LN_DENSE_BELOW;  // set_dense_below() changes it (0: every sparse call skips rows)
+std::atomic<double> g_dense_below{LN_DENSE_BELOW};  // set_dense_below() changes it (0: every sparse call skips rows)
 
 inline float ld(const float* p, int64_t j) { return p[j]; }
 inline float ld(const uint16_t* p, int64_t j) {
@@ -454,7 +455,7 @@ int64_t run(const float* x, const W* wt, const float* scale, const float* bias, 
       if (any) idx_buf[n++] = static_cast<int32_t>(i);
     }
     idx = idx_buf.data();
-    if (B == 1 && static_cast<double>(in - n) < g_dense_below * static_cast<double>(in)) {
+    if (B == 1 && static_cast<double>(in - n) < g_dense_below.load(std::memory_order_relaxed) * static_cast<double>(in)) {
       // too few rows skipped to pay for reading the rest as scattered rows: every row in one
       // stream, the skipped ones with coefficient 0 (same sum; all rows are reported read)
       for (int64_t i = 0; i < in; ++i) {
@@ -1514,7 +1515,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("last_error", &last_error, "the number of the last failed input check");
   m.def("gemv", &gemv, "dense or sparse-input GEMV over input-major fp32 / bf16 / int8 weights");
   m.def("hugepage_copy", &hugepage_copy, "a copy in 2 MiB-aligned memory marked for transparent huge pages");
-  m.def("set_dense_below", [](double f) { const double old = g_dense_below; g_dense_below = f; return old; },
+  m.def("hugepage_empty", &hugepage_empty, "uninitialised bytes in 2 MiB-aligned memory marked for transparent huge pages");
+  m.def("set_dense_below", [](double f) { return g_dense_below.exchange(std::min(1.0, std::max(0.0, f))); },
         "a batch-1 sparse-input call skipping fewer than this fraction of rows reads them all; returns the previous value");
   m.def("gemm", &gemm, "dense GEMM of a long input over input-major fp32 / bf16 / int8 weights (L2-resident panels)");
   m.def("cats_mlp", &cats_mlp, "CATS MLP reading only the up / down rows of active neurons");

@@ -37,4 +37,24 @@ torch::Tensor hugepage_copy(torch::Tensor t) {
   return c.clone();
 }
 
+// An uninitialised uint8 tensor of `bytes` (> 0) in 2 MiB-aligned memory marked for transparent
+// huge pages, none of it touched: its pages fault in (as huge pages where the OS has them) as it is
+// written, so a caller copying buffers in one by one never holds the old and the new in full at
+// once. A plain allocation where there is no madvise.
+torch::Tensor hugepage_empty(int64_t bytes) {
+  TORCH_CHECK(bytes > 0, "hugepage_empty: a positive size is needed");
+  constexpr size_t kHuge = size_t(2) << 20;
+#if defined(__unix__) || defined(__APPLE__)
+  const size_t alloc = (static_cast<size_t>(bytes) + kHuge - 1) / kHuge * kHuge;
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, alloc) == 0) {
+#if defined(MADV_HUGEPAGE)
+    madvise(p, alloc, MADV_HUGEPAGE);
+#endif
+    return torch::from_blob(p, {bytes}, [](void* q) { std::free(q); }, torch::TensorOptions().dtype(torch::kUInt8));
+  }
+#endif
+  return torch::empty({bytes}, torch::TensorOptions().dtype(torch::kUInt8));
+}
+
 }  // namespace
