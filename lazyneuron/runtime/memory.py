@@ -3,7 +3,7 @@
 A decode step streams every weight once per token. On 4 KiB pages each 4 KiB of a stream is a
 new TLB entry and the hardware prefetchers stop at every page boundary; a layer weight of 1-4 MB
 is a few hundred such pages per kernel call. Moved onto transparent huge pages (Linux, THP in
-``madvise`` or ``always`` mode), the same kernels read the SmolLM2 layer shapes and LM head 4-16%
+``madvise`` or ``always`` mode), the same kernels read the SmolLM2 layer shapes and LM head 2-27%
 faster (``benchmarks/hugepages.py``, ``benchmarks/results/hugepages.jsonl``).
 
 :func:`to_hugepages` moves the weight buffers the runtime made: each runtime linear's and sparse

@@ -12,7 +12,7 @@ namespace {
 
 // A copy of `t` in 2 MiB-aligned memory marked for transparent huge pages (Linux; a plain copy
 // elsewhere). The runtime keeps its weights there (lazyneuron/runtime/memory.py): a decode step
-// streams every weight once per token, 4-16% faster per kernel than from 4 KiB pages. A CMM walk
+// streams every weight once per token, 2-27% faster per kernel than from 4 KiB pages. A CMM walk
 // reads rows scattered over a tree of tens of MB: with 4 KiB pages nearly every row is a TLB miss,
 // with 2 MiB pages a 25 MB tree needs 13 TLB entries (BERT-base dims, 128 tokens, cold: 17-19%
 // less time than the same walk on 4 KiB pages).
