@@ -36,10 +36,10 @@ import lazyneuron as ln
 from lazyneuron import data, runtime
 from lazyneuron.bench import Record, write
 from lazyneuron.kernels import gemv as G
-from lazyneuron.kernels.bench import probe_now
+from lazyneuron.kernels.bench import _median_time, _on_hugepages, probe_now
 from lazyneuron.methods import ActivationSparsityConfig as AS
 from lazyneuron.runtime import RuntimeConfig
-from lazyneuron.runtime.memory import arena, available
+from lazyneuron.runtime.memory import available
 
 OUT = Path(__file__).parent / "results"
 MODEL = "smollm2-135m"
@@ -72,25 +72,12 @@ def _rec(run: str, method: str, dtype: str, metric: str, value: float, unit: str
 
 
 def _copies(in_f: int, out_f: int, dtype: str, huge: bool) -> list[torch.Tensor]:
+    """Random (in, out) weights in ``dtype`` filling COLD bytes, side by side in one huge-page
+    arena (``huge``) or each in ordinary memory."""
     tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    per = in_f * out_f * (4 if dtype == "fp32" else 2)
-    n = max(2, -(-COLD // per))
-    buf = arena(n * per) if huge else torch.empty(n * per, dtype=torch.uint8)
-    out = []
-    for k in range(n):
-        v = buf[k * per : (k + 1) * per].view(tdt).view(in_f, out_f)
-        v.copy_(torch.randn(in_f, out_f).to(tdt))
-        out.append(v)
-    return out
-
-
-def _median_time(f: Any, n: int) -> float:
-    ts = []
-    for k in range(n):
-        t0 = time.perf_counter()
-        f(k)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    n = max(2, -(-COLD // (in_f * out_f * (4 if dtype == "fp32" else 2))))
+    ws = [torch.randn(in_f, out_f).to(tdt) for _ in range(n)]
+    return _on_hugepages(ws) if huge else ws
 
 
 @torch.inference_mode()
