@@ -20,7 +20,7 @@ needs_ext = pytest.mark.skipif(not (G.available() and D.available()), reason="C+
 
 @needs_ext
 @pytest.mark.parametrize("dtype", G.DTYPES)
-@pytest.mark.parametrize("in_f,out_f", [(64, 48), (576, 192), (1536, 576), (7, 2049), (300, 33), (96, 70000)])
+@pytest.mark.parametrize("in_f,out_f", [(64, 48), (576, 192), (40, 100), (1536, 576), (7, 2049), (300, 33), (96, 70000)])
 @pytest.mark.parametrize("batch", [1, 2, 5, 8, 16])
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_gemv_matches_reference(dtype: str, in_f: int, out_f: int, batch: int, mode: str) -> None:
