@@ -277,6 +277,57 @@ inline void unshuffle(float* acc, int64_t rows, int64_t lda, int64_t len) {
 #endif
 }
 
+// One token (batch 1), a group of R rows: acc[0 : n] += sum_r v[r] * rows[r][0 : n], the
+// accumulators loaded and stored once per group. Each row slot's stream is prefetched without a
+// branch per vector: the line pd elements ahead lies in the group G ahead for j < jsw (at
+// near[r] + j) and in the group G + 1 ahead from jsw on (at far[r] + j); a slot with nothing
+// ahead points at its own row (a line being read).
+template <typename W, int64_t R>
+inline void group_pass_b1(const W* const* rows, const W* const* near, const W* const* far, int64_t jsw, const float* v, float* acc, int64_t n) {
+  int64_t j = 0;
+#ifndef LN_SCALAR
+  vec xb[R];
+  for (int64_t r = 0; r < R; ++r) xb[r] = vbroadcast(v[r]);
+  constexpr int64_t step = std::is_same_v<W, uint16_t> ? 2 * kV : kV;  // elements per vector of weights
+  constexpr int64_t every = std::max<int64_t>(1, 64 / (step * static_cast<int64_t>(sizeof(W))));  // vectors per line
+  auto body = [&](int64_t c, const W* const* pf, int64_t s) {
+    if (s % every == 0)
+      for (int64_t r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf[r] + c), LN_HINT);
+    if constexpr (std::is_same_v<W, uint16_t>) {
+      vec ae = vload(acc + c), ao = vload(acc + c + kV);
+      for (int64_t r = 0; r < R; ++r) {
+        vec we, wo;
+        vload_pairs(rows[r] + c, we, wo);
+        ae = vfmav(xb[r], we, ae);
+        ao = vfmav(xb[r], wo, ao);
+      }
+      vstore(acc + c, ae);
+      vstore(acc + c + kV, ao);
+    } else {
+      vec a = vload(acc + c);
+      for (int64_t r = 0; r < R; ++r) a = vfmav(xb[r], vload(rows[r] + c), a);
+      vstore(acc + c, a);
+    }
+  };
+  const int64_t full = n / step * step, mid = std::min(full, (jsw + step - 1) / step * step);
+  int64_t s = 0;
+  for (; j < mid; j += step, ++s) body(j, near, s);
+  for (; j < full; j += step, ++s) body(j, far, s);
+  if constexpr (std::is_same_v<W, uint16_t>) {  // a last block of kV columns: as group_pass, in column order
+    for (; j + kV <= n; j += kV) {
+      vec a = vload(acc + j);
+      for (int64_t r = 0; r < R; ++r) a = vfmav(xb[r], vload(rows[r] + j), a);
+      vstore(acc + j, a);
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    float t = acc[j];
+    for (int64_t r = 0; r < R; ++r) t += v[r] * ld(rows[r], j);
+    acc[j] = t;
+  }
+}
+
 // acc (B rows, stride lda) += sum_{k in [k0, k1)} vals[k*B + b] * Wt[row k, j0 : j0 + len]
 // in groups of R rows: the accumulators are loaded and stored once per group
 template <typename W, int64_t R>
@@ -295,6 +346,16 @@ void rows_pass_r(const W* wt, int64_t out, const int32_t* idx, const float* vals
       const int64_t a = k + G * R + r, b = a + R;
       far0[r] = a < k1 ? row(a) : nullptr;
       far1[r] = b < k1 ? row(b) : nullptr;
+    }
+    if (B == 1) {  // one token: the same pass without a branch per vector for its prefetches (1.1-1.25x on fp32 sparse rows)
+      const W* near[R];
+      const W* far[R];
+      for (int64_t r = 0; r < R; ++r) {
+        near[r] = far0[r] ? far0[r] + (pd - base) : rows[r];
+        far[r] = far1[r] ? far1[r] + (pd - base - len) : rows[r];
+      }
+      group_pass_b1<W, R>(rows, near, far, base + len - pd, vals + k, acc, len);
+      continue;
     }
     auto ahead = [&](int64_t r, int64_t pj) -> const W* {  // pj = j + pd with 0 <= j < len: G or G + 1 groups ahead
       const int64_t off = pj - base;
