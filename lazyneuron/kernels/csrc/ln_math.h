@@ -11,7 +11,11 @@ namespace {
 // per element). Inputs are clamped to [-87, 88].
 inline float exp_fast(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // n = x / ln 2 rounded to the nearest integer by the 1.5 * 2^23 trick: its low bits then hold n,
+  // with no float-to-int conversion (which, as it may trap, keeps the loop from vectorising)
+  constexpr float kMagic = 12582912.0f;
+  const float t = x * 1.44269504088896341f + kMagic;
+  const float n = t - kMagic;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -20,9 +24,7 @@ inline float exp_fast(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
+  const int32_t bits = (__builtin_bit_cast(int32_t, t) - 0x4B400000 + 127) << 23;  // 2^n
+  return p * __builtin_bit_cast(float, bits);
 }
 }  // namespace
