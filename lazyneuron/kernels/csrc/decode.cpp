@@ -8,7 +8,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>

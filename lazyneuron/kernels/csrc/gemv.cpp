@@ -61,9 +61,10 @@ constexpr int64_t kL1AccBytes = LN_L1_ACC;     // batch 1 reads one row at a tim
 #define LN_DENSE_BELOW 0.15
 #endif
 // A sparse-input call at batch 1 that skips fewer than this fraction of its rows reads them all as
-// the dense stream (zero coefficients for the skipped ones): scattered rows cost ~1.15-1.2x the
-// dense stream per byte (SmolLM2 shapes on fp32, 576-1536 wide), so below ~15% skipped the
-// sparse pass is slower than reading everything (benchmarks in docs/runtime.md).
+// the dense stream (zero coefficients for the skipped ones): scattered rows cost more per byte than
+// the dense stream, so below a break-even the sparse pass is the slower one. Measured on the
+// SmolLM2 shapes: ~10% skipped for fp32 rows (2.3-12 KB), 15-30% for bf16 (1.1-6 KB); 15% sits
+// between them (benchmarks in docs/runtime.md).
 std::atomic<double> g_dense_below{LN_DENSE_BELOW};  // set_dense_below() changes it (0: every sparse call skips rows)
 
 inline float ld(const float* p, int64_t j) { return p[j]; }

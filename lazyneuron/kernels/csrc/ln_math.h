@@ -9,6 +9,17 @@ namespace {
 // exp without a library call (Cephes' expf: range reduction by ln 2, degree-6 polynomial,
 // relative error ~1e-7), branch-free so that a loop over it vectorises (std::exp is a scalar call
 // per element). Inputs are clamped to [-87, 88].
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float float_of(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 inline float exp_fast(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   // n = x / ln 2 rounded to the nearest integer by the 1.5 * 2^23 trick: its low bits then hold n,
@@ -24,7 +35,7 @@ inline float exp_fast(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const int32_t bits = (__builtin_bit_cast(int32_t, t) - 0x4B400000 + 127) << 23;  // 2^n
-  return p * __builtin_bit_cast(float, bits);
+  const uint32_t bits = (bits_of(t) - 0x4B400000u + 127u) << 23;  // 2^n (unsigned: a NaN input shifts no negative value)
+  return p * float_of(bits);
 }
 }  // namespace
