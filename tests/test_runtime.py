@@ -205,6 +205,36 @@ def test_attn_decode_matches_reference(heads: int, kv: int, batch: int) -> None:
 
 
 @needs_ext
+@pytest.mark.parametrize("pos", [0, 63, 64, 200, 650])
+@pytest.mark.parametrize("batch,D_,heads,kv", [(1, 64, 9, 3), (2, 64, 8, 2), (1, 64, 4, 4), (1, 64, 6, 3), (1, 24, 9, 3)])
+def test_attn_decode_long_cache_in_chunks(pos: int, batch: int, D_: int, heads: int, kv: int) -> None:
+    """Long caches are split into chunks of positions (across threads) and merged: the result must
+    not depend on the split, for every chunk count, a last chunk of one position, 1 to 4 query heads
+    per key / value head (heads of 64 keep their accumulators in registers), and a head size off
+    the vector width."""
+    g = torch.Generator().manual_seed(pos * 7 + batch + D_ + heads)
+    L = 700
+    q, k, v = torch.randn(batch, heads * D_, generator=g), torch.randn(batch, kv * D_, generator=g), torch.randn(batch, kv * D_, generator=g)
+    ang = torch.rand(D_ // 2, generator=g) * 3
+    cos, sin = torch.cat([ang.cos(), ang.cos()]), torch.cat([ang.sin(), ang.sin()])
+    kc, vc = torch.randn(batch, kv, L, D_, generator=g), torch.randn(batch, kv, L, D_, generator=g)
+    kc2, vc2 = kc.clone(), vc.clone()
+    scale = D_ ** -0.5
+    y = D.attn_decode(q, k, v, cos, sin, kc, vc, pos, scale)
+    ref = D.attn_decode_reference(q, k, v, cos, sin, kc2, vc2, pos, scale)
+    assert (y - ref).abs().max().item() < 1e-5
+    assert torch.allclose(kc, kc2, atol=1e-6) and torch.equal(vc, vc2)
+    with torch.no_grad():  # one thread: the same result as two
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            y1 = D.attn_decode(q, k, v, cos, sin, kc2.clone(), vc2.clone(), pos, scale)
+        finally:
+            torch.set_num_threads(n)
+    assert (y1 - ref).abs().max().item() < 1e-5
+
+
+@needs_ext
 @pytest.mark.parametrize("batch", [1, 3])
 def test_silu_mul_matches_reference(batch: int) -> None:
     gu = 4 * torch.randn(batch, 2 * 37, generator=torch.Generator().manual_seed(batch))
