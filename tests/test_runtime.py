@@ -205,25 +205,30 @@ def test_attn_decode_matches_reference(heads: int, kv: int, batch: int) -> None:
 
 
 @needs_ext
+@pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pos", [0, 63, 64, 200, 650])
 @pytest.mark.parametrize("batch,D_,heads,kv", [(1, 64, 9, 3), (2, 64, 8, 2), (1, 64, 4, 4), (1, 64, 6, 3), (1, 24, 9, 3)])
-def test_attn_decode_long_cache_in_chunks(pos: int, batch: int, D_: int, heads: int, kv: int) -> None:
+def test_attn_decode_long_cache_in_chunks(pos: int, batch: int, D_: int, heads: int, kv: int, cache: torch.dtype) -> None:
     """Long caches are split into chunks of positions (across threads) and merged: the result must
     not depend on the split, for every chunk count, a last chunk of one position, 1 to 4 query heads
-    per key / value head (heads of 64 keep their accumulators in registers), and a head size off
-    the vector width."""
+    per key / value head (heads of 64 keep their accumulators in registers), a head size off the
+    vector width, and a bf16 cache (read exactly as stored; the new key and value are bf16 values
+    and the rotation the identity there, so that no rounding to bf16 can fall on a tie between
+    the kernel's fp32 rotation and torch's)."""
     g = torch.Generator().manual_seed(pos * 7 + batch + D_ + heads)
     L = 700
     q, k, v = torch.randn(batch, heads * D_, generator=g), torch.randn(batch, kv * D_, generator=g), torch.randn(batch, kv * D_, generator=g)
     ang = torch.rand(D_ // 2, generator=g) * 3
+    if cache == torch.bfloat16:
+        k, v, ang = k.to(cache).float(), v.to(cache).float(), torch.zeros(D_ // 2)
     cos, sin = torch.cat([ang.cos(), ang.cos()]), torch.cat([ang.sin(), ang.sin()])
-    kc, vc = torch.randn(batch, kv, L, D_, generator=g), torch.randn(batch, kv, L, D_, generator=g)
+    kc, vc = torch.randn(batch, kv, L, D_, generator=g).to(cache), torch.randn(batch, kv, L, D_, generator=g).to(cache)
     kc2, vc2 = kc.clone(), vc.clone()
     scale = D_ ** -0.5
     y = D.attn_decode(q, k, v, cos, sin, kc, vc, pos, scale)
     ref = D.attn_decode_reference(q, k, v, cos, sin, kc2, vc2, pos, scale)
     assert (y - ref).abs().max().item() < 1e-5
-    assert torch.allclose(kc, kc2, atol=1e-6) and torch.equal(vc, vc2)
+    assert torch.allclose(kc.float(), kc2.float(), atol=1e-6) and torch.equal(vc, vc2)
     with torch.no_grad():  # one thread: the same result as two
         n = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -375,6 +380,34 @@ def test_decode_step_logits_match_forward() -> None:
     st.prefill(ids[:, :8])
     for p in range(8, 12):
         assert torch.allclose(st.step(ids[:, p], p), full[:, p], atol=1e-4)
+
+
+def test_decode_step_bf16_cache() -> None:
+    """RuntimeConfig(kv_cache="bf16"): the step keeps keys and values in bf16; its logits are the
+    model's, up to the cache's rounding, with the kernels and in pure torch; revert restores fp32."""
+    from lazyneuron.runtime import DecodeStep
+
+    m = tiny_causal_lm("llama", layers=2)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    full = m(ids).logits  # (2, 12, V)
+    ln.apply_(m, RuntimeConfig(kv_cache="bf16"))
+    for kernels in (True, False):
+        st = DecodeStep(m, 2, 16)
+        assert st.kv_cache == "bf16" and st.kc[0].dtype == torch.bfloat16
+        if not kernels:
+            st._ext = None
+        st.prefill(ids[:, :8])
+        for p in range(8, 12):
+            got = st.step(ids[:, p], p)
+            err = (got - full[:, p]).abs().max().item()
+            assert 0 < err < 0.02 * full[:, p].abs().max().item()  # rounded, not exact, and close
+    assert generate(m, ids[:, :8], 6).shape == (2, 6)
+    ln.revert_(m)
+    assert DecodeStep(m, 2, 16).kc[0].dtype == torch.float32
+    with pytest.raises(ValueError, match="kv_cache"):
+        RuntimeConfig(kv_cache="fp16").validate()
+    with pytest.raises(ValueError, match="kv_cache"):
+        DecodeStep(m, 2, 16, kv_cache="int4")
 
 
 @pytest.mark.parametrize("kernels", [True, False])

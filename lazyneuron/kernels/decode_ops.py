@@ -29,7 +29,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def attn_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           kc: torch.Tensor, vc: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
-    """q: (B, H*D); k, v: (B, KV*D); cos, sin: (D,); kc, vc: (B, KV, L, D) written at ``pos``.
+    """q: (B, H*D); k, v: (B, KV*D); cos, sin: (D,); kc, vc: (B, KV, L, D), fp32 or bf16, written at ``pos``.
     k and v empty: q is (B, H*D + 2*KV*D), each row q | k | v."""
     B, KV, L, D = kc.shape
     if k.numel() == 0 and v.numel() == 0:
@@ -40,8 +40,8 @@ def attn_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
     qh = qh * cos + _rotate_half(qh) * sin
     kc[:, :, pos] = kh * cos + _rotate_half(kh) * sin
     vc[:, :, pos] = v.view(B, KV, D)
-    keys = kc[:, :, : pos + 1].repeat_interleave(H // KV, 1)  # (B, H, T, D)
-    vals = vc[:, :, : pos + 1].repeat_interleave(H // KV, 1)
+    keys = kc[:, :, : pos + 1].float().repeat_interleave(H // KV, 1)  # (B, H, T, D); a bf16 cache widened
+    vals = vc[:, :, : pos + 1].float().repeat_interleave(H // KV, 1)
     p = torch.softmax((keys @ qh.unsqueeze(-1)).squeeze(-1) * scale, -1)  # (B, H, T)
     return (p.unsqueeze(-2) @ vals).reshape(B, H * D)
 
@@ -50,7 +50,7 @@ _MESSAGES = {
     21: "x / h must be (B, d) contiguous float32",
     22: "the norm weight must be (d,) contiguous float32",
     23: "delta must be contiguous float32 with as many elements as h",
-    31: "the key / value caches must be equal (B, KV, L, D) contiguous float32 tensors",
+    31: "the key / value caches must be equal (B, KV, L, D) contiguous float32 (or both bfloat16) tensors",
     32: "pos is outside the cache; allocate a longer cache",
     33: "q must be (B, H*D) contiguous float32 with H a multiple of the key / value heads",
     34: "k and v must be (B, KV*D) contiguous float32",

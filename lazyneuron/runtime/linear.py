@@ -38,12 +38,18 @@ _EMPTY = torch.empty(0)
 log = logging.getLogger(__name__)
 
 
+KV_CACHES = ("fp32", "bf16")
+
+
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig(MethodConfig):
     """``dtype``: the weight format of the converted linears: ``fp32`` (exact), ``bf16`` or ``int8``
     (weight-only, one scale per output channel); ``backend``: ``auto`` (the C++ kernels when they
     built) or ``reference`` (pure torch, for checking); ``hugepages``: keep the converted weights
-    on 2 MiB pages where the OS offers them (Linux THP; see :mod:`lazyneuron.runtime.memory`)."""
+    on 2 MiB pages where the OS offers them (Linux THP; see :mod:`lazyneuron.runtime.memory`);
+    ``kv_cache``: the format of the decode step's key / value cache, ``fp32`` (exact: greedy tokens
+    equal the eager model's) or ``bf16`` (half the bytes attention reads per position, as llama.cpp's
+    default f16 cache; keys and values rounded as they are written)."""
 
     name: ClassVar[str] = "runtime"
     targets: tuple[str, ...] = ("attn_in", "attn_out", "mlp_in", "mlp_out", "head",  # + an encoder-decoder's (Whisper's) other linears:
@@ -51,14 +57,16 @@ class RuntimeConfig(MethodConfig):
     dtype: str = "fp32"
     backend: str = "auto"
     hugepages: bool = True
+    kv_cache: str = "fp32"
 
     def validate(self) -> None:
         super().validate()
         self._check_choice("dtype", G.DTYPES)
         self._check_choice("backend", ("auto", "reference"))
+        self._check_choice("kv_cache", KV_CACHES)
 
     def at_zero_strength(self) -> "RuntimeConfig":
-        return dataclasses.replace(self, dtype="fp32")
+        return dataclasses.replace(self, dtype="fp32", kv_cache="fp32")
 
 
 class FastLinear(LazyModule):
@@ -71,6 +79,7 @@ class FastLinear(LazyModule):
     def __init__(self, base: nn.Linear, dtype: str, backend: str = "auto") -> None:
         super().__init__(base)
         self.dtype, self.backend = dtype, backend
+        self.kv_cache = "fp32"  # the decode step's cache format (RuntimeConfig.kv_cache, set by the runtime)
         self.in_features, self.out_features = base.in_features, base.out_features
         if dtype == "fp32" and base.weight.dtype == torch.float32 and not _is_shared(base):
             wt = base.weight.detach().t().contiguous()  # (in, out)
@@ -207,6 +216,10 @@ class Runtime(Method):
             for p in _encoder_attentions(model):
                 set_module(model, p, FastEncoderAttention(model.get_submodule(p)))
                 paths.append(p)  # reported, and undone with the rest if apply_ fails after this
+        for p in paths:  # the decode step reads its cache format off the runtime's linears
+            mod = model.get_submodule(p)
+            if isinstance(mod, FastLinear):
+                mod.kv_cache = cfg.kv_cache
         self._hugepages = {"tensors": 0, "bytes": 0}
         if cfg.hugepages and cfg.backend == "auto":  # last: every method's weights are in their final buffers
             from .memory import to_hugepages

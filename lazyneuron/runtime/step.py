@@ -91,7 +91,7 @@ def _inner(model: nn.Module) -> Any:
 class DecodeStep:
     """Greedy decoding state for ``batch`` sequences of at most ``max_len`` tokens."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, kv_cache: str | None = None) -> None:
         if not supports_step(model):
             raise ValueError(f"DecodeStep does not cover this {type(model).__name__}; use lazyneuron.runtime.generate, which falls back to the model's forward")
         cfg = model.config
@@ -105,8 +105,12 @@ class DecodeStep:
         kv = int(cfg.num_key_value_heads)
         self.scale = float(getattr(att, "scaling", self.head_dim ** -0.5))
         self.batch, self.max_len = batch, max_len
-        self.kc = [torch.zeros(batch, kv, max_len, self.head_dim) for _ in self.layers]  # (B, KV, L, D) per layer
-        self.vc = [torch.zeros(batch, kv, max_len, self.head_dim) for _ in self.layers]
+        self.kv_cache = kv_cache or _kv_cache_of(model)
+        if self.kv_cache not in ("fp32", "bf16"):
+            raise ValueError(f"kv_cache={self.kv_cache!r}: use 'fp32' (exact) or 'bf16' (half the bytes per position)")
+        cdt = torch.bfloat16 if self.kv_cache == "bf16" else torch.float32
+        self.kc = [torch.zeros(batch, kv, max_len, self.head_dim, dtype=cdt) for _ in self.layers]  # (B, KV, L, D) per layer
+        self.vc = [torch.zeros(batch, kv, max_len, self.head_dim, dtype=cdt) for _ in self.layers]
         pos = torch.arange(max_len).unsqueeze(0)
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)  # (1, L, D): the model's own tables
         self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
@@ -287,6 +291,16 @@ class DecodeStep:
                 if bool(done[0]):
                     return self._exit(ee, i, h, pos)
         return self.head(x).float()
+
+
+def _kv_cache_of(model: nn.Module) -> str:
+    """The cache format the runtime was applied with (``RuntimeConfig.kv_cache``), fp32 without it."""
+    from .linear import FastLinear
+
+    for m in model.modules():
+        if isinstance(m, FastLinear):
+            return m.kv_cache
+    return "fp32"
 
 
 def _gemv_or(gemv: Any, direct: tuple[Any, ...] | None, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:

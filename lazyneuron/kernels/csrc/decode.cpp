@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "ln_check.h"
@@ -68,16 +69,30 @@ inline float head_dot(const float* __restrict__ q, const float* __restrict__ k, 
 }
 
 #if defined(__AVX512F__)
+// 16 values of a cache row as fp32: fp32 as stored, bf16 widened exactly
+inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 ld16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+// q . k over a head of 64 (the same sums, in the same order, as head_dot)
+template <typename CT>
+inline float dot64(const float* __restrict__ q, const CT* __restrict__ k) {
+  __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), ld16(k));
+  __m512 b = _mm512_mul_ps(_mm512_loadu_ps(q + 16), ld16(k + 16));
+  a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 32), ld16(k + 32), a);
+  b = _mm512_fmadd_ps(_mm512_loadu_ps(q + 48), ld16(k + 48), b);
+  return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+}
 // acc (G, 64) = sum_t s[h * n + t] * V[t] for t < n: the G query heads' accumulators (4 vectors
 // each) held in registers over the whole chunk, each value row loaded once for all G heads
-template <int G>
-inline void pv64(const float* __restrict__ V, const float* __restrict__ s, int64_t n, float* __restrict__ acc) {
+template <int G, typename CT>
+inline void pv64(const CT* __restrict__ V, const float* __restrict__ s, int64_t n, float* __restrict__ acc) {
   __m512 a[G][4];
   for (int h = 0; h < G; ++h)
     for (int j = 0; j < 4; ++j) a[h][j] = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; ++t) {
-    const float* vr = V + t * 64;
-    const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16), v2 = _mm512_loadu_ps(vr + 32), v3 = _mm512_loadu_ps(vr + 48);
+    const CT* vr = V + t * 64;
+    const __m512 v0 = ld16(vr), v1 = ld16(vr + 16), v2 = ld16(vr + 32), v3 = ld16(vr + 48);
     for (int h = 0; h < G; ++h) {
       const __m512 p = _mm512_set1_ps(s[h * n + t]);
       a[h][0] = _mm512_fmadd_ps(p, v0, a[h][0]);
@@ -96,6 +111,21 @@ inline void rms_row(const float* x, const float* w, float* y, int64_t d, float e
   const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
 #pragma GCC ivdep
   for (int64_t i = 0; i < d; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+// bf16 <-> fp32 bits: round to nearest even (as torch converts), and widen exactly
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
 
 inline void rope(const float* x, const float* cos, const float* sin, float* out, int64_t D) {
@@ -129,12 +159,13 @@ torch::Tensor add_rmsnorm(torch::Tensor h, torch::Tensor delta, torch::Tensor w,
   return y;
 }
 
-// q: (B, H*D); k, v: (B, KV*D); cos, sin: (D); kc, vc: (B, KV, L, D); 0 <= pos < L.
+// q: (B, H*D); k, v: (B, KV*D); cos, sin: (D); kc, vc: (B, KV, L, D), fp32 or bf16; 0 <= pos < L.
 // Returns (B, H*D). Writes the rotated k and v into kc / vc at pos.
 torch::Tensor attn_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc,
                           torch::Tensor vc, int64_t pos, double scale) {
-  LN_CHECK(kc.dim() == 4 && kc.scalar_type() == torch::kFloat32 && kc.is_contiguous() && vc.sizes() == kc.sizes() && vc.is_contiguous() &&
-               vc.scalar_type() == torch::kFloat32, 31);
+  const bool half = kc.scalar_type() == torch::kBFloat16;  // a bf16 cache: rows rounded as written, widened as read
+  LN_CHECK(kc.dim() == 4 && (kc.scalar_type() == torch::kFloat32 || half) && kc.is_contiguous() && vc.sizes() == kc.sizes() &&
+               vc.is_contiguous() && vc.scalar_type() == kc.scalar_type(), 31);
   const int64_t B = kc.size(0), KV = kc.size(1), L = kc.size(2), D = kc.size(3);
   LN_CHECK(pos >= 0 && pos < L, 32);
   // fused: k and v empty, q holds each row's q, k and v side by side (one projection call's output)
@@ -153,12 +184,26 @@ torch::Tensor attn_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
   const float* kp = fused ? qp + qw : k.data_ptr<float>();
   const float* vp = fused ? qp + qw + KV * D : v.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  float *kcp = kc.data_ptr<float>(), *vcp = vc.data_ptr<float>(), *op = out.data_ptr<float>();
+  float* kcp = half ? nullptr : kc.data_ptr<float>();
+  float* vcp = half ? nullptr : vc.data_ptr<float>();
+  uint16_t* kch = half ? reinterpret_cast<uint16_t*>(kc.data_ptr()) : nullptr;
+  uint16_t* vch = half ? reinterpret_cast<uint16_t*>(vc.data_ptr()) : nullptr;
+  float* op = out.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < KV; ++g) {
       const int64_t off = ((b * KV + g) * L + pos) * D;
-      rope(kp + b * ldk + g * D, cp, sp, kcp + off, D);
-      std::copy(vp + b * ldk + g * D, vp + b * ldk + (g + 1) * D, vcp + off);
+      if (half) {
+        thread_local std::vector<float> kr;
+        kr.resize(D);
+        rope(kp + b * ldk + g * D, cp, sp, kr.data(), D);
+        for (int64_t j = 0; j < D; ++j) {
+          kch[off + j] = to_bf16(kr[j]);
+          vch[off + j] = to_bf16(vp[b * ldk + g * D + j]);
+        }
+      } else {
+        rope(kp + b * ldk + g * D, cp, sp, kcp + off, D);
+        std::copy(vp + b * ldk + g * D, vp + b * ldk + (g + 1) * D, vcp + off);
+      }
     }
   const int64_t T = pos + 1;
   // Work items: (sequence, key / value head, chunk of positions). Each item reads its keys and
@@ -181,54 +226,85 @@ torch::Tensor attn_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
   auto item = [&](int64_t it) {
     const int64_t c = it % C, bg = it / C, b = bg / KV, g = bg % KV;
     const int64_t t0 = c * chunk, t1 = std::min(T, t0 + chunk), n = t1 - t0;
-    const float* K = kcp + (b * KV + g) * L * D;
-    const float* V = vcp + (b * KV + g) * L * D;
+    const int64_t base = (b * KV + g) * L * D;
     thread_local std::vector<float> s, acc;
     s.resize(static_cast<size_t>(G * n));
     acc.resize(static_cast<size_t>(G * D));
-    for (int64_t t = t0; t < t1; ++t) {
+    // keys and values of positions t0 .. t1 - 1 (row t - t0), in the cache's format
+    auto prefetch = [&](const auto* K, const auto* V, int64_t t) {
 #if defined(__x86_64__) || defined(__i386__)
-      if (t + kAhead < t1)  // the key and value rows kAhead positions on, every line of them
-        for (int64_t off = 0; off < D; off += 16) {
-          _mm_prefetch(reinterpret_cast<const char*>(K + (t + kAhead) * D + off), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(V + (t + kAhead) * D + off), _MM_HINT_T0);
+      if (t + kAhead < n) {  // the key and value rows kAhead positions on, every line of them
+        const int64_t bytes = D * static_cast<int64_t>(sizeof(*K));
+        for (int64_t off = 0; off < bytes; off += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(K + (t + kAhead) * D) + off, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(V + (t + kAhead) * D) + off, _MM_HINT_T0);
         }
-#endif
-      for (int64_t h = 0; h < G; ++h) s[h * n + (t - t0)] = head_dot(qr + (b * H + g * G + h) * D, K + t * D, D) * sc;
-    }
-    std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t h = 0; h < G; ++h) {
-      float* sh = s.data() + h * n;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sh[t]);
-      float den = 0.f;
-      for (int64_t t = 0; t < n; ++t) {
-        sh[t] = exp_fast(sh[t] - mx);
-        den += sh[t];
       }
-      float* o = pt + ((b * H + g * G + h) * C + c) * (D + 2);
-      o[D] = mx;
-      o[D + 1] = den;
-    }
+#endif
+    };
+    auto softmax = [&]() {  // scores -> e^(s - max) per query head; max and sum into the partials
+      for (int64_t h = 0; h < G; ++h) {
+        float* sh = s.data() + h * n;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sh[t]);
+        float den = 0.f;
+        for (int64_t t = 0; t < n; ++t) {
+          sh[t] = exp_fast(sh[t] - mx);
+          den += sh[t];
+        }
+        float* o = pt + ((b * H + g * G + h) * C + c) * (D + 2);
+        o[D] = mx;
+        o[D + 1] = den;
+      }
+    };
     bool done = false;
 #if defined(__AVX512F__)
-    if (D == 64 && G <= 4) {  // Llama-family heads of 64: the accumulators stay in registers
+    if (D == 64 && G <= 4) {  // Llama-family heads of 64: the cache read as stored, the accumulators in registers
+      auto fast = [&](const auto* K, const auto* V) {
+        using CT = std::remove_const_t<std::remove_pointer_t<decltype(K)>>;
+        for (int64_t t = 0; t < n; ++t) {
+          prefetch(K, V, t);
+          for (int64_t h = 0; h < G; ++h) s[h * n + t] = dot64<CT>(qr + (b * H + g * G + h) * D, K + t * D) * sc;
+        }
+        softmax();
+        switch (G) {
+          case 1: pv64<1, CT>(V, s.data(), n, acc.data()); break;
+          case 2: pv64<2, CT>(V, s.data(), n, acc.data()); break;
+          case 3: pv64<3, CT>(V, s.data(), n, acc.data()); break;
+          default: pv64<4, CT>(V, s.data(), n, acc.data()); break;
+        }
+      };
+      if (half) fast(kch + base + t0 * D, vch + base + t0 * D);
+      else fast(kcp + base + t0 * D, vcp + base + t0 * D);
       done = true;
-      switch (G) {
-        case 1: pv64<1>(V + t0 * D, s.data(), n, acc.data()); break;
-        case 2: pv64<2>(V + t0 * D, s.data(), n, acc.data()); break;
-        case 3: pv64<3>(V + t0 * D, s.data(), n, acc.data()); break;
-        default: pv64<4>(V + t0 * D, s.data(), n, acc.data()); break;
-      }
     }
 #endif
-    for (int64_t t = t0; t < t1 && !done; ++t) {
-      const float* vr = V + t * D;
-      for (int64_t h = 0; h < G; ++h) {
-        const float p = s[h * n + (t - t0)];
-        float* a = acc.data() + h * D;
+    if (!done) {
+      thread_local std::vector<float> kw, vw;  // a bf16 cache's chunk, widened
+      if (half) {
+        kw.resize(static_cast<size_t>(n * D));
+        vw.resize(static_cast<size_t>(n * D));
+        for (int64_t i = 0; i < n * D; ++i) {
+          kw[i] = from_bf16(kch[base + t0 * D + i]);
+          vw[i] = from_bf16(vch[base + t0 * D + i]);
+        }
+      }
+      const float* K = half ? kw.data() : kcp + base + t0 * D;
+      const float* V = half ? vw.data() : vcp + base + t0 * D;
+      for (int64_t t = 0; t < n; ++t) {
+        prefetch(K, V, t);
+        for (int64_t h = 0; h < G; ++h) s[h * n + t] = head_dot(qr + (b * H + g * G + h) * D, K + t * D, D) * sc;
+      }
+      softmax();
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < n; ++t) {
+        const float* vr = V + t * D;
+        for (int64_t h = 0; h < G; ++h) {
+          const float p = s[h * n + t];
+          float* a = acc.data() + h * D;
 #pragma GCC ivdep
-        for (int64_t j = 0; j < D; ++j) a[j] += p * vr[j];
+          for (int64_t j = 0; j < D; ++j) a[j] += p * vr[j];
+        }
       }
     }
     for (int64_t h = 0; h < G; ++h) std::copy(acc.data() + h * D, acc.data() + (h + 1) * D, pt + ((b * H + g * G + h) * C + c) * (D + 2));
