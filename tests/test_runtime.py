@@ -207,7 +207,7 @@ def test_attn_decode_matches_reference(heads: int, kv: int, batch: int) -> None:
 @needs_ext
 @pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pos", [0, 63, 64, 200, 650])
-@pytest.mark.parametrize("batch,D_,heads,kv", [(1, 64, 9, 3), (2, 64, 8, 2), (1, 64, 4, 4), (1, 64, 6, 3), (1, 24, 9, 3)])
+@pytest.mark.parametrize("batch,D_,heads,kv", [(1, 64, 9, 3), (2, 64, 8, 2), (1, 64, 4, 4), (1, 64, 6, 3), (1, 64, 10, 2), (1, 24, 9, 3)])
 def test_attn_decode_long_cache_in_chunks(pos: int, batch: int, D_: int, heads: int, kv: int, cache: torch.dtype) -> None:
     """Long caches are split into chunks of positions (across threads) and merged: the result must
     not depend on the split, for every chunk count, a last chunk of one position, 1 to 4 query heads
@@ -380,6 +380,23 @@ def test_decode_step_logits_match_forward() -> None:
     st.prefill(ids[:, :8])
     for p in range(8, 12):
         assert torch.allclose(st.step(ids[:, p], p), full[:, p], atol=1e-4)
+
+
+@needs_ext
+def test_attn_decode_bf16_cache_rounds_as_torch() -> None:
+    """A value written into a bf16 cache is rounded to nearest even, as torch converts: halfway
+    cases, the largest finite values, infinities and NaN."""
+    D_, kv = 16, 1
+    vals = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 3.3895314e38, 3.4e38, float("inf"), -float("inf"), 0.0, -0.0, 1e-40,
+                         2 ** -133, 1.0, 0.1, -7.77, 65504.0, float("nan")])
+    q = torch.randn(1, D_)
+    k, v = torch.zeros(1, D_), vals.view(1, D_)
+    cos, sin = torch.ones(D_), torch.zeros(D_)
+    kc, vc = torch.zeros(1, kv, 4, D_, dtype=torch.bfloat16), torch.zeros(1, kv, 4, D_, dtype=torch.bfloat16)
+    D.attn_decode(q, k, v, cos, sin, kc, vc, 0, 0.25)
+    want = vals.to(torch.bfloat16)
+    got = vc[0, 0, 0]
+    assert torch.isnan(got[-1]) and torch.equal(got[:-1].view(torch.int16), want[:-1].view(torch.int16))
 
 
 def test_decode_step_bf16_cache() -> None:

@@ -216,9 +216,9 @@ class Runtime(Method):
             for p in _encoder_attentions(model):
                 set_module(model, p, FastEncoderAttention(model.get_submodule(p)))
                 paths.append(p)  # reported, and undone with the rest if apply_ fails after this
-        for p in paths:  # the decode step reads its cache format off the runtime's linears
+        for p in paths:  # the decode step reads its cache format off the modules the runtime converted
             mod = model.get_submodule(p)
-            if isinstance(mod, FastLinear):
+            if isinstance(mod, LazyModule):
                 mod.kv_cache = cfg.kv_cache
         self._hugepages = {"tensors": 0, "bytes": 0}
         if cfg.hugepages and cfg.backend == "auto":  # last: every method's weights are in their final buffers

@@ -294,11 +294,10 @@ class DecodeStep:
 
 
 def _kv_cache_of(model: nn.Module) -> str:
-    """The cache format the runtime was applied with (``RuntimeConfig.kv_cache``), fp32 without it."""
-    from .linear import FastLinear
-
+    """The cache format the runtime was applied with (``RuntimeConfig.kv_cache``, held by the
+    modules it converted: its linears, or sparse linears whose rows it stored), fp32 without it."""
     for m in model.modules():
-        if isinstance(m, FastLinear):
+        if isinstance(m, LazyModule) and isinstance(getattr(m, "kv_cache", None), str):
             return m.kv_cache
     return "fp32"
 
