@@ -79,7 +79,6 @@ class FastLinear(LazyModule):
     def __init__(self, base: nn.Linear, dtype: str, backend: str = "auto") -> None:
         super().__init__(base)
         self.dtype, self.backend = dtype, backend
-        self.kv_cache = "fp32"  # the decode step's cache format (RuntimeConfig.kv_cache, set by the runtime)
         self.in_features, self.out_features = base.in_features, base.out_features
         if dtype == "fp32" and base.weight.dtype == torch.float32 and not _is_shared(base):
             wt = base.weight.detach().t().contiguous()  # (in, out)

@@ -105,8 +105,10 @@ class DecodeStep:
         kv = int(cfg.num_key_value_heads)
         self.scale = float(getattr(att, "scaling", self.head_dim ** -0.5))
         self.batch, self.max_len = batch, max_len
+        from .linear import KV_CACHES
+
         self.kv_cache = kv_cache or _kv_cache_of(model)
-        if self.kv_cache not in ("fp32", "bf16"):
+        if self.kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache={self.kv_cache!r}: use 'fp32' (exact) or 'bf16' (half the bytes per position)")
         cdt = torch.bfloat16 if self.kv_cache == "bf16" else torch.float32
         self.kc = [torch.zeros(batch, kv, max_len, self.head_dim, dtype=cdt) for _ in self.layers]  # (B, KV, L, D) per layer
